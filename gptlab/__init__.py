@@ -1,0 +1,1 @@
+from gptlab.tokenizer import get_tokenizer
