@@ -1,0 +1,104 @@
+"""``GPTConfig``: every number that fixes the shape of a GPT backbone, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass
+class GPTConfig:
+    """Shape and regularisation of a GPT-2 style backbone.
+
+    Field names follow the book (``emb_dim``, ``n_heads``, ...), so its configs port unchanged.
+    """
+
+    vocab_size: int = 50257
+    """Number of token ids the model reads and predicts (GPT-2 BPE: 50,257)."""
+    context_length: int = 1024
+    """Longest sequence the learned position embedding covers."""
+    emb_dim: int = 768
+    """Width of the residual stream (d_model)."""
+    n_heads: int = 12
+    """Attention heads per block; ``emb_dim`` must be divisible by it."""
+    n_layers: int = 12
+    """Number of transformer blocks."""
+    drop_rate: float = 0.1
+    """Dropout after the embeddings, on attention weights and on both residual branches."""
+    qkv_bias: bool = False
+    """Bias on the query/key/value projection (the book trains without; OpenAI's GPT-2 has one)."""
+    tie_weights: bool = False
+    """Share the token embedding with the output head (GPT-2 does; the book's model does not)."""
+    pad_vocab_multiple: int = 1
+    """Round the embedding/head rows up to a multiple of this (64 gives 50,304 for GPT-2) for faster
+    matmuls. The extra logits are sliced off, so loss and sampling never see the padded ids."""
+    mlp_ratio: int = 4
+    """Hidden width of the MLP as a multiple of ``emb_dim``."""
+    ln_eps: float = 1e-5
+    """Epsilon of every LayerNorm."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
+    name: str = "custom"
+    """Preset this config came from (informational)."""
+
+    def __post_init__(self) -> None:
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(f"emb_dim={self.emb_dim} must be divisible by n_heads={self.n_heads}")
+        if self.pad_vocab_multiple < 1:
+            raise ValueError(f"pad_vocab_multiple must be >= 1, got {self.pad_vocab_multiple}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "GPTConfig":
+        """Build a preset by name (``gpt2-small``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``,
+        ``gpt2-mini``, ``gpt2-tiny``; aliases ``gpt2``/``124M``/``355M``/``774M``/``1558M``),
+        then apply ``overrides``."""
+        key = _ALIASES.get(name, name)
+        if key not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; valid choices: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[key], "name": key, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | "GPTConfig") -> "GPTConfig":
+        """Build from a mapping (e.g. a Hydra ``model`` node). A ``name`` that is a preset fills the
+        fields the mapping leaves out; an unknown field raises with the list of valid ones."""
+        if isinstance(d, GPTConfig):
+            return d
+        d = dict(d)
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {unknown}; valid fields: {sorted(valid)}")
+        name = d.get("name")
+        base = dict(PRESETS[_ALIASES.get(name, name)]) if name in PRESETS or name in _ALIASES else {}
+        return cls(**{**base, **d})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_GPT2 = dict(vocab_size=50257, context_length=1024, drop_rate=0.1, qkv_bias=False)
+PRESETS: dict[str, dict[str, Any]] = {
+    # The four OpenAI GPT-2 shapes, with the book's training defaults (no qkv bias, no tying).
+    "gpt2-small": dict(_GPT2, emb_dim=768, n_heads=12, n_layers=12),
+    "gpt2-medium": dict(_GPT2, emb_dim=1024, n_heads=16, n_layers=24),
+    "gpt2-large": dict(_GPT2, emb_dim=1280, n_heads=20, n_layers=36),
+    "gpt2-xl": dict(_GPT2, emb_dim=1600, n_heads=25, n_layers=48),
+    # CPU-sized shapes: "mini" trains on the bundled story in about two minutes on a laptop CPU,
+    # "tiny" is for tests (a forward pass in milliseconds).
+    "gpt2-mini": dict(vocab_size=50257, context_length=128, emb_dim=192, n_heads=6, n_layers=4,
+                      drop_rate=0.1, qkv_bias=False, tie_weights=True),
+    "gpt2-tiny": dict(vocab_size=50257, context_length=64, emb_dim=32, n_heads=4, n_layers=2,
+                      drop_rate=0.0, qkv_bias=False, tie_weights=False),
+}
+_ALIASES = {"gpt2": "gpt2-small", "124M": "gpt2-small", "355M": "gpt2-medium",
+            "774M": "gpt2-large", "1558M": "gpt2-xl"}

@@ -1,0 +1,215 @@
+"""The GPT backbone: token + position embeddings -> N x Block(attention, MLP) -> final norm -> head.
+
+One module for every task. Attention runs through ``F.scaled_dot_product_attention`` (flash /
+memory-efficient kernels where the device has them); a :class:`KVCache` makes decoding O(T) per token.
+Parameter names are short and stable so GPT-2 checkpoints map onto them by a small table
+(``gptlab/model/pretrained.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gptlab.model.config import GPTConfig
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    Buffers have shape ``(n_layers, B, n_heads, max_len, head_dim)``; ``pos`` counts the positions
+    written so far. :meth:`GPT.forward` writes the new keys/values at ``pos`` and advances it.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.max_len = min(max_len or config.context_length, config.context_length)
+        shape = (config.n_layers, batch_size, config.n_heads, self.max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` (B, nh, T, hs) at ``pos``; return all keys/values so far (B, nh, pos+T, hs)."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.qkv = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.emb_dim, config.emb_dim)
+        self.dropout = config.drop_rate
+        self.resid_drop = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: torch.Tensor, layer: int = 0, kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, start+T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is not None:  # explicit (B|1, 1, T, S) boolean mask, True = may attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        elif T == 1 or start == 0:
+            # one new token sees every cached key; a fresh sequence is plain causal
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        else:  # a chunk appended to a cache: token i sees keys up to start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.emb_dim
+        self.fc = nn.Linear(config.emb_dim, hidden)
+        self.proj = nn.Linear(hidden, config.emb_dim)
+        self.drop = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU (the book's GELU module is the same formula)
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.emb_dim, eps=config.ln_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = nn.LayerNorm(config.emb_dim, eps=config.ln_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, layer: int = 0, kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), layer, kv_cache, attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 architecture. ``model(input_ids) -> logits`` of shape (B, T, vocab_size)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        V, D = config.padded_vocab_size, config.emb_dim
+        self.tok_emb = nn.Embedding(V, D)
+        self.pos_emb = nn.Embedding(config.context_length, D)
+        self.drop_emb = nn.Dropout(config.drop_rate)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(D, eps=config.ln_eps)
+        self.out_head = nn.Linear(D, V, bias=False)
+        if config.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of the projections that write into the residual stream by
+        # 1/sqrt(2 * n_layers), so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "GPT":
+        """A randomly initialised model of a preset shape (see :meth:`GPTConfig.from_name`)."""
+        return cls(GPTConfig.from_name(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **overrides) -> "GPT":
+        """OpenAI GPT-2 weights (``gpt2-small`` ... ``gpt2-xl``), a Hugging Face folder/safetensors
+        file, or a state dict in the book's naming. See ``gptlab.model.pretrained``."""
+        from gptlab.model.pretrained import load_pretrained
+
+        return load_pretrained(name_or_path, **overrides)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
+                      position_ids: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, emb_dim) for ``input_ids`` (B, T).
+
+        ``kv_cache``: decode incrementally (positions continue at ``kv_cache.pos``).
+        ``position_ids`` (B, T) and ``attn_mask`` (B, 1, T, S) bool: for left-padded batches.
+        """
+        B, T = input_ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds context_length="
+                             f"{self.config.context_length}")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device)
+        x = self.drop_emb(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
+        for i, block in enumerate(self.blocks):
+            if self.config.activation_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, i, None, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, i, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states to logits over the real vocabulary (padded ids sliced off)."""
+        out = self.out_head(hidden)
+        if out.size(-1) > self.config.vocab_size and self.out_head.out_features == self.config.padded_vocab_size:
+            out = out[..., : self.config.vocab_size]
+        return out
+
+    def forward(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for ``input_ids`` (B, T); see :meth:`hidden_states`."""
+        return self.logits(self.hidden_states(input_ids, kv_cache=kv_cache,
+                                              position_ids=position_ids, attn_mask=attn_mask))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy; ``labels`` (B, T) are already shifted, ``-100`` = ignored.
+
+        The training path: returns a scalar, so a compiled step never materialises logits for
+        the caller.
+        """
+        logits = self(input_ids)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Parameter count; a tied head is counted once."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
+        6 * N for the matmuls plus 12 * L * D * T for attention scores and values."""
+        c = self.config
+        T = seq_len or c.context_length
+        # embedding lookups cost nothing; a tied matrix is counted once, as the head's matmul
+        n = self.num_params() - self.pos_emb.weight.numel()
+        if not c.tie_weights:
+            n -= self.tok_emb.weight.numel()
+        return 6 * n + 12 * c.n_layers * c.emb_dim * T

@@ -1,0 +1,170 @@
+"""What every task shares: build (or load) the backbone, adapters, freezing, AdamW + LR schedule,
+gradient clipping, optional ``torch.compile``, and reloading a task from a checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from gptlab.model.config import GPTConfig
+from gptlab.model.gpt import GPT
+
+
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """LR multiplier at ``step``: linear warmup from 0 over ``warmup_steps``, then ``schedule``:
+    ``constant``, ``cosine`` (to ``min_lr_ratio``) or ``linear`` (to ``min_lr_ratio``)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return min_lr_ratio + (1 - min_lr_ratio) * (1.0 - progress)
+    raise ValueError(f"unknown lr schedule {schedule!r}; valid choices: ['constant', 'cosine', 'linear']")
+
+
+class GPTTask(L.LightningModule):
+    """Base LightningModule around the shared :class:`GPT` backbone.
+
+    Args:
+        model: GPTConfig fields (a Hydra ``model`` node); with ``init_from`` they override the
+            pretrained config (e.g. ``drop_rate``).
+        init_from: start from pretrained weights: ``gpt2-small|gpt2-medium|gpt2-large|gpt2-xl``, a
+            Hugging Face folder, a book-style state dict or a gptlab checkpoint.
+        adapter: adapter settings (``adapter=lora``: ``name``, ``rank``, ``alpha``, ...) or None.
+        lr, weight_decay, betas, eps: AdamW; decay applies to weight matrices only.
+        lr_schedule: ``constant``, ``cosine`` or ``linear``, after ``warmup_steps`` of linear warmup
+            (an int, or a float < 1 read as a fraction of all steps); decays to ``min_lr``.
+        grad_clip: clip the global gradient norm to this (None/0 = off). Done here rather than by
+            the Trainer so fused AdamW keeps working under bf16-mixed.
+        fused_adamw: None = fused kernel whenever the parameters are on CUDA.
+        compile: wrap the training/eval step in ``torch.compile``.
+    """
+
+    def __init__(self, model: Mapping[str, Any] | None = None, init_from: str | None = None,
+                 adapter: Mapping[str, Any] | None = None, lr: float = 4e-4, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, lr_schedule: str = "cosine",
+                 warmup_steps: float = 0, min_lr: float = 0.0, grad_clip: float | None = 1.0,
+                 fused_adamw: bool | None = None, compile: bool = False, **kwargs: Any):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unknown argument(s) {sorted(kwargs)}")
+        # hparams go to the logger once, at the end, together with the final metrics (cli/train.py)
+        self.save_hyperparameters(logger=False)
+        self.model = self.build_backbone()
+        self.configure_backbone()
+        if adapter:
+            self.apply_adapter(dict(adapter))
+        self._compiled_loss = None
+
+    # ----------------------------------------------------------------- backbone
+    def build_backbone(self) -> GPT:
+        """The GPT the task wraps: pretrained when ``init_from`` is set, else random init."""
+        model_cfg = dict(self.hparams.model or {})
+        if self.hparams.init_from:
+            # only the fields a user may change on a pretrained model; its shape comes from the weights
+            keep = ("drop_rate", "context_length", "activation_checkpointing")
+            overrides = {k: model_cfg[k] for k in keep if k in model_cfg}
+            return GPT.from_pretrained(self.hparams.init_from, **overrides)
+        return GPT(GPTConfig.from_dict(model_cfg))
+
+    def configure_backbone(self) -> None:
+        """Hook for task-specific surgery before adapters (swap the head, freeze layers)."""
+
+    def apply_adapter(self, adapter: dict[str, Any]) -> None:
+        name = adapter.pop("name", "lora")
+        if name != "lora":
+            raise ValueError(f"unknown adapter {name!r}; valid choices: ['lora']")
+        from gptlab.model.lora import apply_lora
+
+        apply_lora(self.model, **adapter)
+
+    # ----------------------------------------------------------------- steps
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar training loss of ``batch``. Subclasses override; default: next-token loss."""
+        return self.model.loss(batch["input_ids"], batch["labels"])
+
+    def loss_fn(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``compute_loss``, compiled on first use when ``compile=true``."""
+        if not self.hparams.compile:
+            return self.compute_loss(batch)
+        if self._compiled_loss is None:
+            self._compiled_loss = torch.compile(self.compute_loss)
+        return self._compiled_loss(batch)
+
+    # ----------------------------------------------------------------- optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on matrices of Linear layers only; biases, norms and
+        embeddings (and a head tied to them) are not decayed."""
+        no_decay_ids = {id(p) for m in self.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm))
+                        for p in m.parameters(recurse=False)}
+        decay, no_decay, seen = [], [], set()
+        for p in self.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 and id(p) not in no_decay_ids else no_decay).append(p)
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self.parameter_groups()
+        params = [p for g in groups for p in g["params"]]
+        fused = hp.fused_adamw
+        if fused is None:
+            fused = bool(params) and all(p.is_cuda for p in params)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        warmup = hp.warmup_steps
+        warmup = int(warmup * total) if 0 < warmup < 1 else int(warmup)
+        min_ratio = hp.min_lr / hp.lr if hp.lr else 0.0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, total, warmup, hp.lr_schedule, min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        clip = self.hparams.grad_clip or gradient_clip_val
+        if clip:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gptlab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["gptlab_model_config"] = self.model.config.to_dict()
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters() if p.requires_grad}.values())
+
+
+def load_task(ckpt_path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> GPTTask:
+    """Rebuild the task saved in a gptlab checkpoint (its class is recorded in the file).
+
+    The pretrained ``init_from`` weights are not fetched again: the checkpoint holds every weight,
+    so the backbone is built from the stored config instead.
+    """
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    path = ckpt.get("gptlab_task")
+    if path is None:
+        raise ValueError(f"{ckpt_path} is not a gptlab checkpoint (no 'gptlab_task' entry)")
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    hp = dict(ckpt.get("hyper_parameters", {}))
+    if hp.get("init_from"):
+        hp["model"] = {**ckpt["gptlab_model_config"], **{k: v for k, v in (hp.get("model") or {}).items()
+                                                         if k in ("drop_rate", "activation_checkpointing")}}
+        hp["init_from"] = None
+    hp.update(overrides)
+    task = cls(**hp)
+    task.load_state_dict(ckpt["state_dict"])
+    return task.to(map_location)

@@ -1,0 +1,64 @@
+"""Next-token pretraining: cross-entropy, perplexity, and a text sample at every validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torchmetrics
+
+from gptlab.model.generation import generate
+from gptlab.tasks.base import GPTTask
+from gptlab.tokenizer import EOT_ID, get_tokenizer
+
+
+class PretrainTask(GPTTask):
+    """Language-model pretraining on ``{"input_ids", "labels"}`` batches.
+
+    Logs ``train/loss``, ``val/loss`` and ``val/ppl``; after each validation it continues
+    ``sample_prompt`` and logs the text to TensorBoard (``samples``).
+    """
+
+    def __init__(self, sample_prompt: str | None = "Every effort moves you", sample_max_new_tokens: int = 40,
+                 sample_temperature: float = 0.0, sample_top_k: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.val_loss = torchmetrics.MeanMetric()
+        self.last_sample: str | None = None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss_fn(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.loss_fn(batch)
+        # weight by real target tokens so the mean is over tokens, not over batches
+        self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        if self.hparams.sample_prompt and not self.trainer.sanity_checking:
+            self.log_sample()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.loss_fn(batch)
+        self.log("test/loss", loss, on_epoch=True)
+
+    def log_sample(self) -> str:
+        """Continue ``sample_prompt`` with the current weights; log and return the text."""
+        tok = get_tokenizer()
+        ids = torch.tensor(tok.encode(self.hparams.sample_prompt), device=self.device)
+        out = generate(self.model, ids, self.hparams.sample_max_new_tokens,
+                       temperature=self.hparams.sample_temperature, top_k=self.hparams.sample_top_k,
+                       eos_id=EOT_ID)
+        text = tok.decode(out.tolist())
+        self.last_sample = text
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("samples", text, global_step=self.global_step)
+        return text

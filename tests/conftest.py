@@ -1,0 +1,40 @@
+"""Shared fixtures: seeds reset per test, tiny models, the config directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.model.config import GPTConfig
+from gptlab.model.gpt import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+@pytest.fixture
+def tiny_config() -> GPTConfig:
+    return GPTConfig.from_name("gpt2-tiny")
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> GPT:
+    return GPT(tiny_config).eval()
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a gptlab console entry point (``python -m gptlab.cli.X ...``) in a subprocess."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
