@@ -213,3 +213,8 @@ class GPT(nn.Module):
         if not c.tie_weights:
             n -= self.tok_emb.weight.numel()
         return 6 * n + 12 * c.n_layers * c.emb_dim * T
+
+
+def fsdp_wrap_policy() -> set[type[nn.Module]]:
+    """Module classes FSDP wraps (and shards) one by one: each transformer block."""
+    return {Block}
