@@ -35,7 +35,7 @@ def test_a_run_writes_config_tensorboard_and_checkpoints_and_learns(tmp_path):
     assert len(loss) >= 30
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 1.0  # clearly learning
     assert scalars(run, "val/loss") and scalars(run, "val/ppl")
-    assert scalars(run, "lr-AdamW")
+    assert scalars(run, "lr-AdamW/decay") and scalars(run, "lr-AdamW/no_decay")
     assert scalars(run, "throughput/tokens_per_sec")
     acc = EventAccumulator(str(run / "tensorboard")).Reload()
     assert "samples/text_summary" in acc.Tags()["tensors"]  # the generated text sample

@@ -19,6 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
@@ -52,6 +53,7 @@ def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
     adapter = cfg.get("adapter")
     return instantiate(
         cfg.task,
+        _convert_="all",  # plain dicts/lists in hparams: checkpoints load with torch.load(weights_only=True)
         model=OmegaConf.to_container(cfg.model, resolve=True),
         adapter=OmegaConf.to_container(adapter, resolve=True) if adapter else None,
         init_from=cfg.get("init_from"),
@@ -61,26 +63,52 @@ def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Run one experiment described by ``cfg``; returns the final metrics (floats)."""
+    """Run one experiment described by ``cfg``; returns the final metrics (floats).
+
+    Loggers are closed whatever happens (status ``failed`` on an exception, which is re-raised),
+    so a failing sweep job leaves complete event files and no open writers behind.
+    """
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
     tokenizer = get_tokenizer()
     log.info("data: %s", cfg.data._target_)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
     log.info("task: %s", cfg.task._target_)
     task = build_task(cfg)
     n_total = task.model.num_params()
     n_train = task.trainable_parameter_count()
-    log.info("parameters: %s total, %s trainable", f"{n_total:,}", f"{n_train:,}")
+    log.info("parameters: %s total, %s trainable (%.2f%%)", f"{n_total:,}", f"{n_train:,}",
+             100 * n_train / max(1, n_total))
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        for lg in loggers:
+            lg.log_metrics({"params/total": n_total, "params/trainable": n_train}, step=0)
+        metrics = fit_and_test(cfg, trainer, task, datamodule)
+        # TensorBoard HPARAMS: the run's hyperparameters next to its real final metrics
+        hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
+        hparams["params/trainable"] = n_train
+        final = {k: v for k, v in metrics.items()
+                 if k.startswith(("val/", "test/", "train/")) and math.isfinite(v)}
+        log_hparams(loggers, hparams, final, step=trainer.global_step)
+    except BaseException:
+        for lg in loggers:
+            lg.finalize("failed")
+        raise
     for lg in loggers:
-        lg.log_metrics({"params/total": n_total, "params/trainable": n_train}, step=0)
+        lg.finalize("success")
+    log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    return metrics
 
+
+def fit_and_test(cfg: DictConfig, trainer: L.Trainer, task: L.LightningModule,
+                 datamodule: L.LightningDataModule) -> dict[str, float]:
+    """``trainer.fit`` (when ``cfg.train``), then ``trainer.test`` on the best checkpoint (when
+    ``cfg.test``); the scalar callback metrics after both."""
     if cfg.get("train", True):
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -89,16 +117,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.checkpoint_callback.best_model_path else None
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
-
-    # TensorBoard HPARAMS: the run's hyperparameters next to its real final metrics
-    hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
-    hparams["params/trainable"] = n_train
-    final = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/", "train/")) and math.isfinite(v)}
-    for lg in loggers:
-        lg.log_hyperparams(hparams, metrics=final) if final else lg.log_hyperparams(hparams)
-        lg.finalize("success")
-    log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
     return metrics
+
+
+def log_hparams(loggers: list[Any], hparams: dict[str, Any], final: dict[str, float], step: int) -> None:
+    """Hyperparameters to every logger; TensorBoard also gets ``final`` as the session's metrics.
+
+    TensorBoard's HPARAMS tab reads each metric from the scalar series of the same tag, so the final
+    values are written as scalars at the last step (not at step 0, where they would bend the curves
+    back to the start).
+    """
+    for lg in loggers:
+        if isinstance(lg, TensorBoardLogger) and final:
+            lg.log_hyperparams(hparams, metrics=final, step=step)
+        else:
+            lg.log_hyperparams(hparams)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -117,9 +150,12 @@ def main(cfg: DictConfig) -> float | None:
                       out / "FAILED")
         return float("nan")
     metric = cfg.get("optimized_metric")
-    if metric and metric not in metrics:
+    if not metric:
+        return None
+    if metric not in metrics:
         log.warning("optimized_metric %r was not logged; available: %s", metric, sorted(metrics))
-    return metrics.get(metric) if metric else None
+        return float("nan")  # a sweeper records a failed trial instead of crashing on None
+    return metrics[metric]
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
 import torch
 import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
@@ -79,12 +81,41 @@ class GPTTask(L.LightningModule):
         """Hook for task-specific surgery before adapters (swap the head, freeze layers)."""
 
     def apply_adapter(self, adapter: dict[str, Any]) -> None:
+        """Apply the ``adapter`` config group (``adapter=lora``) to the backbone, after
+        :meth:`configure_backbone`: the same for every task, no task-specific code."""
         name = adapter.pop("name", "lora")
         if name != "lora":
             raise ValueError(f"unknown adapter {name!r}; valid choices: ['lora']")
         from gptlab.model.lora import apply_lora
 
         apply_lora(self.model, **adapter)
+        n_train, n_total = self.trainable_parameter_count(), self.model.num_params()
+        rank_zero_info(f"LoRA (rank {adapter.get('rank')}): {n_train:,} trainable parameters "
+                       f"({100 * n_train / max(1, n_total):.2f}% of {n_total:,})")
+
+    def adapter_path(self) -> Path:
+        """Where the adapter-only file of this run goes: next to the checkpoints."""
+        ckpt_cb = self.trainer.checkpoint_callback
+        folder = getattr(ckpt_cb, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints"
+        return Path(folder) / "adapter.safetensors"
+
+    def save_adapter(self, path: str | Path | None = None) -> Path | None:
+        """Write the LoRA adapter (LoRA weights, ``train_extra`` weights, a task head, and the
+        settings) to ``path`` (default :meth:`adapter_path`); None when the model has no LoRA.
+        ``gptlab.model.lora.load_adapter(base_model, path)`` gives this model back exactly."""
+        from gptlab.model.lora import save_adapter
+
+        if getattr(self.model, "lora_config", None) is None:
+            return None
+        extra = {"init_from": self.hparams.init_from, "task": f"{type(self).__module__}.{type(self).__qualname__}"}
+        return save_adapter(self.model, path or self.adapter_path(), extra)
+
+    def on_fit_end(self) -> None:
+        # the adapter of the final weights, kilobytes to megabytes, beside the full checkpoints
+        if self.trainer.is_global_zero:
+            path = self.save_adapter()
+            if path is not None:
+                rank_zero_info(f"LoRA adapter saved to {path}")
 
     # ----------------------------------------------------------------- steps
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -111,8 +142,9 @@ class GPTTask(L.LightningModule):
                 continue
             seen.add(id(p))
             (decay if p.dim() >= 2 and id(p) not in no_decay_ids else no_decay).append(p)
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        # named groups: LearningRateMonitor logs lr-AdamW/decay and lr-AdamW/no_decay
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay, "name": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
