@@ -1,0 +1,71 @@
+"""``gptlab-export``: write a model as a Hugging Face GPT-2 folder.
+
+    gptlab-export ckpt_path=outputs/pretrain/runs/<time>/checkpoints/last.ckpt out_dir=exported/my-gpt
+    gptlab-export init_from=book-gpt2-small.pth out_dir=exported/gpt2 dtype=float16
+
+The folder loads with ``transformers.GPT2LMHeadModel.from_pretrained(out_dir)`` and
+``AutoTokenizer.from_pretrained(out_dir)``; LoRA (in the checkpoint or from ``adapter_path``) is
+merged into the weights first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from gptlab.cli import CONFIG_DIR
+from gptlab.model.gpt import GPT
+from gptlab.model.pretrained import export_hf, load_pretrained
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``float32|float16|bfloat16`` (or ``fp32|fp16|bf16``) -> torch dtype; None stays None."""
+    if name is None:
+        return None
+    if str(name) not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid choices: {sorted(DTYPES)}")
+    return DTYPES[str(name)]
+
+
+def load_model(ckpt_path: str | None = None, init_from: str | None = None, adapter_path: str | None = None,
+               n_heads: int | None = None) -> GPT:
+    """The language model behind ``ckpt_path`` (a gptlab checkpoint) or ``init_from`` (anything
+    :func:`~gptlab.model.pretrained.load_pretrained` reads), with the LoRA adapter at
+    ``adapter_path`` merged in; on CPU, in eval mode, in the file's dtype. ``n_heads``: for state
+    dicts whose width matches no preset (the head count is not in the tensors)."""
+    if bool(ckpt_path) == bool(init_from):
+        raise ValueError("give exactly one of ckpt_path=... or init_from=...")
+    overrides = {"n_heads": int(n_heads)} if n_heads else {}
+    model = load_pretrained(str(ckpt_path or init_from), dtype=None, **overrides)
+    if adapter_path:
+        from gptlab.model.lora import load_adapter, merge_lora
+
+        merge_lora(load_adapter(model, adapter_path))
+    return model.eval()
+
+
+def run(cfg: DictConfig) -> Path:
+    """Load the model ``cfg`` names (``ckpt_path`` or ``init_from``, + ``adapter_path``) and export
+    it to ``cfg.out_dir``; returns that folder."""
+    model = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), cfg.get("n_heads"))
+    out = export_hf(model, cfg.out_dir, dtype=parse_dtype(cfg.get("dtype")))
+    c = model.config
+    print(f"exported {c.name} ({model.num_params():,} parameters, {c.n_layers} layers, emb_dim {c.emb_dim}, "
+          f"tied head: {c.tie_weights}) to {out.resolve()}")
+    print(f"  transformers: GPT2LMHeadModel.from_pretrained({str(out)!r})")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
