@@ -32,12 +32,11 @@ def load_model(ckpt_path: str | None = None, init_from: str | None = None, adapt
         model = load_task(ckpt_path).model
     else:
         model = GPT.from_pretrained(init_from)
-    if adapter_path:
-        from gptlab.model.lora import load_adapter
+    from gptlab.model.lora import load_adapter, merge_lora
 
+    if adapter_path:
         load_adapter(model, adapter_path)
-    if hasattr(model, "merge_lora"):
-        model.merge_lora()
+    merge_lora(model)  # LoRA from the adapter or the checkpoint folded in: plain matmuls; no-op without
     return model.to(device).eval()
 
 
