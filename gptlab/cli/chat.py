@@ -1,0 +1,147 @@
+"""``gptlab-chat``: wrap instructions in the model's prompt style and stream its answers.
+
+    gptlab-chat ckpt_path=outputs/.../checkpoints/last.ckpt instruction="Name a primary color."
+    printf 'Name a primary color.\\nWhat is 2 + 2?\\n' | gptlab-chat ckpt_path=...
+
+Without ``instruction=`` it reads one instruction per line from stdin (``instruction<TAB>input``
+gives an input too) and answers each, until end of input. A response ends at ``<|endoftext|>`` or
+where the model starts a new turn (``###`` in the Alpaca style, ``<|user|>`` in Phi-3's).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Iterator, TextIO
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from gptlab.cli import CONFIG_DIR
+from gptlab.cli.generate import StreamDecoder, load_model, resolve_device
+from gptlab.data.instruct import PromptStyle, get_prompt_style
+from gptlab.model.generation import generate_stream
+from gptlab.model.gpt import GPT
+from gptlab.tokenizer import EOT_ID, get_tokenizer
+
+
+class StopStrings:
+    """Streams text pieces through, stopping before the first stop string.
+
+    Text that could be the start of a stop string is held back until it is clear it is not, so
+    nothing of a stop string is ever written; leading whitespace of the response is dropped.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.started = False
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """Feed ``piece``; returns the text that is safe to show now."""
+        if self.stopped:
+            return ""
+        text = self.pending + piece
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.pending = True, ""
+            return text[:cut]
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.pending = text[len(text) - hold:] if hold else ""
+        return text[: len(text) - hold]
+
+    def flush(self) -> str:
+        out = "" if self.stopped else self.pending
+        self.pending = ""
+        return out
+
+
+def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text: str = "",
+                    max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, use_kv_cache: bool = True) -> Iterator[str]:
+    """Yield the model's response to ``instruction`` (and ``input_text``) piece by piece."""
+    tok = get_tokenizer()
+    device = next(model.parameters()).device
+    prompt = style.prompt({"instruction": instruction, "input": input_text, "output": ""})
+    ids = torch.tensor(tok.encode_ordinary(prompt), device=device)
+    dec, stops = StreamDecoder(), StopStrings(("<|endoftext|>", *style.stop_markers))
+    for nxt in generate_stream(model, ids, max_new_tokens, temperature, top_k, top_p, EOT_ID, use_kv_cache):
+        token = int(nxt[0])
+        if token == EOT_ID:
+            break
+        piece = stops.push(dec.push(token))
+        if piece:
+            yield piece
+        if stops.stopped:
+            return
+    tail = stops.flush()
+    if tail:
+        yield tail
+
+
+def checkpoint_prompt_style(ckpt_path: str | None) -> str | None:
+    """The prompt style an :class:`~gptlab.tasks.instruct.InstructionTask` checkpoint was trained with."""
+    if not ckpt_path:
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    return (ckpt.get("hyper_parameters") or {}).get("prompt_style")
+
+
+def answer(model: GPT, style: PromptStyle, cfg: DictConfig, instruction: str, input_text: str,
+           out: TextIO) -> str:
+    """Stream one response to ``out``; returns it (stripped)."""
+    pieces = []
+    for piece in stream_response(model, style, instruction, input_text, cfg.max_new_tokens, cfg.temperature,
+                                 cfg.top_k, cfg.top_p, cfg.use_kv_cache):
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return "".join(pieces).strip()
+
+
+def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None) -> list[str]:
+    """Answer ``cfg.instruction``, or every line of ``stdin``; returns the responses."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, device)
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        model = model.to(torch.bfloat16)
+    if model.out_head.out_features < model.config.vocab_size:
+        raise ValueError("this checkpoint's head is not a language-model head (a classifier?)")
+    style = get_prompt_style(cfg.prompt_style or checkpoint_prompt_style(cfg.ckpt_path) or "alpaca")
+    if cfg.instruction is not None:
+        return [answer(model, style, cfg, cfg.instruction, cfg.input or "", out)]
+    interactive = stdin.isatty()
+    responses = []
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            if interactive:
+                sys.stderr.write("\n")
+            return responses
+        instruction, _, input_text = line.rstrip("\r\n").partition("\t")
+        if not instruction.strip():
+            continue
+        responses.append(answer(model, style, cfg, instruction.strip(), input_text.strip(), out))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="chat")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Instruction fine-tuning data (book chapter 7): prompt styles, the masking collate, and
+:class:`InstructionDataModule` for Alpaca-format JSON (``[{"instruction", "input", "output"}, ...]``).
+
+Sequence layout. Every entry becomes ``prompt + response`` where the *prompt* is the instruction,
+the input and the response header (``"...\\n\\n### Response:\\n"``), and the *response* is the
+``output``. Both parts are tokenized once, up front, and concatenated, so the prompt length is known
+exactly (prompt masking needs no re-tokenization) and generation at test time starts from the very
+same prompt ids the model was trained on. (On the book's 1,100 entries the concatenated ids equal
+the ids of the joined text.)
+
+``<|endoftext|>`` is **not** appended to the entries, exactly as in the book: the collate pads every
+sequence by at least one ``<|endoftext|>`` and keeps the first pad as a target, so the model learns
+to emit ``<|endoftext|>`` after each response (unless ``allowed_max_length`` truncates it away).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+
+from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
+
+DEFAULT_INSTRUCTION_DATA = ASSETS / "instruction-data.json"
+REQUIRED_KEYS = ("instruction", "input", "output")
+
+
+class InstructionDataError(ValueError):
+    """A malformed instruction file or entry (the message names the file and the entry index)."""
+
+
+# ----------------------------------------------------------------------------- prompt styles
+@dataclass(frozen=True)
+class PromptStyle:
+    """How an entry is written as text.
+
+    ``format_input(entry)`` is the instruction (+ input) part, ``response_header`` is what separates
+    it from the response (the prompt for generation is their concatenation), ``prompt_marker`` is a
+    string every prompt holds before the header, and ``stop_markers`` are strings that start a new
+    turn: a generated response is cut at the first of them.
+    """
+
+    name: str
+    format_input: Callable[[Mapping[str, str]], str]
+    response_header: str
+    prompt_marker: str
+    stop_markers: tuple[str, ...]
+
+    def prompt(self, entry: Mapping[str, str]) -> str:
+        """Everything the model is given before its response."""
+        return self.format_input(entry) + self.response_header
+
+    def full_text(self, entry: Mapping[str, str]) -> str:
+        """Prompt and reference response: one training example."""
+        return self.prompt(entry) + entry["output"]
+
+
+def _alpaca_input(entry: Mapping[str, str]) -> str:
+    text = ("Below is an instruction that describes a task. Write a response that appropriately "
+            f"completes the request.\n\n### Instruction:\n{entry['instruction']}")
+    return text + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else "")
+
+
+def _phi3_input(entry: Mapping[str, str]) -> str:
+    return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get("input") else "")
+
+
+# Adding a style is one entry here (and then ``data.prompt_style=<name>``).
+PROMPT_STYLES: dict[str, PromptStyle] = {
+    # the book's chapter 7 (Stanford Alpaca's template)
+    "alpaca": PromptStyle("alpaca", _alpaca_input, "\n\n### Response:\n", "### Instruction:", ("###",)),
+    # the book's exercise 7.1 in Phi-3's own spelling (the book's solution writes "<|assistant|>:")
+    "phi3": PromptStyle("phi3", _phi3_input, "\n<|assistant|>\n", "<|user|>", ("<|user|>", "<|assistant|>", "<|end|>")),
+}
+
+
+def get_prompt_style(name: str | PromptStyle) -> PromptStyle:
+    """The registered :class:`PromptStyle` called ``name``."""
+    if isinstance(name, PromptStyle):
+        return name
+    if name not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {name!r}; valid choices: {sorted(PROMPT_STYLES)}")
+    return PROMPT_STYLES[name]
+
+
+def format_input(entry: Mapping[str, str], style: str | PromptStyle = "alpaca") -> str:
+    """The instruction (+ input) of ``entry`` in ``style``, without the response header (the book's
+    ``format_input``)."""
+    return get_prompt_style(style).format_input(entry)
+
+
+def format_prompt(entry: Mapping[str, str], style: str | PromptStyle = "alpaca") -> str:
+    """The generation prompt of ``entry``: instruction (+ input) and the response header."""
+    return get_prompt_style(style).prompt(entry)
+
+
+def extract_response(text: str, style: str | PromptStyle = "alpaca") -> str:
+    """The model's answer inside ``text`` (a prompt + generation, or a generation alone).
+
+    Drops everything up to the first response header when a prompt (or nothing) precedes it, then
+    cuts at ``<|endoftext|>`` and at the first stop marker (a new ``###`` section, ``<|user|>``,
+    ...) and strips surrounding whitespace.
+    """
+    st = get_prompt_style(style)
+    header = st.response_header.strip()
+    at = text.find(header) if header else -1
+    if at >= 0 and (st.prompt_marker in text[:at] or not text[:at].strip()):
+        text = text[at + len(header):]
+    for stop in ("<|endoftext|>", *st.stop_markers):
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+# ----------------------------------------------------------------------------- loading
+def load_instruction_data(path: str | Path | None = None) -> list[dict[str, str]]:
+    """Entries of an Alpaca-format JSON file (default: the book's 1,100 entries shipped in
+    ``gptlab/assets``). Raises :class:`InstructionDataError` naming the file, and the entry index or
+    the line/column of a JSON syntax error."""
+    path = Path(path) if path else DEFAULT_INSTRUCTION_DATA
+    if not path.is_file():
+        raise FileNotFoundError(f"instruction data file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InstructionDataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(data, list):
+        raise InstructionDataError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+    if not data:
+        raise InstructionDataError(f"{path}: the file holds no entries")
+    for i, entry in enumerate(data):
+        validate_entry(entry, i, path)
+    return data
+
+
+def validate_entry(entry: Any, index: int, path: str | Path = "<data>") -> None:
+    """Raise :class:`InstructionDataError` unless ``entry`` has string ``instruction``, ``input``
+    and ``output`` fields."""
+    if not isinstance(entry, dict):
+        raise InstructionDataError(f"{path}: entry {index} must be an object with keys {list(REQUIRED_KEYS)}, "
+                                   f"got {type(entry).__name__}")
+    for key in REQUIRED_KEYS:
+        if key not in entry:
+            raise InstructionDataError(f"{path}: entry {index} has no {key!r} key (it has {sorted(entry)})")
+        if not isinstance(entry[key], str):
+            raise InstructionDataError(f"{path}: entry {index}: {key!r} must be a string, "
+                                       f"got {type(entry[key]).__name__} ({entry[key]!r:.60})")
+
+
+def split_entries(entries: Sequence[Any], train_ratio: float = 0.85, test_ratio: float = 0.10,
+                  shuffle: bool = False, seed: int = 123) -> tuple[list[Any], list[Any], list[Any]]:
+    """(train, val, test) as in the book: the first ``train_ratio`` trains, the next ``test_ratio``
+    tests, the rest validates (1,100 entries: 935 / 55 / 110). ``shuffle`` permutes first (seeded)."""
+    if not (0 < train_ratio and 0 <= test_ratio and train_ratio + test_ratio <= 1):
+        raise ValueError(f"need 0 < train_ratio and train_ratio + test_ratio <= 1; got {train_ratio}, {test_ratio}")
+    entries = list(entries)
+    if shuffle:
+        random.Random(seed).shuffle(entries)
+    n_train, n_test = int(len(entries) * train_ratio), int(len(entries) * test_ratio)
+    train = entries[:n_train]
+    test = entries[n_train:n_train + n_test]
+    val = entries[n_train + n_test:]
+    return train, val, test
+
+
+# ----------------------------------------------------------------------------- dataset + collate
+class InstructionDataset(Dataset):
+    """Entries tokenized once (tiktoken batch encode): item ``i`` is
+    ``{"input_ids": prompt + response ids, "prompt_length": int, "index": i}``."""
+
+    def __init__(self, entries: Sequence[Mapping[str, str]], tokenizer: Any = None,
+                 prompt_style: str | PromptStyle = "alpaca"):
+        self.entries = list(entries)
+        self.style = get_prompt_style(prompt_style)
+        tok = tokenizer or get_tokenizer()
+        # ordinary encoding: a literal "<|endoftext|>" in the data is text, never the special id
+        prompts = tok.encode_ordinary_batch([self.style.prompt(e) for e in self.entries])
+        responses = tok.encode_ordinary_batch([e["output"] for e in self.entries])
+        self.prompt_ids = prompts
+        self.input_ids = [p + r for p, r in zip(prompts, responses)]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[i], "prompt_length": len(self.prompt_ids[i]), "index": i}
+
+
+def instruction_collate(batch: Sequence[Mapping[str, Any] | Sequence[int]], pad_id: int = EOT_ID,
+                        ignore_index: int = -100, allowed_max_length: int | None = None,
+                        mask_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """The book's ``custom_collate_fn``, vectorised.
+
+    ``batch``: items ``{"input_ids": ids, "prompt_length": int}`` (or plain id lists when
+    ``mask_prompt`` is off). Each sequence is padded with ``pad_id`` to the batch's longest length
+    plus one; ``input_ids`` drop the last position, ``labels`` the first (shift by one). In
+    ``labels`` every pad but the first is ``ignore_index`` (the first pad is the end-of-text target),
+    and with ``mask_prompt`` so is every position that predicts a prompt token, leaving only the
+    response (and its end-of-text) to learn. ``allowed_max_length`` truncates both.
+
+    Returns ``input_ids``, ``labels`` (B, T) long and ``attention_mask`` (B, T) long (1 = real token).
+    """
+    if not batch:
+        raise ValueError("instruction_collate got an empty batch")
+    mapped = isinstance(batch[0], Mapping)
+    seqs = [torch.as_tensor(item["input_ids"] if mapped else item, dtype=torch.long) for item in batch]
+    lengths = torch.tensor([len(s) for s in seqs])[:, None]  # (B, 1)
+    B, T = len(seqs), int(lengths.max())
+    # (B, T + 1): every row gets at least one pad, which becomes the end-of-text target
+    padded = torch.cat([pad_sequence(seqs, batch_first=True, padding_value=pad_id),
+                        torch.full((B, 1), pad_id, dtype=torch.long)], dim=1)
+    input_ids = padded[:, :-1]
+    labels = padded[:, 1:].clone()
+    pos = torch.arange(T)[None, :]  # (1, T); labels[:, j] is token j + 1
+    labels[pos >= lengths] = ignore_index  # pads after the first (which sits at j = length - 1)
+    if mask_prompt:
+        if not mapped:
+            raise ValueError("mask_prompt=True needs items with a 'prompt_length'")
+        prompt_lengths = torch.tensor([int(item["prompt_length"]) for item in batch])[:, None]
+        labels[pos < prompt_lengths - 1] = ignore_index  # targets that are prompt tokens
+    attention_mask = (pos < lengths).long()
+    if allowed_max_length is not None:
+        input_ids, labels = input_ids[:, :allowed_max_length], labels[:, :allowed_max_length]
+        attention_mask = attention_mask[:, :allowed_max_length]
+    return {"input_ids": input_ids.contiguous(), "labels": labels.contiguous(),
+            "attention_mask": attention_mask.contiguous()}
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = EOT_ID,
+             max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into (B, T) ``ids`` and ``attention_mask`` (1 = real), for batched
+    generation. ``max_length`` keeps only the last ``max_length`` ids of each sequence."""
+    rows = [torch.as_tensor(list(s)[-max_length:] if max_length else list(s), dtype=torch.long) for s in seqs]
+    # pad_sequence pads on the right: flip, pad, flip back
+    ids = pad_sequence([r.flip(0) for r in rows], batch_first=True, padding_value=pad_id).flip(1)
+    lengths = torch.tensor([len(r) for r in rows])[:, None]
+    T = ids.size(1)
+    mask = (torch.arange(T)[None, :] >= T - lengths).long()
+    return ids, mask
+
+
+class InstructionTestCollate:
+    """Test batches: the training fields (for ``test/loss``) plus what generation needs:
+    left-padded ``prompt_ids`` / ``prompt_attention_mask``, the entries' ``index`` and the raw
+    ``entries`` (a list of dicts)."""
+
+    def __init__(self, dataset: InstructionDataset, max_prompt_length: int | None = None, **collate_kwargs: Any):
+        self.dataset = dataset
+        self.max_prompt_length = max_prompt_length
+        self.collate_kwargs = collate_kwargs
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = instruction_collate(items, **self.collate_kwargs)
+        idx = [int(it["index"]) for it in items]
+        pad_id = self.collate_kwargs.get("pad_id", EOT_ID)
+        out["prompt_ids"], out["prompt_attention_mask"] = left_pad(
+            [self.dataset.prompt_ids[i] for i in idx], pad_id, self.max_prompt_length)
+        out["index"] = torch.tensor(idx)
+        out["entries"] = [self.dataset.entries[i] for i in idx]
+        return out
+
+
+# ----------------------------------------------------------------------------- data module
+class InstructionDataModule(L.LightningDataModule):
+    """Alpaca-format instruction data, split and batched as in the book's chapter 7.
+
+    Args:
+        tokenizer: a tiktoken encoding (default: GPT-2).
+        path: JSON file of ``{instruction, input, output}`` entries; None = the book's 1,100 entries.
+        prompt_style: a key of :data:`PROMPT_STYLES` (``alpaca``, ``phi3``).
+        train_ratio, test_ratio: first part trains, next part tests, the rest validates.
+        shuffle_before_split, split_seed: permute the entries (seeded) before splitting.
+        max_entries: keep only the first N entries (after the optional shuffle); for quick runs.
+        mask_prompt: ignore the prompt positions in ``labels`` (learn only the responses).
+        allowed_max_length: truncate batches to this many positions (None = no limit).
+        batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings
+            (training batches are shuffled with the last partial batch dropped, as in the book).
+        max_prompt_length: test-time prompts keep only their last N tokens (None = whole prompt).
+    """
+
+    def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
+                 train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
+                 split_seed: int = 123, max_entries: int | None = None, mask_prompt: bool = True,
+                 allowed_max_length: int | None = None, pad_id: int = EOT_ID, ignore_index: int = -100,
+                 batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
+                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
+                 max_prompt_length: int | None = None):
+        super().__init__()
+        get_prompt_style(prompt_style)  # fail fast on a typo
+        self.tokenizer = tokenizer or get_tokenizer()
+        self.path, self.prompt_style = path, prompt_style
+        self.train_ratio, self.test_ratio = train_ratio, test_ratio
+        self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.shuffle, self.drop_last = num_workers, shuffle, drop_last
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.max_prompt_length = max_prompt_length
+        self.collate_kwargs = dict(pad_id=pad_id, ignore_index=ignore_index,
+                                   allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
+        self.train_set: InstructionDataset | None = None
+        self.val_set: InstructionDataset | None = None
+        self.test_set: InstructionDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        entries = load_instruction_data(self.path)
+        if self.shuffle_before_split:
+            random.Random(self.split_seed).shuffle(entries)
+        if self.max_entries:
+            entries = entries[: self.max_entries]
+        train, val, test = split_entries(entries, self.train_ratio, self.test_ratio)
+        self.train_set, self.val_set, self.test_set = (
+            InstructionDataset(part, self.tokenizer, self.prompt_style) for part in (train, val, test))
+        mask = self.collate_kwargs["mask_prompt"]
+        rank_zero_info(f"instruction data {self.path or DEFAULT_INSTRUCTION_DATA}: {len(train)} train / "
+                       f"{len(val)} val / {len(test)} test entries, prompt style {self.prompt_style!r}, "
+                       + ("loss on responses only (mask_prompt=true)" if mask else
+                          "loss on prompts AND responses (mask_prompt=false, as in the book)"))
+
+    @property
+    def test_entries(self) -> list[dict[str, str]]:
+        self.setup()
+        return self.test_set.entries
+
+    def _loader(self, ds: Dataset, batch_size: int, train: bool, collate: Callable) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=train and self.shuffle,
+                          drop_last=train and self.drop_last, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, collate_fn=collate,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, True, partial(instruction_collate, **self.collate_kwargs))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, False, partial(instruction_collate, **self.collate_kwargs))
+
+    def test_dataloader(self) -> DataLoader:
+        collate = InstructionTestCollate(self.test_set, self.max_prompt_length, **self.collate_kwargs)
+        return self._loader(self.test_set, self.val_batch_size, False, collate)

@@ -1,0 +1,318 @@
+"""LLM-as-judge (book chapter 7.8): a larger model scores each response 0-100 against the reference.
+
+Two backends, standard library only (``urllib``):
+
+* ``ollama``: ``POST {url}/api/chat`` with ``{"model", "messages", "stream": false, "options":
+  {"temperature": 0, "seed", "num_ctx"}}``; the answer is ``message.content``.
+* ``openai``: any OpenAI-compatible server (vLLM, llama.cpp ``llama-server``, LM Studio, ...):
+  ``POST {url}/v1/chat/completions`` with ``{"model", "messages", "temperature": 0, "seed"}``; the
+  answer is ``choices[0].message.content``.
+
+Requests are retried with exponential backoff on 5xx/429, timeouts and connection errors; answers
+are cached on disk (JSON lines keyed by sha256 of backend, model and messages), so a re-run costs no
+request. An answer without a score in 0..100 is asked again once more explicitly, then recorded as
+``None`` together with the raw text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from gptlab.data.instruct import format_input
+
+# The book's judge prompt; ``{input}`` is the Alpaca-formatted instruction (+ input).
+BOOK_TEMPLATE = ("Given the input `{input}` and correct output `{output}`, score the model response "
+                 "`{response}` on a scale from 0 to 100, where 100 is the best score. "
+                 "Respond with the integer number only.")
+FOLLOW_UP = "Answer with a single integer from 0 to 100 and nothing else."
+DEFAULT_URLS = {"ollama": "http://localhost:11434", "openai": "http://localhost:8000"}
+BACKENDS = tuple(DEFAULT_URLS)
+
+
+class JudgeError(RuntimeError):
+    """The judge server failed in a way retrying does not fix (unreachable, model missing, ...)."""
+
+
+class JudgeModelNotFound(JudgeError):
+    """The server does not have the requested judge model."""
+
+
+# ----------------------------------------------------------------------------- parsing
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+
+
+def parse_score(text: str | None) -> int | None:
+    """The first number in ``text`` that lies in 0..100, rounded to an int; None when there is none.
+
+    ``"85"`` -> 85, ``"Score: 85/100"`` -> 85, ``"I would give it 92.5."`` -> 92 (round half to
+    even), ``"150"`` -> None, ``"-3"`` -> None, ``"great"`` -> None.
+    """
+    if not text:
+        return None
+    for match in _NUMBER.finditer(text):
+        value = float(match.group())
+        if 0 <= value <= 100:
+            return int(round(value))
+    return None
+
+
+def judge_prompt(entry: Mapping[str, Any], template: str = BOOK_TEMPLATE, response_key: str = "model_response") -> str:
+    """The scoring prompt for one entry (``instruction``, ``input``, ``output`` and the response)."""
+    return template.format(input=format_input(entry, "alpaca"), output=entry["output"],
+                           response=entry[response_key])
+
+
+# ----------------------------------------------------------------------------- cache
+class AnswerCache:
+    """Judge answers on disk, one JSON object per line: ``{"key", "backend", "model", "answer"}``.
+
+    ``key`` is the sha256 of the backend, the judge model and the messages, so a different judge or
+    prompt never reuses an answer. ``path=None`` keeps the cache in memory only.
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.answers: dict[str, str] = {}
+        if self.path and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.answers[row["key"]] = row["answer"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by an interrupted run
+
+    @staticmethod
+    def key(backend: str, model: str, messages: Sequence[Mapping[str, str]]) -> str:
+        blob = json.dumps([backend, model, list(messages)], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        return self.answers.get(key)
+
+    def put(self, key: str, backend: str, model: str, answer: str) -> None:
+        self.answers[key] = answer
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "backend": backend, "model": model, "answer": answer},
+                                   ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- client
+@dataclass
+class Score:
+    """One judged entry: ``score`` (0..100, or None when no score could be read) and the raw answer."""
+
+    score: int | None
+    raw: str
+    cached: bool
+
+
+class Judge:
+    """Scores responses with a model served by Ollama or an OpenAI-compatible server.
+
+    Args:
+        model: the judge model's name on the server (``llama3``, ``llama3.1:70b``, ...).
+        url: server base URL; None = ``http://localhost:11434`` (ollama) / ``http://localhost:8000``
+            (openai).
+        backend: ``ollama`` or ``openai``.
+        timeout: seconds per request.
+        retries: extra attempts after a 5xx/429, a timeout or a connection error.
+        backoff: seconds before the first retry, doubled for each further one.
+        seed, temperature, num_ctx: sampling settings sent to the server (``num_ctx``: Ollama only).
+        cache: JSON-lines file of earlier answers (None = no disk cache).
+        template: the scoring prompt with ``{input}``, ``{output}`` and ``{response}`` fields.
+        parse_retries: how often to ask again when an answer holds no score.
+        api_key: sent as ``Authorization: Bearer ...`` (OpenAI-compatible servers that need one).
+    """
+
+    def __init__(self, model: str = "llama3", url: str | None = None, backend: str = "ollama",
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 1.0, seed: int = 123,
+                 temperature: float = 0.0, num_ctx: int = 2048, cache: str | Path | None = None,
+                 template: str = BOOK_TEMPLATE, parse_retries: int = 1, api_key: str | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown judge backend {backend!r}; valid choices: {list(BACKENDS)}")
+        self.model, self.backend = model, backend
+        self.url = (url or DEFAULT_URLS[backend]).rstrip("/")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.seed, self.temperature, self.num_ctx = seed, temperature, num_ctx
+        self.template, self.parse_retries, self.api_key = template, parse_retries, api_key
+        self.cache = AnswerCache(cache)
+        self.requests_sent = 0
+
+    # ------------------------------------------------------------- HTTP
+    @property
+    def endpoint(self) -> str:
+        if self.backend == "ollama":
+            return f"{self.url}/api/chat"
+        base = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        return f"{base}/v1/chat/completions"
+
+    def request_body(self, messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+        if self.backend == "ollama":
+            return {"model": self.model, "messages": list(messages), "stream": False,
+                    "options": {"temperature": self.temperature, "seed": self.seed, "num_ctx": self.num_ctx}}
+        return {"model": self.model, "messages": list(messages), "temperature": self.temperature, "seed": self.seed}
+
+    def _server_name(self) -> str:
+        return "Ollama" if self.backend == "ollama" else "the OpenAI-compatible server"
+
+    def _unreachable(self, why: str) -> JudgeError:
+        if self.backend == "ollama":
+            hint = f"start it with `ollama serve` and `ollama pull {self.model}`"
+        else:
+            hint = f"start one serving {self.model!r}, e.g. `vllm serve {self.model}` or llama.cpp's `llama-server`"
+        return JudgeError(f"cannot reach {self._server_name()} at {self.url} ({why}); {hint}")
+
+    def _http_error(self, err: urllib.error.HTTPError) -> JudgeError:
+        try:
+            body = err.read().decode("utf-8", "replace")
+        except Exception:  # noqa: BLE001 - the body is only for the message
+            body = ""
+        detail = body
+        try:
+            parsed = json.loads(body)
+            e = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
+            detail = e.get("message", str(e)) if isinstance(e, dict) else str(e)
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        if err.code == 404 and ("model" in detail.lower() or self.backend == "ollama"):
+            hint = (f"pull it with `ollama pull {self.model}`" if self.backend == "ollama"
+                    else "check the name the server was started with (GET /v1/models lists them)")
+            return JudgeModelNotFound(f"judge model {self.model!r} is not available on {self._server_name()} at "
+                                      f"{self.url} ({detail.strip() or 'HTTP 404'}); {hint}")
+        return JudgeError(f"{self._server_name()} at {self.endpoint} answered HTTP {err.code}: {detail.strip()[:500]}")
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` as JSON, retrying transient failures; the decoded JSON answer."""
+        data = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last: str = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            req = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
+            self.requests_sent += 1
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    raw = resp.read().decode("utf-8")
+            except urllib.error.HTTPError as e:
+                if e.code >= 500 or e.code == 429:
+                    last = f"HTTP {e.code}"
+                    continue
+                raise self._http_error(e) from None
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                    last = f"timed out after {self.timeout:g} s"
+                else:
+                    last = f"connection error: {e.reason}"
+                continue
+            except (TimeoutError, socket.timeout):
+                last = f"timed out after {self.timeout:g} s"
+                continue
+            except (ConnectionError, OSError, http.client.HTTPException) as e:  # reset / cut mid-answer
+                last = f"connection error: {e}"
+                continue
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                raise JudgeError(f"{self._server_name()} at {self.endpoint} sent no JSON: {raw[:200]!r}") from None
+        tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
+        if last.startswith("connection error"):
+            raise self._unreachable(f"{last}; {tries}")
+        if last.startswith("timed out"):
+            raise JudgeError(f"{self._server_name()} at {self.endpoint} {last} ({tries}); a large judge model may "
+                             f"need longer to load: raise judge.timeout")
+        raise JudgeError(f"{self._server_name()} at {self.endpoint} kept failing ({last}; {tries})")
+
+    def _content(self, answer: dict[str, Any]) -> str:
+        try:
+            if self.backend == "ollama":
+                return str(answer["message"]["content"])
+            return str(answer["choices"][0]["message"]["content"])
+        except (KeyError, IndexError, TypeError):
+            raise JudgeError(f"unexpected answer from {self._server_name()} at {self.endpoint}: "
+                             f"{json.dumps(answer)[:300]}") from None
+
+    # ------------------------------------------------------------- public API
+    def chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, bool]:
+        """The judge's reply to ``messages`` and whether it came from the cache."""
+        key = self.cache.key(self.backend, self.model, messages)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached, True
+        text = self._content(self._post(self.request_body(messages)))
+        self.cache.put(key, self.backend, self.model, text)
+        return text, False
+
+    def ask(self, prompt: str) -> str:
+        """The judge's reply to one user message."""
+        return self.chat([{"role": "user", "content": prompt}])[0]
+
+    def score(self, entry: Mapping[str, Any], response_key: str = "model_response") -> Score:
+        """Score ``entry[response_key]`` against ``entry["output"]``."""
+        messages = [{"role": "user", "content": judge_prompt(entry, self.template, response_key)}]
+        text, cached = self.chat(messages)
+        raws = [text]
+        value = parse_score(text)
+        for _ in range(self.parse_retries):
+            if value is not None:
+                break
+            # ask again, showing the judge its own answer: a deterministic server would repeat it
+            messages = [*messages, {"role": "assistant", "content": text}, {"role": "user", "content": FOLLOW_UP}]
+            text, hit = self.chat(messages)
+            cached = cached and hit
+            raws.append(text)
+            value = parse_score(text)
+        return Score(value, "\n---\n".join(raws) if value is None else text, cached)
+
+    def score_all(self, entries: Iterable[Mapping[str, Any]], response_key: str = "model_response",
+                  progress: bool = True) -> list[Score]:
+        """:meth:`score` for every entry, with a tqdm progress bar."""
+        entries = list(entries)
+        if progress:
+            from tqdm import tqdm
+
+            entries = tqdm(entries, desc=f"judging with {self.model}", unit="entry")
+        return [self.score(e, response_key) for e in entries]
+
+
+# ----------------------------------------------------------------------------- files
+def load_responses(path: str | Path, response_key: str = "model_response") -> list[dict[str, Any]]:
+    """Entries of a responses file (``instruction``, ``input``, ``output``, ``model_response``),
+    with a clear error naming the file and the entry when one is malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"responses file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: entry {i} must be an object, got {type(entry).__name__}")
+        for key in ("instruction", "output", response_key):
+            if not isinstance(entry.get(key), str):
+                raise ValueError(f"{path}: entry {i} needs a string {key!r}")
+    return data
+
+
+def summarize(scores: Sequence[Score]) -> dict[str, Any]:
+    """Average over the scored entries, and counts of scored and failed ones."""
+    ok = [s.score for s in scores if s.score is not None]
+    return {"average": sum(ok) / len(ok) if ok else None, "n_scored": len(ok),
+            "n_failed": len(scores) - len(ok), "n_entries": len(scores)}

@@ -1,0 +1,142 @@
+"""Supervised instruction fine-tuning (book chapter 7): next-token loss on prompt/response
+sequences, and at test time a generated response for every test entry, written to
+``responses.json`` in the run folder (the input of ``gptlab-judge``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torchmetrics
+from lightning.pytorch.utilities import rank_zero_info
+
+from gptlab.data.instruct import extract_response, format_input, get_prompt_style
+from gptlab.model.generation import generate
+from gptlab.tasks.base import GPTTask
+from gptlab.tokenizer import EOT_ID, get_tokenizer
+
+
+class InstructionTask(GPTTask):
+    """SFT on ``{"input_ids", "labels", "attention_mask"}`` batches (``labels`` = -100 where
+    ignored: padding and, with ``data.mask_prompt``, the prompt).
+
+    Logs ``train/loss``, ``val/loss``, ``val/ppl`` and ``test/loss``. In the test stage every test
+    batch (which also carries left-padded ``prompt_ids``, ``prompt_attention_mask`` and the raw
+    ``entries``) is answered by batched KV-cache generation; the answers are written to
+    ``<run dir>/<responses_file>`` as the entries plus ``model_response``, and the first
+    ``log_examples`` go to TensorBoard as text.
+
+    Args:
+        prompt_style: the data's prompt style (used to cut the generated text into a response).
+        generate_on_test: generate responses in the test stage (False: only ``test/loss``).
+        max_new_tokens, temperature, top_k, top_p: generation settings (temperature 0 = greedy);
+            generation stops at ``<|endoftext|>``.
+        responses_file: file name inside the run folder (``trainer.default_root_dir``).
+        log_examples: how many test responses to log to TensorBoard.
+        **kwargs: :class:`GPTTask` arguments (model, init_from, lr, ...).
+    """
+
+    def __init__(self, prompt_style: str = "alpaca", generate_on_test: bool = True, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 responses_file: str = "responses.json", log_examples: int = 3, **kwargs: Any):
+        super().__init__(**kwargs)
+        get_prompt_style(prompt_style)
+        self.val_loss = torchmetrics.MeanMetric()
+        self.test_loss = torchmetrics.MeanMetric()
+        self._responses: list[tuple[int, dict[str, Any]]] = []
+        self.responses_path: Path | None = None
+
+    # ----------------------------------------------------------------- train / val
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss_fn(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.loss_fn(batch)
+        # weight by real target tokens so the mean is over tokens, not over batches
+        self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+
+    # ----------------------------------------------------------------- test: loss + responses
+    def on_test_epoch_start(self) -> None:
+        self._responses = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self.loss_fn(batch)
+        self.test_loss.update(loss, weight=(batch["labels"] != -100).sum())
+        if self.hparams.generate_on_test:
+            if "prompt_ids" not in batch:
+                raise ValueError("test batches carry no 'prompt_ids'/'entries'; use "
+                                 "gptlab.data.instruct.InstructionDataModule (its test_dataloader)")
+            answers = self.generate_responses(batch["prompt_ids"], batch["prompt_attention_mask"])
+            for i, entry, answer in zip(batch["index"].tolist(), batch["entries"], answers):
+                self._responses.append((i, {**entry, "model_response": answer}))
+
+    @torch.no_grad()
+    def generate_responses(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        """Answers to a left-padded batch of prompts (B, T): greedy (by default) batched generation
+        with a KV cache, cut at ``<|endoftext|>`` and the prompt style's stop markers."""
+        hp = self.hparams
+        out = generate(self.model, prompt_ids, hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
+                       top_p=hp.top_p, eos_id=EOT_ID, attention_mask=attention_mask)
+        new = out[:, prompt_ids.size(1):].tolist()  # the prompt is stripped by position
+        tok = get_tokenizer()
+        answers = []
+        for ids in new:
+            ids = ids[: ids.index(EOT_ID)] if EOT_ID in ids else ids
+            answers.append(extract_response(tok.decode(ids), hp.prompt_style))
+        return answers
+
+    def on_test_epoch_end(self) -> None:
+        if self.test_loss.update_count:
+            loss = self.test_loss.compute()
+            self.test_loss.reset()
+            self.log("test/loss", loss, sync_dist=True)
+            self.log("test/ppl", torch.exp(loss), sync_dist=True)
+        if not self.hparams.generate_on_test:
+            return
+        responses = self._responses
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, responses)
+            responses = [r for part in gathered for r in part]
+        # entries in test-set order; a DistributedSampler may have repeated a few to even out ranks
+        ordered = [entry for _, entry in sorted(dict(responses).items())]
+        self._responses = []
+        if self.trainer.is_global_zero:
+            self.responses_path = self.write_responses(ordered)
+            self.log_examples(ordered)
+
+    def write_responses(self, responses: list[dict[str, Any]]) -> Path:
+        """``responses`` as JSON in the run folder; returns the path."""
+        path = Path(self.trainer.default_root_dir) / self.hparams.responses_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(responses, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+        rank_zero_info(f"{len(responses)} test responses written to {path} "
+                       f"(score them with: gptlab-judge responses={path})")
+        return path
+
+    def log_examples(self, responses: list[dict[str, Any]]) -> None:
+        """The first ``log_examples`` responses to TensorBoard (``test/responses``)."""
+        n = self.hparams.log_examples
+        experiment = getattr(self.logger, "experiment", None)
+        if not n or not hasattr(experiment, "add_text"):
+            return
+        blocks = []
+        for entry in responses[:n]:
+            blocks.append("\n\n".join([
+                "**Prompt**\n\n```\n" + format_input(entry, self.hparams.prompt_style) + "\n```",
+                "**Correct response**\n\n```\n" + entry["output"] + "\n```",
+                "**Model response**\n\n```\n" + entry["model_response"] + "\n```"]))
+        experiment.add_text("test/responses", "\n\n---\n\n".join(blocks), global_step=self.global_step)

@@ -1,0 +1,212 @@
+"""Instruction data: prompt styles, the book's masking collate (vectorised), splits, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gptlab.data.instruct import (PROMPT_STYLES, InstructionDataError, InstructionDataModule, InstructionDataset,
+                                  extract_response, format_input, format_prompt, instruction_collate, left_pad,
+                                  load_instruction_data, split_entries)
+from gptlab.tokenizer import get_tokenizer
+
+ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
+               "completes the request.\n\n### Instruction:\n")
+WITH_INPUT = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
+              "output": "The car is as fast as lightning."}
+NO_INPUT = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
+
+
+# ----------------------------------------------------------------------------- prompt styles
+def test_alpaca_prompt_with_input_is_the_books():
+    assert format_input(WITH_INPUT, "alpaca") == (
+        ALPACA_HEAD + "Rewrite the sentence using a simile.\n\n### Input:\nThe car is very fast.")
+    assert PROMPT_STYLES["alpaca"].full_text(WITH_INPUT) == (
+        ALPACA_HEAD + "Rewrite the sentence using a simile.\n\n### Input:\nThe car is very fast."
+        "\n\n### Response:\nThe car is as fast as lightning.")
+
+
+def test_alpaca_prompt_without_input_has_no_input_section():
+    assert format_prompt(NO_INPUT, "alpaca") == ALPACA_HEAD + "Name a primary color.\n\n### Response:\n"
+
+
+def test_phi3_prompt():
+    assert PROMPT_STYLES["phi3"].full_text(WITH_INPUT) == (
+        "<|user|>\nRewrite the sentence using a simile.\nThe car is very fast.\n<|assistant|>\n"
+        "The car is as fast as lightning.")
+    assert format_prompt(NO_INPUT, "phi3") == "<|user|>\nName a primary color.\n<|assistant|>\n"
+
+
+def test_unknown_prompt_style_lists_the_choices():
+    with pytest.raises(ValueError, match=r"'chatml'.*\['alpaca', 'phi3'\]"):
+        format_input(NO_INPUT, "chatml")
+
+
+@pytest.mark.parametrize("style,text,expected", [
+    ("alpaca", format_prompt(NO_INPUT) + "Red.\n\n### Instruction:\nMore", "Red."),
+    ("alpaca", "  Red is one.<|endoftext|>garbage", "Red is one."),
+    ("alpaca", "### Response:\nBlue.", "Blue."),
+    ("alpaca", "Green.\n\n###", "Green."),
+    ("phi3", format_prompt(NO_INPUT, "phi3") + "Yellow.\n<|user|>\nnext", "Yellow."),
+    ("phi3", "Cyan.<|assistant|>", "Cyan."),
+])
+def test_extract_response_strips_prompt_markers_and_what_follows(style, text, expected):
+    assert extract_response(text, style) == expected
+
+
+# ----------------------------------------------------------------------------- tokenization
+def test_dataset_tokenizes_once_and_stores_the_prompt_length():
+    tok = get_tokenizer()
+    ds = InstructionDataset([WITH_INPUT, NO_INPUT], tok, "alpaca")
+    for i, e in enumerate([WITH_INPUT, NO_INPUT]):
+        item = ds[i]
+        assert item["input_ids"] == tok.encode(PROMPT_STYLES["alpaca"].full_text(e))  # no <|endoftext|> appended
+        assert item["prompt_length"] == len(tok.encode(format_prompt(e)))
+        assert item["index"] == i
+
+
+def test_literal_endoftext_in_the_data_is_text_not_the_special_token():
+    ds = InstructionDataset([{**NO_INPUT, "output": "a <|endoftext|> b"}])
+    assert 50256 not in ds[0]["input_ids"]
+
+
+# ----------------------------------------------------------------------------- collate
+def items(*seqs, prompt_lengths=None):
+    return [{"input_ids": list(s), "prompt_length": p}
+            for s, p in zip(seqs, prompt_lengths or [0] * len(seqs))]
+
+
+def test_collate_pads_to_longest_plus_one_and_shifts():
+    b = instruction_collate(items([1, 2, 3, 4, 5], [6, 7], [8, 9, 10]), pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0], [8, 9, 10, 0, 0]]
+    # the first pad of each row stays as the end-of-text target; later pads are ignored
+    assert b["labels"].tolist() == [[2, 3, 4, 5, 0], [7, 0, -100, -100, -100], [9, 10, 0, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+    assert all(v.dtype == torch.long for v in b.values())
+
+
+def test_collate_matches_the_books_default_pad_and_plain_lists():
+    # the book's example: inputs_1 = [0, 1, 2, 3, 4], inputs_2 = [5, 6], inputs_3 = [7, 8, 9]
+    b = instruction_collate([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    assert b["input_ids"].tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]
+    assert b["labels"].tolist() == [[1, 2, 3, 4, 50256], [6, 50256, -100, -100, -100], [8, 9, 50256, -100, -100]]
+
+
+def test_collate_truncates_inputs_and_targets():
+    b = instruction_collate(items([1, 2, 3, 4, 5], [6, 7]), pad_id=0, allowed_max_length=3)
+    assert b["input_ids"].tolist() == [[1, 2, 3], [6, 7, 0]]
+    assert b["labels"].tolist() == [[2, 3, 4], [7, 0, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_collate_masks_the_prompt_targets():
+    # prompts of 3 and 2 tokens: only positions predicting response tokens (and the end) are learned
+    b = instruction_collate(items([1, 2, 3, 4, 5], [6, 7, 8], prompt_lengths=[3, 2]), pad_id=0, mask_prompt=True)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]]
+    assert b["labels"].tolist() == [[-100, -100, 4, 5, 0], [-100, 8, 0, -100, -100]]
+
+
+def test_collate_custom_ignore_index_and_prompt_mask_needs_lengths():
+    b = instruction_collate([[1, 2], [3]], pad_id=0, ignore_index=-1)
+    assert b["labels"].tolist() == [[2, 0], [0, -1]]
+    with pytest.raises(ValueError, match="prompt_length"):
+        instruction_collate([[1, 2]], mask_prompt=True)
+
+
+def test_left_pad_for_batched_generation():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0, max_length=2)
+    assert ids.tolist() == [[2, 3], [0, 4]]
+
+
+# ----------------------------------------------------------------------------- files and splits
+def test_shipped_data_splits_like_the_book():
+    data = load_instruction_data()
+    assert len(data) == 1100
+    train, val, test = split_entries(data)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train[0] == data[0] and test[0] == data[935] and val[0] == data[1045]
+
+
+def test_datamodule_batches_and_test_batches_carry_prompts():
+    dm = InstructionDataModule(batch_size=4, mask_prompt=True)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (935, 55, 110)
+    assert dm.test_entries[0] == load_instruction_data()[935]
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "labels", "attention_mask"} and batch["input_ids"].shape[0] == 4
+    test = next(iter(dm.test_dataloader()))
+    assert test["index"].tolist() == [0, 1, 2, 3] and test["entries"] == dm.test_entries[:4]
+    tok = get_tokenizer()
+    row = test["prompt_ids"][1][test["prompt_attention_mask"][1].bool()].tolist()
+    assert tok.decode(row) == format_prompt(dm.test_entries[1])
+    assert (test["prompt_attention_mask"][:, -1] == 1).all()  # left padding: every prompt ends at the right
+
+
+def test_seeded_shuffle_changes_the_split_reproducibly():
+    a = InstructionDataModule(shuffle_before_split=True, split_seed=1)
+    b = InstructionDataModule(shuffle_before_split=True, split_seed=1)
+    c = InstructionDataModule()
+    for dm in (a, b, c):
+        dm.setup()
+    assert a.test_entries == b.test_entries != c.test_entries and len(a.test_entries) == 110
+
+
+def write(tmp_path, text):
+    p = tmp_path / "data.json"
+    p.write_text(text)
+    return p
+
+
+def test_invalid_json_names_file_line_and_column(tmp_path):
+    p = write(tmp_path, '[\n  {"instruction": "a", "input": "", "output": "b"},\n  {"instruction": }\n]')
+    with pytest.raises(InstructionDataError, match=rf"{p}: invalid JSON at line 3, column 19"):
+        load_instruction_data(p)
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"instruction": "a", "input": ""}, r"entry 1 has no 'output' key"),
+    ({"instruction": "a", "input": 3, "output": "b"}, r"entry 1: 'input' must be a string, got int"),
+    (["a", "b", "c"], r"entry 1 must be an object"),
+])
+def test_malformed_entry_names_file_and_index(tmp_path, entry, match):
+    p = write(tmp_path, json.dumps([NO_INPUT, entry]))
+    with pytest.raises(InstructionDataError, match=rf"{p}: {match}"):
+        load_instruction_data(p)
+
+
+def test_not_a_list_or_empty_file_is_rejected(tmp_path):
+    with pytest.raises(InstructionDataError, match="expected a JSON list"):
+        load_instruction_data(write(tmp_path, '{"instruction": "a"}'))
+    with pytest.raises(InstructionDataError, match="no entries"):
+        load_instruction_data(write(tmp_path, "[]"))
+
+
+def test_any_file_by_path(tmp_path):
+    p = write(tmp_path, json.dumps([NO_INPUT] * 20))
+    dm = InstructionDataModule(path=str(p), batch_size=2)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (17, 1, 2)
+
+
+# ----------------------------------------------------------------------------- preference pairs
+def test_preference_pairs_share_the_prompt_and_mask_it(tmp_path):
+    from gptlab.data.preference import PreferenceDataModule, load_preference_data
+
+    pair = {**NO_INPUT, "chosen": "Red, of course.", "rejected": "Figure it out yourself."}
+    p = write(tmp_path, json.dumps([pair] * 20))
+    dm = PreferenceDataModule(path=str(p), batch_size=2)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (17, 1, 2)
+    b = next(iter(dm.val_dataloader()))
+    tok = get_tokenizer()
+    n_prompt = len(tok.encode(format_prompt(NO_INPUT)))
+    for side, text in (("chosen", pair["chosen"]), ("rejected", pair["rejected"])):
+        assert tok.decode(b[f"{side}_input_ids"][0].tolist()) == format_prompt(NO_INPUT) + text
+        learned = b[f"{side}_labels"][0][b[f"{side}_labels"][0] != -100].tolist()
+        assert learned == tok.encode(text) + [50256] and (b[f"{side}_labels"][0, : n_prompt - 1] == -100).all()
+    with pytest.raises(InstructionDataError, match=r"entry 0 needs a string 'rejected'"):
+        load_preference_data(write(tmp_path, json.dumps([{**NO_INPUT, "chosen": "x"}])))

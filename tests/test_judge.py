@@ -1,0 +1,219 @@
+"""The LLM-as-judge client against a real HTTP server on 127.0.0.1 (Ollama and OpenAI-compatible
+request/response JSON), including retries, timeouts, missing models, refused connections and the cache."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from gptlab.judge import Judge, JudgeError, JudgeModelNotFound, judge_prompt, load_responses, parse_score
+
+DATA = Path(__file__).parent / "data" / "instruction-data-with-response.json"
+
+
+class FakeServer:
+    """A JSON server in a thread: answers POSTs with the scripted ``(status, body, delay)`` replies in
+    order (the last one repeats) and records every request's path and decoded body."""
+
+    def __init__(self, replies: list[tuple[int, dict, float]]):
+        self.replies, self.requests = list(replies), []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((self.path, body))
+                status, reply, delay = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
+                time.sleep(delay)
+                data = json.dumps(reply).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self) -> "FakeServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def ollama(text: str, status: int = 200, delay: float = 0.0) -> tuple[int, dict, float]:
+    return status, {"model": "llama3", "message": {"role": "assistant", "content": text}, "done": True}, delay
+
+
+def openai(text: str) -> tuple[int, dict, float]:
+    return 200, {"id": "x", "object": "chat.completion",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}, 0.0
+
+
+@pytest.fixture
+def entries():
+    return load_responses(DATA)
+
+
+def fast_judge(url: str, **kw) -> Judge:
+    return Judge(**{"model": "llama3", "url": url, "timeout": 5, "retries": 2, "backoff": 0.01, **kw})
+
+
+@pytest.mark.parametrize("text,score", [
+    ("85", 85), ("Score: 85/100", 85), (" 100\n", 100), ("0", 0), ("I'd rate it 92.5.", 92),
+    ("The response deserves a 7 out of 10... so 70", 7), ("150", None), ("-3", None), ("great answer", None),
+    ("", None), ("llama3 says 60", 60)])
+def test_parse_score_takes_the_first_number_in_0_to_100(text, score):
+    assert parse_score(text) == score
+
+
+def test_judge_prompt_is_the_books(entries):
+    e = entries[0]
+    assert judge_prompt(e) == (
+        "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nRewrite the sentence using a simile.\n\n### Input:\n"
+        "The car is very fast.` and correct output `The car is as fast as lightning.`, score the model response "
+        "`The car is as fast as a bullet.` on a scale from 0 to 100, where 100 is the best score. "
+        "Respond with the integer number only.")
+
+
+def test_ollama_request_body_and_score(entries):
+    with FakeServer([ollama("85")]) as srv:
+        s = fast_judge(srv.url).score(entries[0])
+    assert (s.score, s.raw, s.cached) == (85, "85", False)
+    [(path, body)] = srv.requests
+    assert path == "/api/chat"
+    assert body == {"model": "llama3", "messages": [{"role": "user", "content": judge_prompt(entries[0])}],
+                    "stream": False, "options": {"temperature": 0.0, "seed": 123, "num_ctx": 2048}}
+
+
+def test_openai_compatible_request_body_and_score(entries):
+    with FakeServer([openai("Score: 42/100")]) as srv:
+        s = fast_judge(srv.url + "/v1", backend="openai", model="qwen").score(entries[1])
+    assert s.score == 42
+    [(path, body)] = srv.requests
+    assert path == "/v1/chat/completions"
+    assert body == {"model": "qwen", "messages": [{"role": "user", "content": judge_prompt(entries[1])}],
+                    "temperature": 0.0, "seed": 123}
+
+
+def test_server_error_is_retried_until_success(entries):
+    with FakeServer([(500, {"error": "overloaded"}, 0.0), (503, {}, 0.0), ollama("70")]) as srv:
+        assert fast_judge(srv.url).score(entries[0]).score == 70
+    assert len(srv.requests) == 3
+
+
+def test_persistent_server_error_gives_up_with_the_status(entries):
+    with FakeServer([(500, {"error": "boom"}, 0.0)]) as srv:
+        with pytest.raises(JudgeError, match="HTTP 500"):
+            fast_judge(srv.url, retries=1).score(entries[0])
+    assert len(srv.requests) == 2
+
+
+def test_timeout_is_retried_then_a_clear_error(entries):
+    with FakeServer([ollama("50", delay=1.0)]) as srv:
+        with pytest.raises(JudgeError, match=r"timed out after 0.2 s \(2 attempts\).*judge.timeout"):
+            fast_judge(srv.url, timeout=0.2, retries=1).score(entries[0])
+    assert len(srv.requests) == 2
+
+
+def test_slow_first_answer_then_success(entries):
+    with FakeServer([ollama("50", delay=1.0), ollama("60")]) as srv:
+        assert fast_judge(srv.url, timeout=0.3).score(entries[0]).score == 60
+
+
+def test_unparseable_answer_is_asked_again_then_recorded_as_none(entries):
+    with FakeServer([ollama("A fine response."), ollama("Very good indeed.")]) as srv:
+        s = fast_judge(srv.url).score(entries[0])
+    assert s.score is None and "A fine response." in s.raw and "Very good indeed." in s.raw
+    assert len(srv.requests) == 2
+    follow_up = srv.requests[1][1]["messages"]
+    assert [m["role"] for m in follow_up] == ["user", "assistant", "user"]
+    assert follow_up[1]["content"] == "A fine response."
+
+
+def test_unparseable_then_parseable_answer_counts(entries):
+    with FakeServer([ollama("Excellent!"), ollama("90")]) as srv:
+        assert fast_judge(srv.url).score(entries[0]).score == 90
+
+
+def test_missing_model_names_it_and_ollama_pull(entries):
+    with FakeServer([(404, {"error": "model 'llama9' not found"}, 0.0)]) as srv:
+        with pytest.raises(JudgeModelNotFound, match=r"'llama9'.*not found.*`ollama pull llama9`"):
+            fast_judge(srv.url, model="llama9").score(entries[0])
+    assert len(srv.requests) == 1  # not retried
+
+
+def test_connection_refused_says_how_to_start_ollama(entries):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(JudgeError, match=rf"cannot reach Ollama at {url} .*`ollama serve` and `ollama pull llama3`"):
+        fast_judge(url, retries=1).score(entries[0])
+
+
+def test_cached_answers_cost_no_request_on_a_rerun(entries, tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    with FakeServer([ollama("80")]) as srv:
+        first = [s.score for s in fast_judge(srv.url, cache=cache).score_all(entries[:4], progress=False)]
+        assert len(srv.requests) == 4
+        again = fast_judge(srv.url, cache=cache).score_all(entries[:4], progress=False)
+        assert len(srv.requests) == 4  # nothing new sent
+        other = fast_judge(srv.url, cache=cache, model="other").score(entries[0])
+        assert len(srv.requests) == 5  # another judge model is another key
+    assert first == [s.score for s in again] == [80] * 4 and all(s.cached for s in again)
+    assert not other.cached and len(cache.read_text().splitlines()) == 5
+
+
+def test_cli_writes_scores_prints_the_average_and_reuses_the_cache(tmp_path):
+    responses = tmp_path / "responses.json"
+    responses.write_text(DATA.read_text())
+    n = len(json.loads(DATA.read_text()))
+    replies = [ollama(str(10 * i)) for i in range(n - 1)] + [ollama("no idea"), ollama("still no idea")]
+    with FakeServer(replies) as srv:
+        args = ["gptlab.cli.judge", f"responses={responses}", "judge.model=llama3", f"judge.url={srv.url}",
+                "judge.backend=ollama", "judge.backoff=0.01", "progress=false"]
+        res = run_cli(args, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        sent = len(srv.requests)
+        again = run_cli(args, cwd=tmp_path)
+        assert again.returncode == 0 and len(srv.requests) == sent == n + 1
+    expected = sum(10 * i for i in range(n - 1)) / (n - 1)
+    assert f"Average score: {expected:.2f}" in res.stdout and "(1 failed)" in res.stdout
+    assert f"Average score: {expected:.2f}" in again.stdout and "0 requests sent" in again.stderr
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["n_failed"] == 1 and len(report["scores"]) == n
+    assert report["scores"][-1]["score"] is None and "no idea" in report["scores"][-1]["judge_answer"]
+    assert (tmp_path / "judge_cache.jsonl").is_file()
+    assert not (tmp_path / "outputs").exists()  # no Hydra run folder
+
+
+def test_cli_unreachable_server_is_one_clear_line(tmp_path):
+    responses = tmp_path / "responses.json"
+    responses.write_text(DATA.read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = run_cli(["gptlab.cli.judge", f"responses={responses}", f"judge.url=http://127.0.0.1:{port}",
+                   "judge.retries=0", "progress=false"], cwd=tmp_path)
+    assert res.returncode == 1
+    assert "cannot reach Ollama" in res.stderr and "Traceback" not in res.stderr
