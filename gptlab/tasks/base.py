@@ -107,8 +107,11 @@ class GPTTask(L.LightningModule):
 
         if getattr(self.model, "lora_config", None) is None:
             return None
-        extra = {"init_from": self.hparams.init_from, "task": f"{type(self).__module__}.{type(self).__qualname__}"}
-        return save_adapter(self.model, path or self.adapter_path(), extra)
+        return save_adapter(self.model, path or self.adapter_path(), self.adapter_metadata())
+
+    def adapter_metadata(self) -> dict[str, Any]:
+        """Settings stored in an adapter file besides LoRA's own; tasks add what prediction needs."""
+        return {"init_from": self.hparams.init_from, "task": f"{type(self).__module__}.{type(self).__qualname__}"}
 
     def on_fit_end(self) -> None:
         # the adapter of the final weights, kilobytes to megabytes, beside the full checkpoints
