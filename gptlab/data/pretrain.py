@@ -128,7 +128,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer=None, *, eot_between: bool = 
     from tqdm.auto import tqdm
 
     enc = tokenizer or get_tokenizer()
-    num_threads = num_threads or min(8, os.cpu_count() or 1)
+    num_threads = num_threads or os.cpu_count() or 1  # the encoder releases the GIL: all cores help
     total = sum(len(t) for t in texts)
     eot = np.array([EOT_ID], dtype=TOKEN_DTYPE)
     with tqdm(total=total, unit="char", unit_scale=True, desc=desc, disable=not progress) as bar:
@@ -195,18 +195,25 @@ def build_token_file(files: Sequence[Path], out: Path | None = None, *, cache_di
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     n = 0
+    from tqdm.auto import tqdm
+
+    # one bar for the whole corpus (bytes of text); each file's own bar only when there is one file
+    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=f"tokenizing {out.name}",
+               disable=not progress or len(files) == 1)
     try:
-        with open(tmp, "wb") as fh:
+        with open(tmp, "wb") as fh, bar:
             texts = (read_text(f, strip_gutenberg) for f in files)
             # read lazily, one document at a time: memory stays at one book, not the corpus
             for i, (f, text) in enumerate(zip(files, texts)):
-                for arr in tokenize_texts([text], tokenizer, num_threads=num_threads, progress=progress,
-                                          desc=f"tokenizing {f.name} ({i + 1}/{len(files)})"):
+                for arr in tokenize_texts([text], tokenizer, num_threads=num_threads,
+                                          progress=progress and len(files) == 1, desc=f"tokenizing {f.name}"):
                     arr.tofile(fh)
                     n += arr.size
                 if i + 1 < len(files):
                     np.array([EOT_ID], dtype=TOKEN_DTYPE).tofile(fh)
                     n += 1
+                bar.update(f.stat().st_size)
+                bar.set_postfix(tokens=f"{n:,}", file=f.name)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
