@@ -105,3 +105,14 @@ def test_loss_ignores_minus_100(tiny_model):
     logits = tiny_model(x)
     ref = torch.nn.functional.cross_entropy(logits[0, 4:], x[0, 4:])
     torch.testing.assert_close(tiny_model.loss(x, labels), ref)
+
+
+def test_init_schemes():
+    gpt2 = GPT(GPTConfig.from_name("gpt2-tiny", emb_dim=64, vocab_size=5000))
+    book = GPT(GPTConfig.from_name("gpt2-tiny", emb_dim=64, vocab_size=5000, init="torch"))
+    assert abs(gpt2.tok_emb.weight.std().item() - 0.02) < 0.002
+    assert abs(book.tok_emb.weight.std().item() - 1.0) < 0.05  # nn.Embedding's N(0, 1), as the book's GPTModel
+    proj = gpt2.blocks[0].mlp.proj.weight.std().item()
+    assert abs(proj - 0.02 / (2 * 2) ** 0.5) < 0.002  # scaled residual projection (2 layers)
+    with pytest.raises(ValueError, match="valid choices: \\['gpt2', 'torch'\\]"):
+        GPTConfig.from_name("gpt2-tiny", init="xavier")

@@ -39,6 +39,11 @@ class GPTConfig:
     """Epsilon of every LayerNorm."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
+    init: str = "gpt2"
+    """Weight initialisation of a model built from scratch: ``gpt2`` (normal std 0.02, residual
+    projections scaled by 1/sqrt(2 n_layers), zero biases; nanoGPT/GPT-2) or ``torch`` (PyTorch's
+    layer defaults, embeddings N(0, 1): what the book's ``GPTModel`` gets; its chapter-5 run
+    memorises "The Verdict" only with this one). Ignored when weights are loaded."""
     name: str = "custom"
     """Preset this config came from (informational)."""
 
@@ -47,6 +52,8 @@ class GPTConfig:
             raise ValueError(f"emb_dim={self.emb_dim} must be divisible by n_heads={self.n_heads}")
         if self.pad_vocab_multiple < 1:
             raise ValueError(f"pad_vocab_multiple must be >= 1, got {self.pad_vocab_multiple}")
+        if self.init not in ("gpt2", "torch"):
+            raise ValueError(f"init={self.init!r}; valid choices: ['gpt2', 'torch']")
 
     @property
     def head_dim(self) -> int:

@@ -2,11 +2,15 @@
 
 One loop serves single prompts, batched left-padded prompts (instruction test sets) and streaming:
 :func:`generate_stream` yields one token per sequence per step; :func:`generate` collects them.
+Only the last position goes through the output head (the head is a third of gpt2-small's weights).
+``static_cache=True`` keeps every decode step the same shape; ``compile=True`` adds ``torch.compile``
+on top (a CUDA graph on GPU), the fast route for batch-1 decoding on a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import weakref
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +57,33 @@ def _padding_masks(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return position_ids, mask[:, None]
 
 
+def _last_logits(model: GPT, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Logits (B, V) of the last position of ``input_ids`` (B, T): the head runs on one token."""
+    return model.logits(model.hidden_states(input_ids, **kwargs)[:, -1])
+
+
+_COMPILED_DECODE: "weakref.WeakKeyDictionary[GPT, Callable[..., torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model: GPT) -> Callable[..., torch.Tensor]:
+    """:func:`_last_logits` compiled for ``model``'s one-token steps over a static cache (built once
+    per model). Shapes never change, so one graph serves every step; on CUDA it is captured as a
+    CUDA graph (``mode="reduce-overhead"``), which removes the per-kernel launch cost of decoding."""
+    fn = _COMPILED_DECODE.get(model)
+    if fn is None:
+        cuda = next(model.parameters()).is_cuda
+        fn = torch.compile(_last_logits, fullgraph=True, dynamic=False,
+                           mode="reduce-overhead" if cuda else None)
+        _COMPILED_DECODE[model] = fn
+    return fn
+
+
 @torch.inference_mode()
 def generate_stream(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                     use_kv_cache: bool = True, attention_mask: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | None = None, *, static_cache: bool = False,
+                    compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (B,) step by step; see :func:`generate`."""
     idx = input_ids if input_ids.dim() == 2 else input_ids[None]
     B = idx.size(0)
@@ -66,38 +92,67 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, te
         attention_mask = attention_mask.to(idx.device).bool()
         if attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(idx.shape)}")
+    static_cache = static_cache or compile
+    decode = compiled_decode_step(model) if compile and use_kv_cache else _last_logits
     cache_dtype = next(model.parameters()).dtype
     cache = None
+    slot_ok = input_pos = None  # static cache: which slots hold real tokens (B, ctx); next slot (1,)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
         if use_kv_cache and cache is None and idx.size(1) + 1 <= ctx and step == 0:
             # prefill: the whole prompt in one pass, filling the cache
-            cache = KVCache(model.config, B, max_len=ctx, device=idx.device, dtype=cache_dtype)
+            T = idx.size(1)
+            # a dynamic cache holds just this call's tokens (memory); a static one the whole context,
+            # so its shapes, and a compiled step, are the same for every call
+            max_len = ctx if static_cache else min(ctx, T + max_new_tokens)
+            cache = KVCache(model.config, B, max_len=max_len, device=idx.device, dtype=cache_dtype,
+                            static=static_cache)
+            pos = None
             if attention_mask is not None:
                 pos, mask = _padding_masks(attention_mask)
-                logits = model(idx, kv_cache=cache, position_ids=pos, attn_mask=mask)
                 next_pos = pos[:, -1:] + 1
+            if static_cache:
+                if attention_mask is not None:
+                    slot_ok = torch.zeros(B, ctx, dtype=torch.bool, device=idx.device)
+                    slot_ok[:, :T] = attention_mask
+                logits = _last_logits(model, idx, kv_cache=cache, position_ids=pos,
+                                      input_pos=torch.arange(T, device=idx.device),
+                                      attn_mask=None if slot_ok is None else slot_ok[:, None, None])
+                cache.pos = T
+                input_pos = torch.tensor([T], device=idx.device)
+            elif attention_mask is not None:
+                logits = _last_logits(model, idx, kv_cache=cache, position_ids=pos, attn_mask=mask)
             else:
-                logits = model(idx, kv_cache=cache)
-        elif cache is not None and cache.pos < ctx:
-            # decode: one token, attending to everything cached
-            last = idx[:, -1:]
-            if attention_mask is not None:
+                logits = _last_logits(model, idx, kv_cache=cache)
+        elif cache is not None and cache.pos < cache.max_len:
+            # decode: one token, attending to everything cached. The (B, 1) token is taken from
+            # ``nxt``, not sliced from ``idx``: its strides stay fixed, so a compiled step never recompiles
+            last = nxt[:, None]
+            if static_cache:
+                if slot_ok is not None:
+                    slot_ok[:, cache.pos] = True
+                logits = decode(model, last, kv_cache=cache, input_pos=input_pos,
+                                position_ids=None if slot_ok is None else next_pos,
+                                attn_mask=None if slot_ok is None else slot_ok[:, None, None])
+                cache.pos += 1
+                input_pos = input_pos + 1  # a new tensor: a CUDA graph may still hold the old one
+            elif attention_mask is not None:
                 key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, S)
-                logits = model(last, kv_cache=cache, position_ids=next_pos, attn_mask=key_mask)
-                next_pos = next_pos + 1
+                logits = _last_logits(model, last, kv_cache=cache, position_ids=next_pos, attn_mask=key_mask)
             else:
-                logits = model(last, kv_cache=cache)
+                logits = _last_logits(model, last, kv_cache=cache)
+            if attention_mask is not None:
+                next_pos = next_pos + 1
         else:
             # no cache, or the context is full: recompute on the last ``ctx`` tokens
             cache = None
             cond = idx[:, -ctx:]
             if attention_mask is not None:
                 pos, mask = _padding_masks(attention_mask[:, -ctx:])
-                logits = model(cond, position_ids=pos, attn_mask=mask)
+                logits = _last_logits(model, cond, position_ids=pos, attn_mask=mask)
             else:
-                logits = model(cond)
-        nxt = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+                logits = _last_logits(model, cond)
+        nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done = done | (nxt == eos_id)
@@ -112,7 +167,8 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, te
 def generate(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              use_kv_cache: bool = True, attention_mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, *, static_cache: bool = False,
+             compile: bool = False) -> torch.Tensor:
     """Continue ``input_ids`` ((T,) or (B, T)) by up to ``max_new_tokens``; returns prompt + new ids.
 
     ``temperature=0`` is greedy; ``top_k`` / ``top_p`` filter before sampling. Generation stops once
@@ -120,13 +176,17 @@ def generate(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, temperatu
     Sequences longer than the context are cropped to its last ``context_length`` tokens.
     ``attention_mask`` (B, T): 1 for real tokens, 0 for left padding, for batches of prompts of
     different lengths. With ``use_kv_cache`` each step costs one token's forward pass; the result
-    is the same as recomputing the whole sequence each step.
+    is the same as recomputing the whole sequence each step. ``static_cache`` attends over the
+    whole preallocated cache with a mask, so every decode step has the same shapes; ``compile``
+    (implies ``static_cache``) runs those steps through ``torch.compile`` (a CUDA graph on GPU; the
+    first call compiles). Both give the same tokens as the dynamic cache.
     """
     was_training = model.training
     model.eval()
     try:
         new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id,
-                                   use_kv_cache, attention_mask, generator))
+                                   use_kv_cache, attention_mask, generator, static_cache=static_cache,
+                                   compile=compile))
     finally:
         model.train(was_training)
     idx = input_ids if input_ids.dim() == 2 else input_ids[None]

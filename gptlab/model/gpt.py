@@ -23,18 +23,37 @@ class KVCache:
 
     Buffers have shape ``(n_layers, B, n_heads, max_len, head_dim)``; ``pos`` counts the positions
     written so far. :meth:`GPT.forward` writes the new keys/values at ``pos`` and advances it.
+
+    ``static=True`` keeps every shape fixed, for ``torch.compile`` / CUDA graphs: new keys/values are
+    written at the slots given by an ``input_pos`` tensor and attention always spans all ``max_len``
+    slots, the ones not yet written (or not real tokens) masked out. The buffers are marked as static
+    addresses, so a CUDA graph may update them in place.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 static: bool = False):
         self.max_len = min(max_len or config.context_length, config.context_length)
         shape = (config.n_layers, batch_size, config.n_heads, self.max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.static = static
+        if static:
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` (B, nh, T, hs) at ``pos``; return all keys/values so far (B, nh, pos+T, hs)."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` (B, nh, T, hs); return the keys/values attention reads.
+
+        Dynamic cache: written at ``pos``; returns the (B, nh, pos+T, hs) written so far.
+        Static cache: written at slots ``input_pos`` (T,); returns all (B, nh, max_len, hs) slots.
+        """
+        if self.static:
+            self.k[layer].index_copy_(2, input_pos, k)
+            self.v[layer].index_copy_(2, input_pos, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end}")
@@ -56,7 +75,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(config.drop_rate)
 
     def forward(self, x: torch.Tensor, layer: int = 0, kv_cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -65,7 +84,8 @@ class CausalSelfAttention(nn.Module):
         start = 0
         if kv_cache is not None:
             start = kv_cache.pos
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, start+T, hs)
+            # (B, nh, start+T, hs); static cache: (B, nh, max_len, hs) with attn_mask set by GPT
+            k, v = kv_cache.update(layer, k, v, input_pos)
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is not None:  # explicit (B|1, 1, T, S) boolean mask, True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
@@ -103,8 +123,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, layer: int = 0, kv_cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), layer, kv_cache, attn_mask)
+                attn_mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), layer, kv_cache, attn_mask, input_pos)
         return x + self.mlp(self.norm2(x))
 
 
@@ -123,12 +143,13 @@ class GPT(nn.Module):
         self.out_head = nn.Linear(D, V, bias=False)
         if config.tie_weights:
             self.out_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-        # GPT-2: scale the init of the projections that write into the residual stream by
-        # 1/sqrt(2 * n_layers), so the stream's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+        if config.init == "gpt2":  # ("torch": keep the layers' own defaults, as the book's GPTModel)
+            self.apply(self._init_weights)
+            # GPT-2: scale the init of the projections that write into the residual stream by
+            # 1/sqrt(2 * n_layers), so the stream's variance does not grow with depth.
+            for name, p in self.named_parameters():
+                if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -152,28 +173,51 @@ class GPT(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
                       position_ids: torch.Tensor | None = None,
-                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attn_mask: torch.Tensor | None = None,
+                      input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, emb_dim) for ``input_ids`` (B, T).
 
         ``kv_cache``: decode incrementally (positions continue at ``kv_cache.pos``).
         ``position_ids`` (B, T) and ``attn_mask`` (B, 1, T, S) bool: for left-padded batches.
+        With a static cache (``KVCache(static=True)``): ``input_pos`` (T,) are the cache slots the
+        tokens go to (default: from ``kv_cache.pos``, which then advances; when given, the caller
+        keeps ``pos``), ``position_ids`` default to them, and ``attn_mask`` is (B, 1, 1, max_len):
+        which slots hold real tokens.
         """
         B, T = input_ids.shape
-        start = kv_cache.pos if kv_cache is not None else 0
+        static = kv_cache is not None and kv_cache.static
+        advance = kv_cache is not None and (not static or input_pos is None)
+        start = kv_cache.pos if advance else 0
         if start + T > self.config.context_length:
             raise ValueError(f"sequence of {start + T} tokens exceeds context_length="
                              f"{self.config.context_length}")
+        if static:
+            if input_pos is None:
+                input_pos = torch.arange(start, start + T, device=input_ids.device)
+            attn_mask = self._static_cache_mask(kv_cache, input_pos, attn_mask)
         if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device)
+            position_ids = input_pos if static else torch.arange(start, start + T, device=input_ids.device)
         x = self.drop_emb(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
         for i, block in enumerate(self.blocks):
             if self.config.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, i, None, attn_mask, use_reentrant=False)
             else:
-                x = block(x, i, kv_cache, attn_mask)
-        if kv_cache is not None:
+                x = block(x, i, kv_cache, attn_mask, input_pos)
+        if advance:
             kv_cache.pos += T
         return self.final_norm(x)
+
+    @staticmethod
+    def _static_cache_mask(kv_cache: KVCache, input_pos: torch.Tensor,
+                           slot_ok: torch.Tensor | None) -> torch.Tensor:
+        """(B|1, 1, T, max_len) bool: the token at slot ``input_pos[i]`` sees slots up to its own;
+        ``slot_ok`` (B, 1, 1, max_len) drops padding. A pad always sees itself, so no softmax row is
+        empty (an empty row gives NaN, which would leak through the zero weights of later rows)."""
+        slots = torch.arange(kv_cache.max_len, device=input_pos.device)
+        mask = slots <= input_pos[:, None]  # (T, S): causal over cache slots, unwritten slots hidden
+        if slot_ok is not None:
+            mask = (mask & slot_ok) | (slots == input_pos[:, None])
+        return mask.expand(1, 1, *mask.shape) if mask.dim() == 2 else mask
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states to logits over the real vocabulary (padded ids sliced off)."""
@@ -184,10 +228,11 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
                 position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for ``input_ids`` (B, T); see :meth:`hidden_states`."""
-        return self.logits(self.hidden_states(input_ids, kv_cache=kv_cache,
-                                              position_ids=position_ids, attn_mask=attn_mask))
+        return self.logits(self.hidden_states(input_ids, kv_cache=kv_cache, position_ids=position_ids,
+                                              attn_mask=attn_mask, input_pos=input_pos))
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; ``labels`` (B, T) are already shifted, ``-100`` = ignored.
