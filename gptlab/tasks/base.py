@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 import torch.nn as nn
+import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.model.config import GPTConfig
@@ -180,6 +181,33 @@ class GPTTask(L.LightningModule):
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters() if p.requires_grad}.values())
+
+
+class LanguageModelTask(GPTTask):
+    """What next-token tasks share (pretraining, instruction SFT): ``train/loss`` per step and
+    epoch, and a token-weighted ``val/loss`` / ``val/ppl`` over the whole validation set."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.val_loss = torchmetrics.MeanMetric()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss_fn(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.loss_fn(batch)
+        # weight by real target tokens so the mean is over tokens, not over batches
+        self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
 
 
 def load_task(ckpt_path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> GPTTask:

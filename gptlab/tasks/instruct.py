@@ -15,11 +15,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.data.instruct import extract_response, format_input, get_prompt_style
 from gptlab.model.generation import generate
-from gptlab.tasks.base import GPTTask
+from gptlab.tasks.base import LanguageModelTask
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 
-class InstructionTask(GPTTask):
+class InstructionTask(LanguageModelTask):
     """SFT on ``{"input_ids", "labels", "attention_mask"}`` batches (``labels`` = -100 where
     ignored: padding and, with ``data.mask_prompt``, the prompt).
 
@@ -44,30 +44,11 @@ class InstructionTask(GPTTask):
                  responses_file: str = "responses.json", log_examples: int = 3, **kwargs: Any):
         super().__init__(**kwargs)
         get_prompt_style(prompt_style)
-        self.val_loss = torchmetrics.MeanMetric()
         self.test_loss = torchmetrics.MeanMetric()
         self._responses: list[tuple[int, dict[str, Any]]] = []
         self.responses_path: Path | None = None
 
     # ----------------------------------------------------------------- train / val
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self.loss_fn(batch)
-        # weight by real target tokens so the mean is over tokens, not over batches
-        self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
-
-    def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_count == 0:
-            return
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(loss), sync_dist=True)
-
     # ----------------------------------------------------------------- test: loss + responses
     def on_test_epoch_start(self) -> None:
         self._responses = []

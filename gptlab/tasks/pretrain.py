@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torchmetrics
 
 from gptlab.model.generation import generate
-from gptlab.tasks.base import GPTTask
+from gptlab.tasks.base import LanguageModelTask
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 
-class PretrainTask(GPTTask):
+class PretrainTask(LanguageModelTask):
     """Language-model pretraining on ``{"input_ids", "labels"}`` batches.
 
     Logs ``train/loss``, ``val/loss`` and ``val/ppl``; after each validation it continues
@@ -22,27 +21,12 @@ class PretrainTask(GPTTask):
     def __init__(self, sample_prompt: str | None = "Every effort moves you", sample_max_new_tokens: int = 40,
                  sample_temperature: float = 0.0, sample_top_k: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.val_loss = torchmetrics.MeanMetric()
         self.last_sample: str | None = None
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self.loss_fn(batch)
-        # weight by real target tokens so the mean is over tokens, not over batches
-        self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
-
     def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_count == 0:
-            return
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(loss), sync_dist=True)
-        if self.hparams.sample_prompt and not self.trainer.sanity_checking:
+        logged = self.val_loss.update_count > 0
+        super().on_validation_epoch_end()
+        if logged and self.hparams.sample_prompt and not self.trainer.sanity_checking:
             self.log_sample()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
