@@ -1,0 +1,176 @@
+"""Checkpoint files that survive kills and full disks, and are checked before anything reads them.
+
+Writing (:class:`AtomicCheckpointIO`, Lightning's ``CheckpointIO`` plugin, set in
+``conf/trainer/default.yaml``): the checkpoint goes to a temporary file *in the same folder*, is
+flushed to disk, and only then renamed over its final name (``os.replace``, atomic on one file
+system). A kill or a full disk therefore never leaves a truncated ``last.ckpt`` behind: the previous
+file stays as it was. A write that fails removes its temporary file; one cut short by ``kill -9``
+leaves it, and the next save into that folder removes it. Lightning's own writer builds the whole
+file in memory first and then moves it from ``$TMPDIR``: twice the memory, and a copy (not a rename)
+when ``$TMPDIR`` is on another file system.
+
+Checking (:func:`verify_checkpoint`): ``torch.save`` writes a zip archive whose every record carries
+the CRC-32 of its bytes; ``torch.load`` never checks them, so a file with flipped bytes inside a
+tensor loads "fine" and trains on garbage. Reading the archive once and comparing each record with
+its CRC catches truncation and corruption with a message naming the file and the record. It works for
+every checkpoint torch ever wrote in the zip format (Lightning's, the book's ``.pth`` files), so no
+sidecar file has to travel with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pickle
+import socket
+import zipfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from gptlab.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+TMP_MARK = ".tmp-"
+"""Temporary files are ``.<name><TMP_MARK><host>-<pid>`` beside their target."""
+
+
+class CorruptCheckpointError(InvalidInput):
+    """A checkpoint that is empty, truncated, not a torch zip archive, or whose bytes do not match
+    the checksums saved in it (the message names the file)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, ...); the previous file of that name is unchanged."""
+
+
+# ----------------------------------------------------------------------------- checking
+def verify_checkpoint(path: str | os.PathLike) -> Path:
+    """Check that ``path`` is a complete ``torch.save`` archive whose records all match the CRC-32
+    stored with them; returns the path. Raises ``FileNotFoundError`` when it does not exist and
+    :class:`CorruptCheckpointError` (naming the file and, for a checksum mismatch, the record) when
+    it is empty, truncated, not a zip archive, or corrupted. Reads the file once (about 1 GB/s)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.stat().st_size == 0:
+        raise CorruptCheckpointError(f"{p} is empty (0 bytes): its save was cut short; use an earlier checkpoint")
+    try:
+        with zipfile.ZipFile(p) as archive:
+            bad = archive.testzip()  # reads every record and compares its CRC-32
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise CorruptCheckpointError(
+            f"{p} is not a complete checkpoint ({e}): it was truncated, or is not a file torch.save "
+            "wrote; use an earlier checkpoint") from None
+    if bad is not None:
+        raise CorruptCheckpointError(
+            f"{p} is corrupted: its record {bad!r} does not match the checksum saved with it; "
+            "use an earlier checkpoint")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = True) -> dict[str, Any]:
+    """A checkpoint's contents after :func:`verify_checkpoint`, read by ``torch.load`` with
+    ``weights_only=True`` (no code from the file runs); a clear error names a file the safe loader
+    refuses."""
+    p = verify_checkpoint(path)
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise InvalidInput(f"{p} holds objects that are not plain tensors and containers, so it is not a "
+                           f"gptlab checkpoint; it was not loaded ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"{p} holds a {type(obj).__name__}, not a checkpoint dictionary")
+    return obj
+
+
+# ----------------------------------------------------------------------------- writing
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary checkpoint files in ``folder`` left by processes of this host that no longer
+    run (a ``kill -9`` during a save); returns what was removed."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in Path(folder).glob(f".*{TMP_MARK}{host}-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+        log.info("removed %s, left by process %d which ended during a checkpoint save", tmp, pid)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` that never leaves a partial file under a checkpoint's name.
+
+    ``save_checkpoint`` writes ``.<name>.tmp-<host>-<pid>`` in the target folder, fsyncs it, renames
+    it over the target and fsyncs the folder; on any failure the temporary file is removed and a
+    :class:`CheckpointWriteError` names the target (whose previous version is untouched).
+    ``load_checkpoint`` verifies the file's checksums first and always reads with
+    ``weights_only=True``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path.parent)
+        tmp = _temp_path(path)
+        try:
+            with open(tmp, "wb") as f:
+                self.write(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            if os.name == "posix":  # the rename itself reaches the disk
+                _fsync(path.parent)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+                why = "no space left on the device" if e.errno == errno.ENOSPC else str(e)
+                raise CheckpointWriteError(e.errno or errno.EIO,
+                                           f"could not write checkpoint {path} ({why}); the previous "
+                                           f"{path.name}, if any, is unchanged") from e
+            raise
+
+    def write(self, checkpoint: dict[str, Any], f: BinaryIO) -> None:
+        """Serialise ``checkpoint`` into the open temporary file ``f`` (a hook for tests). Given a file
+        object, torch names the archive's records ``archive/...`` rather than after the temporary name."""
+        torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Callable | Any = "cpu",
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        # weights_only is always True here: opening a file never runs code from it
+        verify_checkpoint(path)
+        return torch.load(path, map_location=map_location, weights_only=True)

@@ -1,0 +1,56 @@
+"""Fault injection for the reliability tests: checkpoint writers that fail or stall midway.
+
+Importable by subprocess runs too (the tests put this folder on ``PYTHONPATH``), e.g.
+``trainer.plugins=[{_target_:faults.StallingCheckpointIO,at_step:10,marker:/tmp/x}]``.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from gptlab.checkpoint_io import AtomicCheckpointIO
+
+
+def _write_half(checkpoint: dict[str, Any], f: BinaryIO) -> None:
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    data = buf.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+
+
+class FullDiskCheckpointIO(AtomicCheckpointIO):
+    """Writes half of every checkpoint from optimizer step ``at_step`` on, then fails with ENOSPC,
+    as a disk that fills up during the save."""
+
+    def __init__(self, at_step: int = 0):
+        super().__init__()
+        self.at_step = at_step
+
+    def write(self, checkpoint: dict[str, Any], f: BinaryIO) -> None:
+        if checkpoint.get("global_step", 0) < self.at_step:
+            return super().write(checkpoint, f)
+        _write_half(checkpoint, f)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class StallingCheckpointIO(AtomicCheckpointIO):
+    """Writes half of the checkpoint of optimizer step ``at_step``, creates ``marker`` and sleeps:
+    the moment to ``kill -9`` a run in the middle of a save."""
+
+    def __init__(self, at_step: int, marker: str):
+        super().__init__()
+        self.at_step, self.marker = at_step, Path(marker)
+
+    def write(self, checkpoint: dict[str, Any], f: BinaryIO) -> None:
+        if checkpoint.get("global_step") != self.at_step:
+            return super().write(checkpoint, f)
+        _write_half(checkpoint, f)
+        self.marker.write_text(f.name)
+        time.sleep(600)
