@@ -22,19 +22,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from gptlab.data.base import GPTDataModule
+from gptlab.errors import InvalidInput
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_INSTRUCTION_DATA = ASSETS / "instruction-data.json"
 REQUIRED_KEYS = ("instruction", "input", "output")
 
 
-class InstructionDataError(ValueError):
+class InstructionDataError(InvalidInput):
     """A malformed instruction file or entry (the message names the file and the entry index)."""
 
 
@@ -269,7 +270,7 @@ class InstructionTestCollate:
 
 
 # ----------------------------------------------------------------------------- data module
-class InstructionDataModule(L.LightningDataModule):
+class InstructionDataModule(GPTDataModule):
     """Alpaca-format instruction data, split and batched as in the book's chapter 7.
 
     Args:
@@ -294,20 +295,15 @@ class InstructionDataModule(L.LightningDataModule):
                  shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
                  max_prompt_length: int | None = None):
         super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         get_prompt_style(prompt_style)  # fail fast on a typo
         self.tokenizer = tokenizer or get_tokenizer()
         self.path, self.prompt_style = path, prompt_style
         self.train_ratio, self.test_ratio = train_ratio, test_ratio
         self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle, self.drop_last = num_workers, shuffle, drop_last
-        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.max_prompt_length = max_prompt_length
         self.collate_kwargs = dict(pad_id=pad_id, ignore_index=ignore_index,
                                    allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
-        self.train_set: InstructionDataset | None = None
-        self.val_set: InstructionDataset | None = None
-        self.test_set: InstructionDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -331,18 +327,9 @@ class InstructionDataModule(L.LightningDataModule):
         self.setup()
         return self.test_set.entries
 
-    def _loader(self, ds: Dataset, batch_size: int, train: bool, collate: Callable) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=train and self.shuffle,
-                          drop_last=train and self.drop_last, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, True, partial(instruction_collate, **self.collate_kwargs))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, False, partial(instruction_collate, **self.collate_kwargs))
-
-    def test_dataloader(self) -> DataLoader:
-        collate = InstructionTestCollate(self.test_set, self.max_prompt_length, **self.collate_kwargs)
-        return self._loader(self.test_set, self.val_batch_size, False, collate)
+    def collate_fn(self, stage: str) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
+        """Training and validation batches: :func:`instruction_collate`; test batches add what
+        generation needs (:class:`InstructionTestCollate`)."""
+        if stage == "test":
+            return InstructionTestCollate(self.test_set, self.max_prompt_length, **self.collate_kwargs)
+        return partial(instruction_collate, **self.collate_kwargs)

@@ -14,10 +14,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from gptlab.data.base import GPTDataModule
 from gptlab.data.instruct import (InstructionDataError, get_prompt_style, instruction_collate, split_entries,
                                   validate_entry)
 from gptlab.tokenizer import EOT_ID, get_tokenizer
@@ -78,7 +78,7 @@ def preference_collate(batch: Sequence[Mapping[str, Any]], pad_id: int = EOT_ID,
     return out
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(GPTDataModule):
     """Preference pairs split like the book (85% train, 10% test, 5% val, in file order).
 
     Args mirror :class:`~gptlab.data.instruct.InstructionDataModule`; ``path`` is required
@@ -92,15 +92,13 @@ class PreferenceDataModule(L.LightningDataModule):
                  val_batch_size: int | None = None, num_workers: int = 0, shuffle: bool = True,
                  drop_last: bool = True):
         super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         get_prompt_style(prompt_style)
         self.path, self.tokenizer, self.prompt_style = path, tokenizer or get_tokenizer(), prompt_style
         self.train_ratio, self.test_ratio = train_ratio, test_ratio
         self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle, self.drop_last = num_workers, shuffle, drop_last
         self.collate = partial(preference_collate, pad_id=pad_id, ignore_index=ignore_index,
                                allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
-        self.train_set = self.val_set = self.test_set = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -114,16 +112,5 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set, self.val_set, self.test_set = (
             PreferenceDataset(part, self.tokenizer, self.prompt_style) for part in (train, val, test))
 
-    def _loader(self, ds: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=train and self.shuffle, drop_last=train and self.drop_last,
-                          num_workers=self.num_workers, collate_fn=self.collate,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.val_batch_size, False)
+    def collate_fn(self, stage: str) -> partial:
+        return self.collate

@@ -22,11 +22,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from gptlab.data.base import GPTDataModule
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class SlidingWindowDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------- datamodule
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(GPTDataModule):
     """Next-token windows from a text corpus, split into train/val by ``train_ratio``.
 
     Args:
@@ -310,18 +310,15 @@ class PretrainDataModule(L.LightningDataModule):
                  memmap: bool | str = "auto", cache_dir: str | None = None, strip_gutenberg: bool = False,
                  tokenizer=None):
         super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         if not 0.0 < train_ratio <= 1.0:
             raise ValueError(f"data.train_ratio must be in (0, 1], got {train_ratio}")
         if memmap not in (True, False, "auto"):
             raise ValueError(f"data.memmap must be true, false or auto, got {memmap!r}")
         self.path, self.train_ratio = path, float(train_ratio)
         self.max_length, self.stride = int(max_length), int(stride or max_length)
-        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size or batch_size)
-        self.num_workers, self.shuffle, self.drop_last, self.pin_memory = num_workers, shuffle, drop_last, pin_memory
         self.memmap, self.cache_dir, self.strip_gutenberg = memmap, cache_dir, strip_gutenberg
         self.tokenizer = tokenizer or get_tokenizer()
-        self.train_set: SlidingWindowDataset | None = None
-        self.val_set: SlidingWindowDataset | None = None
 
     # ------------------------------------------------------------------ preparing
     def _files(self) -> list[Path]:
@@ -364,7 +361,7 @@ class PretrainDataModule(L.LightningDataModule):
                 k = int(self.train_ratio * len(tokens))
                 train, val = TokenArray(tokens, stop=k), TokenArray(tokens, start=k)
         self.train_set = SlidingWindowDataset(train, self.max_length, self.stride)
-        self.val_set = SlidingWindowDataset(val, self.max_length, self.stride)
+        self.val_set = self.test_set = SlidingWindowDataset(val, self.max_length, self.stride)
         src = files[0] if len(files) == 1 else f"{len(files)} files"
         log.info("%s: %s train tokens -> %d windows, %s val tokens -> %d windows (max_length %d, stride %d)",
                  src, f"{len(train):,}", len(self.train_set), f"{len(val):,}", len(self.val_set),
@@ -376,25 +373,9 @@ class PretrainDataModule(L.LightningDataModule):
         if self.train_ratio < 1.0 and len(self.val_set) == 0:
             raise ValueError(f"{src}: the validation split has {len(val):,} tokens, fewer than max_length + 1 = {need}; "
                              "lower data.train_ratio or data.max_length")
-        if self.drop_last and self.shuffle and len(self.train_set) < self.batch_size:
+        if self.hparams.drop_last and self.hparams.shuffle and len(self.train_set) < self.batch_size:
             raise ValueError(f"{src}: {len(self.train_set)} training windows but data.batch_size={self.batch_size} "
                              "with drop_last: no batch would ever be made; lower data.batch_size or data.stride")
-
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, ds: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=train and self.shuffle,
-                          drop_last=train and self.drop_last, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0,
-                          pin_memory=self.pin_memory and torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
     def state_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "max_length": self.max_length, "stride": self.stride}

@@ -25,13 +25,14 @@ import csv
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from gptlab.data.base import GPTDataModule
+from gptlab.errors import InvalidInput
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_SPAM_FILE = ASSETS / "sms_spam_collection" / "SMSSpamCollection"
@@ -39,7 +40,7 @@ SPAM_LABELS = ("ham", "spam")
 FORMATS = ("auto", "tsv", "csv")
 
 
-class TextClassificationDataError(ValueError):
+class TextClassificationDataError(InvalidInput):
     """A malformed labelled-text file (the message names the file and the line)."""
 
 
@@ -224,7 +225,7 @@ def classification_collate(items: Sequence[Mapping[str, Any]],
 
 
 # ----------------------------------------------------------------------------- data module
-class TextClassificationDataModule(L.LightningDataModule):
+class TextClassificationDataModule(GPTDataModule):
     """Labelled texts balanced, split and batched as in the book's chapter 6.
 
     Args:
@@ -253,6 +254,7 @@ class TextClassificationDataModule(L.LightningDataModule):
                  val_batch_size: int | None = None, num_workers: int = 0, shuffle: bool = True,
                  drop_last: bool = True, pin_memory: bool = True):
         super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         if format not in FORMATS:
             raise ValueError(f"unknown data format {format!r}; valid choices: {list(FORMATS)}")
         split_indices(10, train_ratio, val_ratio)  # fail fast on bad ratios
@@ -264,12 +266,6 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.balance, self.train_ratio, self.val_ratio = balance, train_ratio, val_ratio
         self.shuffle_before_split, self.split_seed, self.max_examples = shuffle_before_split, split_seed, max_examples
         self.configured_max_length, self.pad_to_max_length, self.pad_id = max_length, pad_to_max_length, pad_id
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle, self.drop_last = num_workers, shuffle, drop_last
-        self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.train_set: TextClassificationDataset | None = None
-        self.val_set: TextClassificationDataset | None = None
-        self.test_set: TextClassificationDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -313,23 +309,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             f"{len(test_t)} test; max_length {width} tokens"
             + (f" ({self.train_set.num_truncated} training texts truncated)" if self.train_set.num_truncated else ""))
 
-    def _loader(self, ds: Dataset | None, batch_size: int, train: bool) -> DataLoader:
-        if ds is None:
-            raise ValueError("this split is empty (check data.train_ratio / data.val_ratio)")
-        collate = _Collate(self.pad_to_max_length)
-        return DataLoader(ds, batch_size=batch_size, shuffle=train and self.shuffle,
-                          drop_last=train and self.drop_last, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.val_batch_size, False)
+    def collate_fn(self, stage: str) -> "_Collate":
+        return _Collate(self.pad_to_max_length)
 
 
 class _Collate:

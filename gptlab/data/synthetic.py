@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from gptlab.data.base import GPTDataModule
 
 
 class RandomTokenDataset(Dataset):
@@ -22,30 +23,16 @@ class RandomTokenDataset(Dataset):
         return {"input_ids": ids[:-1], "labels": ids[1:]}
 
 
-class RandomTokenDataModule(L.LightningDataModule):
+class RandomTokenDataModule(GPTDataModule):
     """Synthetic pretraining data with the same batch contract as ``PretrainDataModule``."""
 
     def __init__(self, max_length: int = 1024, batch_size: int = 16, num_train: int = 10_000, num_val: int = 64,
-                 vocab_size: int = 50257, num_workers: int = 0, pin_memory: bool = True, tokenizer=None):
+                 vocab_size: int = 50257, num_workers: int = 0, pin_memory: bool = True, shuffle: bool = True,
+                 drop_last: bool = True, tokenizer=None):
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         self.train_set = RandomTokenDataset(hp.num_train, hp.max_length, hp.vocab_size, seed=0)
-        self.val_set = RandomTokenDataset(hp.num_val, hp.max_length, hp.vocab_size, seed=1)
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(ds, batch_size=hp.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
-                          pin_memory=hp.pin_memory and torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        self.val_set = self.test_set = RandomTokenDataset(hp.num_val, hp.max_length, hp.vocab_size, seed=1)

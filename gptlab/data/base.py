@@ -1,0 +1,77 @@
+"""What every gptlab data module shares: its arguments kept as ``hparams`` and one way to make
+loaders, which can resume in the middle of an epoch.
+
+Loaders are torchdata's :class:`~torchdata.stateful_dataloader.StatefulDataLoader`: a drop-in
+``DataLoader`` with ``state_dict()`` / ``load_state_dict()``. Its shuffling sampler keeps its own
+generator (seeded from torch's global RNG when the loader is built, so ``seed`` decides it) and saves
+that generator's state and how many samples it has handed out. Lightning stores the training
+loader's state in every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and gives it back
+on resume, so a run resumed mid-epoch sees the very batches, in the very order, that the
+uninterrupted run would have seen. (A plain ``DataLoader`` draws a new permutation from the global RNG
+at every epoch, which a resume resets: the resumed epoch used to repeat some windows and skip others.)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+STAGES = ("train", "val", "test")
+
+
+class GPTDataModule(L.LightningDataModule):
+    """Base of gptlab's data modules.
+
+    A subclass calls ``self.save_hyperparameters(ignore=["tokenizer"], logger=False)`` in its
+    ``__init__`` (its arguments become ``self.hparams``; the run's config is logged by
+    ``gptlab-train`` itself), fills ``train_set`` / ``val_set`` / ``test_set`` in ``setup`` and may
+    return a collate function per stage from :meth:`collate_fn`. Loader settings come from the
+    hparams ``batch_size``, ``val_batch_size`` (None = ``batch_size``), ``num_workers``, ``shuffle``
+    and ``drop_last`` (training loader only) and ``pin_memory`` (only when CUDA is there).
+    """
+
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+    test_set: Dataset | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.hparams.batch_size)
+
+    @property
+    def val_batch_size(self) -> int:
+        return int(self.hparams.get("val_batch_size") or self.hparams.batch_size)
+
+    def collate_fn(self, stage: str) -> Callable[[list[Any]], Any] | None:
+        """The collate function of ``stage`` (``train``, ``val`` or ``test``); None = torch's default."""
+        return None
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, train: bool,
+                collate_fn: Callable[[list[Any]], Any] | None = None) -> StatefulDataLoader:
+        """A resumable loader over ``dataset``: shuffled and dropping the last partial batch when
+        ``train`` (as configured), in order and complete otherwise."""
+        if dataset is None:
+            raise ValueError(f"{type(self).__name__}: this split is empty (check the data's split ratios)")
+        hp = self.hparams
+        workers = int(hp.get("num_workers") or 0)
+        with warnings.catch_warnings():  # torchdata 0.11 calls a torch function deprecated in 2.13
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            return StatefulDataLoader(
+                dataset, batch_size=batch_size, shuffle=train and bool(hp.get("shuffle", True)),
+                drop_last=train and bool(hp.get("drop_last", False)), num_workers=workers,
+                persistent_workers=workers > 0, collate_fn=collate_fn,
+                pin_memory=bool(hp.get("pin_memory", False)) and torch.cuda.is_available())
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.train_set, self.batch_size, True, self.collate_fn("train"))
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_set, self.val_batch_size, False, self.collate_fn("val"))
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.test_set, self.val_batch_size, False, self.collate_fn("test"))
