@@ -1,12 +1,24 @@
-"""Training callbacks: tokens/second and model-FLOPs utilisation (MFU)."""
+"""Training callbacks: tokens/second and model-FLOPs utilisation (MFU); checkpoints that do not
+wait for a metric, exact resumption, and a guard against non-finite losses and gradients."""
 
 from __future__ import annotations
 
+import logging
+import math
+import random
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from gptlab.checkpoint_io import CheckpointWriteError
+
+log = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s by device-name fragment: (bf16/fp16 tensor cores, tf32). Order matters: the
 # first fragment found in torch.cuda.get_device_name() wins (so "H100 PCIe" before "H100").
@@ -94,3 +106,197 @@ class ThroughputMonitor(L.Callback):
     def _sync(pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class StepCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, the full training state to resume from, every ``every_n_train_steps`` optimizer
+    steps and when training ends, whatever metrics exist (it monitors nothing, so it never waits for
+    a first validation). ``keep_every=true`` also keeps each of them as ``step<N>.ckpt``.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 100, keep_every: bool = False,
+                 filename: str = "step{step:06d}"):
+        super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_last=True,
+                         save_top_k=-1 if keep_every else 0, every_n_train_steps=every_n_train_steps,
+                         auto_insert_metric_name=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the final state too, when the run does not end on a multiple of every_n_train_steps
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+
+class InterruptCheckpoint(L.Callback):
+    """Saves ``<dirpath>/<filename>.ckpt`` (full state) when fitting stops on Ctrl-C or an error, so
+    the run can resume from where it stopped.
+
+    Nothing is saved when no optimizer step was completed in this run (there is nothing new to keep),
+    when the error was a non-finite loss or gradient (the state is not worth resuming), or when a
+    checkpoint could not be written (the disk is full). Unlike Lightning's ``OnExceptionCheckpoint``
+    it does not make ``trainer.fit(ckpt_path=None)`` look for a previous "last" checkpoint: a run
+    resumes only when ``ckpt_path`` says so.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "interrupted"):
+        self.dirpath, self.filename = Path(dirpath), filename
+        self._start_step: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / f"{self.filename}.ckpt"
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step = trainer.global_step
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (NonFiniteError, CheckpointWriteError)) or trainer.fast_dev_run:
+            return
+        if self._start_step is None or trainer.global_step <= self._start_step:
+            rank_zero_info(f"{type(exception).__name__} before the first training step of this run: "
+                           f"no {self.path.name} written")
+            return
+        try:
+            trainer.save_checkpoint(self.path)
+        except Exception as e:  # noqa: BLE001 - never hide the error that stopped the run
+            log.error("could not save %s: %s", self.path, e)
+            return
+        rank_zero_info(f"{type(exception).__name__} at step {trainer.global_step}: saved {self.path}; "
+                       f"resume with ckpt_path={self.path}")
+
+
+# ----------------------------------------------------------------------------- exact resume
+def rng_states() -> dict[str, Any]:
+    """The states of every random number generator training may draw from (torch CPU and CUDA,
+    numpy, Python), in types ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumeState(L.Callback):
+    """Makes a resumed run continue exactly like the uninterrupted one (same batches, same dropout
+    masks, same per-step losses).
+
+    * Saves the random number generator states in every full checkpoint and restores them when
+      training starts from one (Lightning saves none of them).
+    * Hands the training loader its saved position. Lightning restores stateful loaders only when the
+      train loader is first built after the checkpoint is read; a ``configure_optimizers`` that asks
+      for ``trainer.estimated_stepping_batches`` (the LR schedule does) builds it earlier, and the
+      saved position is silently dropped (Lightning issue #20550). Here it is applied at the start of
+      training and the loader's iterator is rebuilt, as Lightning's own resume path does.
+    """
+
+    def __init__(self) -> None:
+        self._rng: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng = state_dict.get("rng")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
+        if pending and fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None:
+            fit_loop._combined_loader._load_state_dicts(pending)
+            fit_loop._combined_loader_states_to_load = []
+            iter(fit_loop._data_fetcher)  # a new iterator from the restored position
+        if self._rng is not None:
+            # last: building loaders and iterators above draws from the global RNG
+            set_rng_states(self._rng)
+            self._rng = None
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient norm (the message names the step)."""
+
+
+ACTIONS = ("error", "skip")
+
+
+class NonFiniteGuard(L.Callback):
+    """Stops training (``action=error``) or skips the optimizer step (``action=skip``) when the loss
+    or the global gradient norm is NaN or infinite.
+
+    The check runs after backward and before the optimizer step, so the weights and the optimizer
+    state never take a non-finite update, and no checkpoint is written for the failing step (the last
+    good one stays). A skipped step drops its gradients; ``max_consecutive_skips`` of them in a row end
+    the run with the same error. Under DDP the gradients are already averaged across processes at this
+    point, so every process makes the same decision. With fp16 mixed precision the gradient scaler
+    already skips steps with infinite gradients, so only the loss is checked.
+    """
+
+    def __init__(self, action: str = "error", max_consecutive_skips: int = 10):
+        if action not in ACTIONS:
+            raise ValueError(f"callbacks.nonfinite_guard.action={action!r}; valid choices: {list(ACTIONS)}")
+        self.action, self.max_consecutive_skips = action, int(max_consecutive_skips)
+        self.skipped = 0
+        self._consecutive = 0
+        self._loss_ok: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        ok = torch.isfinite(loss.detach()).all()  # no host sync here: checked once per optimizer step
+        self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
+        if self._loss is None or not bool(ok):
+            self._loss = loss.detach()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = None
+        if grads and str(trainer.precision) not in ("16-mixed", "16", "16-true"):
+            norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+            ok = ok.to(norm.device) & torch.isfinite(norm)
+        loss, self._loss_ok, self._loss = self._loss, None, None
+        if bool(ok):
+            self._consecutive = 0
+            return
+        what = self._describe(trainer, loss, norm)
+        if self.action == "skip" and self._consecutive < self.max_consecutive_skips:
+            for p in (p for g in optimizer.param_groups for p in g["params"]):
+                p.grad = None  # AdamW leaves parameters without a gradient untouched
+            self.skipped += 1
+            self._consecutive += 1
+            rank_zero_warn(f"{what}: optimizer step skipped ({self.skipped} so far)")
+            return
+        hint = (f"{self._consecutive} steps in a row were skipped" if self.action == "skip" else
+                "lower task.lr, set task.grad_clip, or skip such steps with callbacks.nonfinite_guard.action=skip")
+        raise NonFiniteError(f"{what}; training stopped and the last good checkpoint was left as it was ({hint})")
+
+    @staticmethod
+    def _describe(trainer: L.Trainer, loss: torch.Tensor | None, norm: torch.Tensor | None) -> str:
+        parts = []
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            parts.append(f"loss {float(loss):g}")
+        if norm is not None and not math.isfinite(float(norm)):
+            parts.append(f"gradient norm {float(norm):g}")
+        batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
+        return (f"non-finite {' and '.join(parts) or 'values'} at step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}, batch {batch})")

@@ -62,7 +62,8 @@ def run_gptlab(p: dict) -> dict:
                  "logger=none", f"paths.output_dir={out}", f"trainer.max_steps={steps}",
                  "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
                  "trainer.enable_progress_bar=false", "+trainer.enable_checkpointing=false",
-                 "~callbacks.model_checkpoint", "~callbacks.exception_checkpoint", "~callbacks.lr_monitor",
+                 "~callbacks.model_checkpoint", "~callbacks.step_checkpoint", "~callbacks.exception_checkpoint",
+                 "~callbacks.lr_monitor",
                  f"callbacks.throughput.log_every_n_steps={steps - warmup}",
                  f"+callbacks.throughput.skip_steps={warmup}", "task.sample_prompt=null", *p["gptlab_args"]]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

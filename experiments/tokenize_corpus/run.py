@@ -70,7 +70,8 @@ def step_time(data_overrides: list[str], args: argparse.Namespace, out: Path) ->
                  "logger=none", f"paths.output_dir={out}", f"trainer.max_steps={args.steps}",
                  "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
                  "trainer.enable_progress_bar=false", "+trainer.enable_checkpointing=false",
-                 "~callbacks.model_checkpoint", "~callbacks.exception_checkpoint", "~callbacks.lr_monitor",
+                 "~callbacks.model_checkpoint", "~callbacks.step_checkpoint", "~callbacks.exception_checkpoint",
+                 "~callbacks.lr_monitor",
                  f"callbacks.throughput.log_every_n_steps={timed}", f"+callbacks.throughput.skip_steps={args.warmup}",
                  "task.sample_prompt=null"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -24,7 +24,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd, instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
@@ -169,6 +171,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tokenizer = get_tokenizer()
     log.info("data: %s", cfg.data._target_)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    # read the data first: a bad data file is reported before the model, logger or trainer exist
+    if rank_zero_only.rank == 0:
+        datamodule.prepare_data()
+    datamodule.setup("fit")
     log.info("task: %s", cfg.task._target_)
     task = build_task(cfg)
     n_total = task.model.num_params()
@@ -178,6 +184,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
+    if not loggers and any(isinstance(cb, LearningRateMonitor) for cb in callbacks):
+        log.info("logger=none: the learning-rate monitor is left out (it needs a logger)")
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         for lg in loggers:
@@ -206,14 +215,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def fit_and_test(cfg: DictConfig, trainer: L.Trainer, task: L.LightningModule,
                  datamodule: L.LightningDataModule) -> dict[str, float]:
-    """``trainer.fit`` (when ``cfg.train``), then ``trainer.test`` on the best checkpoint (when
-    ``cfg.test``); the scalar callback metrics after both."""
+    """``trainer.fit`` (when ``cfg.train``), then ``trainer.test`` on the best checkpoint by the
+    monitored metric (when ``cfg.test``); the scalar callback metrics after both."""
     if cfg.get("train", True):
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):
-        ckpt = "best" if cfg.get("train", True) and trainer.checkpoint_callback and \
-            trainer.checkpoint_callback.best_model_path else None
+        best = [cb.best_model_path for cb in trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path]
+        ckpt = best[0] if cfg.get("train", True) and best else None
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     return metrics

@@ -12,8 +12,10 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torchmetrics
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
+from gptlab.errors import ConfigError
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 
@@ -178,6 +180,37 @@ class GPTTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gptlab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["gptlab_model_config"] = self.model.config.to_dict()
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            # the length the LR schedule was laid out for: a resume must not change it (see below)
+            checkpoint["gptlab_schedule_steps"] = int(self.trainer.estimated_stepping_batches)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_schedule_steps = checkpoint.get("gptlab_schedule_steps")
+        self._resumed_step = checkpoint.get("global_step")
+
+    def on_fit_start(self) -> None:
+        self.check_resumed_schedule()
+
+    def on_train_start(self) -> None:
+        self.check_resumed_schedule()  # strategies that restore the checkpoint after on_fit_start (FSDP)
+
+    def check_resumed_schedule(self) -> None:
+        """Refuse a resume whose LR schedule would not continue the checkpoint's: a warmup fraction or
+        a decaying schedule is laid out over the run's total steps, so changing them (max_steps,
+        max_epochs, the data or the batch size) would make the learning rate jump."""
+        saved = getattr(self, "_resumed_schedule_steps", None)
+        if saved is None:
+            return
+        self._resumed_schedule_steps = None
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule, warmup = self.hparams.get("lr_schedule"), self.hparams.get("warmup_steps") or 0
+        if total == saved or (schedule == "constant" and not 0 < warmup < 1):
+            return
+        raise ConfigError(
+            f"the checkpoint's LR schedule ({schedule}, warmup_steps={warmup}) spans {saved} optimizer steps, "
+            f"this run's would span {total}: the learning rate would jump at step {self._resumed_step}. "
+            f"Resume with the original trainer.max_steps / max_epochs, data and batch size (see the run's "
+            f".hydra/config.yaml), or train with task.lr_schedule=constant and warmup_steps in steps")
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters() if p.requires_grad}.values())
