@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from gptlab.data.instruct import format_input
+from gptlab.errors import InvalidInput
 
 # The book's judge prompt; ``{input}`` is the Alpaca-formatted instruction (+ input).
 BOOK_TEMPLATE = ("Given the input `{input}` and correct output `{output}`, score the model response "
@@ -45,6 +46,15 @@ class JudgeError(RuntimeError):
 
 class JudgeModelNotFound(JudgeError):
     """The server does not have the requested judge model."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: urllib would send the ``Authorization`` header (the API key) to
+    whatever host the server names, and a redirected POST becomes a GET without the request anyway.
+    The 3xx answer surfaces as an ``HTTPError`` that :meth:`Judge._post` reports."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 - urllib's hook
+        return None
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -149,6 +159,7 @@ class Judge:
         self.template, self.parse_retries, self.api_key = template, parse_retries, api_key
         self.cache = AnswerCache(cache)
         self.requests_sent = 0
+        self._opener = urllib.request.build_opener(_NoRedirects)
 
     # ------------------------------------------------------------- HTTP
     @property
@@ -206,9 +217,14 @@ class Judge:
             req = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
             self.requests_sent += 1
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read().decode("utf-8")
+                with self._opener.open(req, timeout=self.timeout) as resp:
+                    payload = resp.read()
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:
+                    raise JudgeError(
+                        f"{self._server_name()} at {self.endpoint} redirected to {e.headers.get('Location')!r} "
+                        f"(HTTP {e.code}); gptlab does not follow redirects, so the request and judge.api_key go "
+                        f"only to judge.url: set judge.url to the address that answers") from None
                 if e.code >= 500 or e.code == 429:
                     last = f"HTTP {e.code}"
                     continue
@@ -225,6 +241,11 @@ class Judge:
             except (ConnectionError, OSError, http.client.HTTPException) as e:  # reset / cut mid-answer
                 last = f"connection error: {e}"
                 continue
+            try:
+                raw = payload.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JudgeError(f"{self._server_name()} at {self.endpoint} sent an answer that is not UTF-8 "
+                                 f"({e.reason} at byte {e.start}): {payload[:80]!r}") from None
             try:
                 return json.loads(raw)
             except json.JSONDecodeError:
@@ -299,15 +320,15 @@ def load_responses(path: str | Path, response_key: str = "model_response") -> li
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        raise InvalidInput(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+        raise InvalidInput(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {i} must be an object, got {type(entry).__name__}")
+            raise InvalidInput(f"{path}: entry {i} must be an object, got {type(entry).__name__}")
         for key in ("instruction", "output", response_key):
             if not isinstance(entry.get(key), str):
-                raise ValueError(f"{path}: entry {i} needs a string {key!r}")
+                raise InvalidInput(f"{path}: entry {i} needs a string {key!r}")
     return data
 
 

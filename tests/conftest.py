@@ -38,3 +38,25 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture
+def run_entry(monkeypatch, capsys):
+    """Run a console entry point in this process: ``run_entry(main, "gptlab-x", *args)`` ->
+    ``(exit status, stdout, stderr)``. Much faster than a subprocess (no imports to redo)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    def run(main, prog: str, *args: str) -> tuple[int, str, str]:
+        GlobalHydra.instance().clear()
+        monkeypatch.setattr(sys, "argv", [prog, *args])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            GlobalHydra.instance().clear()
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

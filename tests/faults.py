@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -54,3 +55,17 @@ class StallingCheckpointIO(AtomicCheckpointIO):
         _write_half(checkpoint, f)
         self.marker.write_text(f.name)
         time.sleep(600)
+
+
+def corrupt_tensor_bytes(path: str | Path, n: int = 4096) -> None:
+    """Overwrite ``n`` bytes in the middle of the largest record of a ``torch.save`` archive (a
+    tensor's data), leaving the zip structure intact: what a bad disk block or a stray write does."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)  # the local header: 30 bytes + name + extra field, then the data
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        start = info.header_offset + 30 + name_len + extra_len
+        n = min(n, info.file_size // 2)
+        f.seek(start + (info.file_size - n) // 2)
+        f.write(b"\xff" * n)

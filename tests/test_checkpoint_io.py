@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch
 
-from faults import FullDiskCheckpointIO
+from faults import FullDiskCheckpointIO, corrupt_tensor_bytes
 from gptlab.checkpoint_io import (TMP_MARK, AtomicCheckpointIO, CheckpointWriteError, CorruptCheckpointError,
                                   load_checkpoint, remove_stale_temp_files, verify_checkpoint)
 
 
 def checkpoint(step: int) -> dict:
     return {"global_step": step, "state_dict": {"w": torch.full((256, 256), float(step))}}
-
-
-def overwrite(path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def tensor_offset(path) -> int:
-    """Byte offset of the middle of the largest record (a tensor's bytes)."""
-    with zipfile.ZipFile(path) as z:
-        info = max(z.infolist(), key=lambda i: i.file_size)
-    with open(path, "rb") as f:  # the local header: 30 bytes + name + extra field
-        f.seek(info.header_offset + 26)
-        n, m = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
-    return info.header_offset + 30 + n + m + info.file_size // 2
 
 
 def test_save_writes_the_file_under_its_name_and_nothing_else(tmp_path):
@@ -57,7 +39,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_file_and_removes_the_parti
 def test_bytes_changed_inside_a_tensor_are_refused_naming_file_and_record(tmp_path):
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint(checkpoint(1), path)
-    overwrite(path, tensor_offset(path), b"\xff" * 4096)
+    corrupt_tensor_bytes(path)
     torch.load(path, weights_only=True)  # torch itself loads it without a word ...
     with pytest.raises(CorruptCheckpointError, match=r"last\.ckpt is corrupted: its record 'archive/data/0'"):
         verify_checkpoint(path)  # ... the checksums do not

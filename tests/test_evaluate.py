@@ -49,6 +49,7 @@ def test_eval_cli_matches_a_direct_computation(tmp_path, tiny_model):
 def test_eval_rejects_bad_splits_and_too_long_windows(tmp_path, tiny_model):
     export_hf(tiny_model, tmp_path / "tiny")
     res = run_cli(["gptlab.cli.evaluate", f"init_from={tmp_path / 'tiny'}", "splits=[test]"], cwd=tmp_path)
-    assert res.returncode != 0 and "valid choices are ['train', 'val', 'all']" in res.stderr
+    assert res.returncode == 2 and "splits=['test']: expected a non-empty list of ['train', 'val', 'all']" in res.stderr
     res = run_cli(["gptlab.cli.evaluate", f"init_from={tmp_path / 'tiny'}", "model.context_length=256"], cwd=tmp_path)
-    assert res.returncode != 0 and "exceeds the model's context length 64" in res.stderr
+    assert res.returncode == 2 and "exceeds the model's context length 64" in res.stderr
+    assert "Traceback" not in res.stderr

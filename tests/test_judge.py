@@ -217,3 +217,49 @@ def test_cli_unreachable_server_is_one_clear_line(tmp_path):
                    "judge.retries=0", "progress=false"], cwd=tmp_path)
     assert res.returncode == 1
     assert "cannot reach Ollama" in res.stderr and "Traceback" not in res.stderr
+
+
+class RawServer(FakeServer):
+    """Answers every POST with ``status``, extra ``headers`` and raw ``body`` bytes; records the
+    request headers it got."""
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None):
+        self.seen_headers: list[dict[str, str]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                server.seen_headers.append(dict(self.headers))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET = _answer  # noqa: N815 - http.server's naming
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+
+def test_a_redirect_to_another_host_is_not_followed_and_the_key_stays_home(entries):
+    with RawServer(200, b'{"message": {"content": "90"}}') as elsewhere, \
+            RawServer(302, b"", {"Location": f"{elsewhere.url}/api/chat"}) as judge_host:
+        judge = fast_judge(judge_host.url, api_key="secret-key", backend="ollama")
+        with pytest.raises(JudgeError, match=f"redirected to '{elsewhere.url}/api/chat'.*not follow redirects"):
+            judge.score(entries[0])
+    assert judge_host.seen_headers and judge_host.seen_headers[0]["Authorization"] == "Bearer secret-key"
+    assert elsewhere.seen_headers == []  # nothing, and no key, reached the other port
+
+
+def test_an_answer_that_is_not_utf8_is_reported_with_the_url(entries):
+    with RawServer(200, b'{"message": {"content": "\xff\xfe 90"}}') as srv:
+        with pytest.raises(JudgeError, match=rf"{srv.url}/api/chat sent an answer that is not UTF-8"):
+            fast_judge(srv.url).score(entries[0])

@@ -1,7 +1,14 @@
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
 import tiktoken
+from tiktoken.load import load_tiktoken_bpe
 
 from gptlab import get_tokenizer
-from gptlab.tokenizer import ASSETS, EOT_ID
+from gptlab.tokenizer import ASSETS, EOT_ID, GPT2_RANKS_SHA256, load_bpe_ranks
 
 
 def test_ids_match_the_gpt2_encoding():
@@ -35,3 +42,37 @@ def test_same_ranks_as_the_data_gym_files():
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(ASSETS / "vocab.bpe"),
                                             encoder_json_file=str(ASSETS / "encoder.json"))
     assert ranks == get_tokenizer()._mergeable_ranks
+
+
+
+def swapped_ranks() -> bytes:
+    """The bundled ranks with two neighbouring entries' ranks exchanged."""
+    lines = (ASSETS / "gpt2.tiktoken").read_bytes().splitlines()
+    (a, ra), (b, rb) = lines[300].split(), lines[301].split()
+    lines[300], lines[301] = a + b" " + rb, b + b" " + ra
+    return b"\n".join(lines) + b"\n"
+
+
+def test_the_bundled_ranks_are_checked_against_tiktokens_known_sha256():
+    assert GPT2_RANKS_SHA256 == "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+    assert load_bpe_ranks(ASSETS / "gpt2.tiktoken") == \
+        load_tiktoken_bpe(str(ASSETS / "gpt2.tiktoken"), expected_hash=GPT2_RANKS_SHA256)
+
+
+def test_ranks_with_two_entries_swapped_are_refused_naming_the_file(tmp_path):
+    swapped = tmp_path / "gpt2.tiktoken"
+    swapped.write_bytes(swapped_ranks())
+    with pytest.raises(ValueError, match=f"{swapped}: SHA-256 .* is not the expected"):
+        load_bpe_ranks(swapped)
+
+
+def test_a_poisoned_tiktoken_cache_does_not_change_the_ids(tmp_path):
+    # where tiktoken keeps its copy of a file it loaded: $TMPDIR/data-gym-cache/<sha1 of the path>
+    cache = tmp_path / "data-gym-cache"
+    cache.mkdir()
+    (cache / hashlib.sha1(str(ASSETS / "gpt2.tiktoken").encode()).hexdigest()).write_bytes(swapped_ranks())
+    text = "st l st l"  # tokens "st" and " l": the two whose ranks are swapped
+    code = f"from gptlab.tokenizer import get_tokenizer; print(get_tokenizer().encode({text!r}))"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "TIKTOKEN_CACHE_DIR": str(cache)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(get_tokenizer().encode(text))

@@ -17,8 +17,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from gptlab.checkpoint_io import load_checkpoint
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.generate import StreamDecoder, load_model, resolve_device
+from gptlab.cli.validation import refuse_bad_input, validate_chat_config
 from gptlab.data.instruct import PromptStyle, get_prompt_style
 from gptlab.model.generation import generate_stream
 from gptlab.model.gpt import GPT
@@ -87,8 +89,7 @@ def checkpoint_prompt_style(ckpt_path: str | None) -> str | None:
     """The prompt style an :class:`~gptlab.tasks.instruct.InstructionTask` checkpoint was trained with."""
     if not ckpt_path:
         return None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    return (ckpt.get("hyper_parameters") or {}).get("prompt_style")
+    return (load_checkpoint(ckpt_path).get("hyper_parameters") or {}).get("prompt_style")
 
 
 def answer(model: GPT, style: PromptStyle, cfg: DictConfig, instruction: str, input_text: str,
@@ -107,6 +108,7 @@ def answer(model: GPT, style: PromptStyle, cfg: DictConfig, instruction: str, in
 
 def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None) -> list[str]:
     """Answer ``cfg.instruction``, or every line of ``stdin``; returns the responses."""
+    validate_chat_config(cfg)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -138,7 +140,8 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="chat")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        with refuse_bad_input("gptlab-chat"):
+            run(cfg)
     except KeyboardInterrupt:
         sys.stderr.write("\n")
 

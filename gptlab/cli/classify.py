@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.generate import resolve_device
+from gptlab.cli.validation import refuse_bad_input, validate_classify_config
 from gptlab.model.gpt import GPT
 from gptlab.tasks.classify import predict_texts
 
@@ -92,10 +93,9 @@ def write_predictions(path: str | Path, texts: list[str], probs: torch.Tensor, l
 def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> list[tuple[str, float]]:
     """Classify one text (``text``, else ``cfg.text``) or every line of ``cfg.input``; returns
     ``(label, probability)`` pairs."""
+    validate_classify_config(cfg, text)
     out = out or sys.stdout
     text = text if text is not None else cfg.text
-    if (text is None) == (cfg.input is None):
-        raise ValueError("give exactly one of text=\"...\" or input=<file with one text per line>")
     device = resolve_device(cfg.device)
     model, meta = load_classifier(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, device)
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
@@ -146,14 +146,14 @@ def pop_text_argument(argv: list[str]) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classify")
 def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg, text=_RAW_TEXT[-1] if _RAW_TEXT else None)
+    with refuse_bad_input("gptlab-classify"):
+        run(cfg, text=_RAW_TEXT[-1] if _RAW_TEXT else None)
 
 
 def main() -> None:
     """Console entry: ``text=`` taken verbatim, every other argument parsed by Hydra."""
     text = pop_text_argument(sys.argv)
-    if text is not None:
-        _RAW_TEXT.append(text)
+    _RAW_TEXT[:] = [] if text is None else [text]  # only this call's text (main may run twice in a process)
     _hydra_main()
 
 

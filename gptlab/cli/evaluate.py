@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.generate import load_model, resolve_device
+from gptlab.cli.validation import refuse_bad_input, validate_eval_config
+from gptlab.errors import ConfigError
 from gptlab.model.gpt import GPT
 from gptlab.tokenizer import get_tokenizer
 
@@ -56,6 +58,7 @@ def evaluate_loader(model: GPT, loader: DataLoader, device: torch.device, max_ba
 
 
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    validate_eval_config(cfg)
     splits = list(cfg.splits)
     bad = [s for s in splits if s not in VALID_SPLITS]
     if bad or not splits:
@@ -63,7 +66,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     device = resolve_device(cfg.device)
     model = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), device)
     if cfg.data.max_length > model.config.context_length:
-        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's context length "
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's context length "
                          f"{model.config.context_length}; set model.context_length=<= {model.config.context_length}")
     autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -87,7 +90,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with refuse_bad_input("gptlab-eval"):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.validation import refuse_bad_input, validate_export_config
 from gptlab.model.gpt import GPT
 from gptlab.model.pretrained import export_hf, load_pretrained
 
@@ -53,6 +54,7 @@ def load_model(ckpt_path: str | None = None, init_from: str | None = None, adapt
 def run(cfg: DictConfig) -> Path:
     """Load the model ``cfg`` names (``ckpt_path`` or ``init_from``, + ``adapter_path``) and export
     it to ``cfg.out_dir``; returns that folder."""
+    validate_export_config(cfg)
     model = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), cfg.get("n_heads"))
     out = export_hf(model, cfg.out_dir, dtype=parse_dtype(cfg.get("dtype")))
     c = model.config
@@ -64,7 +66,8 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with refuse_bad_input("gptlab-export"):
+        run(cfg)
 
 
 if __name__ == "__main__":

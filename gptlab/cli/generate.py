@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.validation import refuse_bad_input, validate_generate_config
 from gptlab.model.generation import generate_stream
 from gptlab.model.gpt import GPT
 from gptlab.tokenizer import EOT_ID, get_tokenizer
@@ -58,6 +59,7 @@ class StreamDecoder:
 
 def run(cfg: DictConfig) -> str:
     """Generate from ``cfg``; prints as it goes when ``cfg.stream``; returns the full text."""
+    validate_generate_config(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, device)
@@ -93,7 +95,8 @@ def run(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with refuse_bad_input("gptlab-generate"):
+        run(cfg)
 
 
 if __name__ == "__main__":

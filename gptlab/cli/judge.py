@@ -18,11 +18,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.validation import refuse_bad_input, validate_judge_config
 from gptlab.judge import Judge, JudgeError, load_responses, summarize
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Judge ``cfg.responses``; writes the scores file and returns its summary."""
+    validate_judge_config(cfg)
     responses = Path(cfg.responses)
     entries = load_responses(responses, cfg.response_key)
     settings = OmegaConf.to_container(cfg.judge, resolve=True)
@@ -51,8 +53,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="judge")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
-    except (JudgeError, FileNotFoundError, ValueError) as e:
+        with refuse_bad_input("gptlab-judge"):  # bad settings or files: exit status 2
+            run(cfg)
+    except JudgeError as e:  # the server failed: exit status 1
         print(f"gptlab-judge: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -29,7 +29,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from gptlab.callbacks import NonFiniteError
+from gptlab.checkpoint_io import CheckpointWriteError
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.hydra_callbacks import FAILED_FILE
+from gptlab.cli.validation import refuse_bad_input, refuse_overwriting_checkpoints, validate_train_config
 from gptlab.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -161,9 +165,14 @@ def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment described by ``cfg``; returns the final metrics (floats).
 
-    Loggers are closed whatever happens (status ``failed`` on an exception, which is re-raised),
-    so a failing sweep job leaves complete event files and no open writers behind.
+    Every config value is checked first (:func:`~gptlab.cli.validation.validate_train_config`), and
+    a fresh run refuses a checkpoint folder that holds another run's checkpoints. Loggers are closed
+    whatever happens (status ``failed`` on an exception, which is re-raised), so a failing sweep job
+    leaves complete event files and no open writers behind.
     """
+    validate_train_config(cfg)
+    if rank_zero_only.rank == 0:  # DDP processes start after rank 0 has checked (and may have saved)
+        refuse_overwriting_checkpoints(checkpoint_folders(cfg), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
@@ -213,6 +222,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def checkpoint_folders(cfg: DictConfig) -> list[str]:
+    """The folders the run's callbacks write checkpoints to (their ``dirpath``)."""
+    folders = {str(node.dirpath) for node in (cfg.get("callbacks") or {}).values()
+               if isinstance(node, DictConfig) and node.get("dirpath")}
+    return sorted(folders)
+
+
 def fit_and_test(cfg: DictConfig, trainer: L.Trainer, task: L.LightningModule,
                  datamodule: L.LightningDataModule) -> dict[str, float]:
     """``trainer.fit`` (when ``cfg.train``), then ``trainer.test`` on the best checkpoint by the
@@ -248,15 +264,22 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry; returns ``cfg.optimized_metric`` for sweepers."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        metrics = train(cfg)
-    except Exception:
+        with refuse_bad_input("gptlab-train"):
+            metrics = train(cfg)
+    except (Exception, SystemExit) as e:
         if not multirun:
+            if isinstance(e, (NonFiniteError, CheckpointWriteError)):  # a clear message says it all
+                sys.stderr.write(f"gptlab-train: error: {e}\n")
+                raise SystemExit(1) from None
             raise
-        # one failing sweep job must not end the sweep: record why and report a NaN metric
+        # one failing sweep job must not end the sweep: record why and report a NaN metric; the
+        # sweep exits non-zero at the end, listing its failed jobs (cli/hydra_callbacks.py)
+        cause = e.__context__ if isinstance(e, SystemExit) and e.__context__ else e
         out = Path(HydraConfig.get().runtime.output_dir)
-        (out / "FAILED").write_text(traceback.format_exc())
-        log.exception("job %s failed; the sweep goes on (traceback in %s)", HydraConfig.get().job.num,
-                      out / "FAILED")
+        (out / FAILED_FILE).write_text(f"{type(cause).__name__}: {cause}\n\n" + "".join(
+            traceback.format_exception(type(cause), cause, cause.__traceback__)))
+        log.error("job %s failed; the sweep goes on (%s in %s)", HydraConfig.get().job.num, type(cause).__name__,
+                  out / FAILED_FILE)
         return float("nan")
     metric = cfg.get("optimized_metric")
     if not metric:

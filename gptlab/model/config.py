@@ -48,10 +48,22 @@ class GPTConfig:
     """Preset this config came from (informational)."""
 
     def __post_init__(self) -> None:
+        for name, kind, low in (("vocab_size", int, 1), ("context_length", int, 1), ("emb_dim", int, 1),
+                                ("n_heads", int, 1), ("n_layers", int, 1), ("mlp_ratio", int, 1),
+                                ("pad_vocab_multiple", int, 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+        if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, (int, float)) \
+                or not 0 <= self.drop_rate < 1:
+            raise ValueError(f"drop_rate={self.drop_rate!r}: expected a number in [0, 1)")
+        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) or not self.ln_eps > 0:
+            raise ValueError(f"ln_eps={self.ln_eps!r}: expected a number > 0")
+        for name in ("qkv_bias", "tie_weights", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
         if self.emb_dim % self.n_heads != 0:
             raise ValueError(f"emb_dim={self.emb_dim} must be divisible by n_heads={self.n_heads}")
-        if self.pad_vocab_multiple < 1:
-            raise ValueError(f"pad_vocab_multiple must be >= 1, got {self.pad_vocab_multiple}")
         if self.init not in ("gpt2", "torch"):
             raise ValueError(f"init={self.init!r}; valid choices: ['gpt2', 'torch']")
 

@@ -9,13 +9,45 @@ on top (a CUDA graph on GPU), the fast route for batch-1 decoding on a GPU.
 
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from gptlab.model.gpt import GPT, KVCache
+
+
+def sampling_problems(max_new_tokens: Any, temperature: Any = 0.0, top_k: Any = None,
+                      top_p: Any = None) -> list[tuple[str, Any, str]]:
+    """What is wrong with these sampling arguments: ``(name, value, what is allowed)`` per bad one;
+    empty when all are valid. ``temperature`` >= 0 (0 or None: greedy), ``top_k`` >= 0 (0 or None:
+    off), ``0 < top_p <= 1`` (1 or None: off), ``max_new_tokens`` >= 0."""
+    def integer(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def number(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    problems = []
+    if not (integer(max_new_tokens) and max_new_tokens >= 0):
+        problems.append(("max_new_tokens", max_new_tokens, "an integer >= 0"))
+    if temperature is not None and not (number(temperature) and temperature >= 0):
+        problems.append(("temperature", temperature, "a number >= 0 (0 = greedy)"))
+    if top_k is not None and not (integer(top_k) and top_k >= 0):
+        problems.append(("top_k", top_k, "an integer >= 0 or null (0 or null = off)"))
+    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
+        problems.append(("top_p", top_p, "a number in (0, 1] or null (1 or null = off)"))
+    return problems
+
+
+def check_sampling_args(max_new_tokens: Any, temperature: Any = 0.0, top_k: Any = None, top_p: Any = None) -> None:
+    """Raise ``ValueError`` naming every sampling argument out of its range (see :func:`sampling_problems`)."""
+    problems = sampling_problems(max_new_tokens, temperature, top_k, top_p)
+    if problems:
+        raise ValueError("; ".join(f"{name}={value!r}: expected {allowed}" for name, value, allowed in problems))
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -24,8 +56,9 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
 
     ``temperature`` 0 (or None) is greedy argmax. Otherwise logits are divided by the temperature,
     restricted to the ``top_k`` largest and to the smallest set whose probability reaches ``top_p``
-    (nucleus), and sampled.
+    (nucleus), and sampled. Arguments out of range raise ``ValueError`` (:func:`check_sampling_args`).
     """
+    check_sampling_args(0, temperature, top_k, top_p)
     if not temperature:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -78,13 +111,27 @@ def compiled_decode_step(model: GPT) -> Callable[..., torch.Tensor]:
     return fn
 
 
-@torch.inference_mode()
 def generate_stream(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                     use_kv_cache: bool = True, attention_mask: torch.Tensor | None = None,
                     generator: torch.Generator | None = None, *, static_cache: bool = False,
                     compile: bool = False) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sequence (B,) step by step; see :func:`generate`."""
+    """Yield the next token of every sequence (B,) step by step; see :func:`generate`. Bad
+    arguments (sampling out of range, an empty prompt) raise ``ValueError`` here, not at the first
+    step."""
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    if input_ids.dim() not in (1, 2) or input_ids.size(-1) == 0:
+        raise ValueError(f"input_ids of shape {tuple(input_ids.shape)}: expected (T,) or (B, T) with at least "
+                         "one prompt token (an empty prompt gives the model nothing to continue)")
+    return _generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, use_kv_cache,
+                            attention_mask, generator, static_cache, compile)
+
+
+@torch.inference_mode()
+def _generate_stream(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float | None, eos_id: int | None, use_kv_cache: bool,
+                     attention_mask: torch.Tensor | None, generator: torch.Generator | None,
+                     static_cache: bool, compile: bool) -> Iterator[torch.Tensor]:
     idx = input_ids if input_ids.dim() == 2 else input_ids[None]
     B = idx.size(0)
     ctx = model.config.context_length

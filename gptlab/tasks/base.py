@@ -15,6 +15,7 @@ import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
+from gptlab.checkpoint_io import load_checkpoint
 from gptlab.errors import ConfigError
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
@@ -249,7 +250,7 @@ def load_task(ckpt_path: str, map_location: str | torch.device = "cpu", **overri
     The pretrained ``init_from`` weights are not fetched again: the checkpoint holds every weight,
     so the backbone is built from the stored config instead.
     """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = load_checkpoint(ckpt_path)  # checksums verified, weights_only=True
     path = ckpt.get("gptlab_task")
     if path is None:
         raise ValueError(f"{ckpt_path} is not a gptlab checkpoint (no 'gptlab_task' entry)")
