@@ -82,16 +82,19 @@ class GPTTask(L.LightningModule):
         """Hook for task-specific surgery before adapters (swap the head, freeze layers)."""
 
     def apply_adapter(self, adapter: dict[str, Any]) -> None:
-        """Apply the ``adapter`` config group (``adapter=lora``) to the backbone, after
+        """Apply the ``adapter`` config group (``adapter=lora`` or ``adapter=qlora``) to the backbone, after
         :meth:`configure_backbone`: the same for every task, no task-specific code."""
-        name = adapter.pop("name", "lora")
-        if name != "lora":
-            raise ValueError(f"unknown adapter {name!r}; valid choices: ['lora']")
         from gptlab.model.lora import apply_lora
+        from gptlab.model.qlora import apply_qlora  # torchao itself is imported only for adapter=qlora
 
-        apply_lora(self.model, **adapter)
+        appliers = {"LoRA": apply_lora, "QLoRA": apply_qlora}  # QLoRA: LoRA on a 4-bit NF4 base
+        name = adapter.pop("name", "lora")
+        label = {n.lower(): n for n in appliers}.get(name)
+        if label is None:
+            raise ValueError(f"unknown adapter {name!r}; valid choices: {sorted(n.lower() for n in appliers)}")
+        appliers[label](self.model, **adapter)
         n_train, n_total = self.trainable_parameter_count(), self.model.num_params()
-        rank_zero_info(f"LoRA (rank {adapter.get('rank')}): {n_train:,} trainable parameters "
+        rank_zero_info(f"{label} (rank {adapter.get('rank')}): {n_train:,} trainable parameters "
                        f"({100 * n_train / max(1, n_total):.2f}% of {n_total:,})")
 
     def adapter_path(self) -> Path:
