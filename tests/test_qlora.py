@@ -273,6 +273,16 @@ def test_merging_gives_a_full_precision_model_of_the_quantized_run():
     torch.testing.assert_close(model(x), quantized_out, rtol=0, atol=1e-4)
 
 
+def test_the_export_state_dict_folds_the_update_into_the_dequantized_base():
+    from gptlab.model.pretrained import plain_state_dict
+
+    model = randomize_lora(tiny_qlora())
+    plain = GPT(GPTConfig(**TINY)).eval()
+    plain.load_state_dict(plain_state_dict(model))
+    x = ids()
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-4)
+
+
 # ----------------------------------------------------------------- state dicts, checkpoints, resume
 def test_a_state_dict_holds_the_dequantized_base_as_plain_tensors():
     model = tiny_qlora()

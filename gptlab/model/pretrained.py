@@ -626,7 +626,8 @@ def plain_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     for name, layer in lora_layers(model):
         if not layer.merged:
             with torch.no_grad():
-                sd[f"{name}.weight"] = layer.weight + layer.delta_weight().to(layer.weight.dtype)
+                base = sd[f"{name}.weight"]  # a plain tensor also for a 4-bit QLoRA base (its dequantized weight)
+                sd[f"{name}.weight"] = base + layer.delta_weight().to(base.dtype)
     return sd
 
 
