@@ -263,6 +263,20 @@ def test_a_qlora_adapter_on_the_full_precision_base_is_requantized_and_reproduce
     assert qlora_layers(unrounded) == [] and not torch.allclose(unrounded(x), tuned(x), atol=1e-3)
 
 
+def test_a_classifier_qlora_adapter_brings_its_head_onto_the_plain_base(tmp_path):
+    base = GPT(GPTConfig(**TINY)).eval()
+    task = ClassificationTask(model=TINY, num_classes=2, adapter={"name": "qlora", "rank": 2, "alpha": 2,
+                                                                   "train_extra": ["out_head"], **SMALL_BLOCKS})
+    # the task's base := ``base`` (re-quantized on load), its own 2-class head kept
+    task.model.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("out_head")},
+                               strict=False)
+    randomize_lora(task.model.eval())
+    path = task.save_adapter(tmp_path / "a.safetensors")
+    again = load_qlora_adapter(copy.deepcopy(base), path)
+    x = ids()
+    assert again.out_head.out_features == 2 and torch.equal(again(x), task.model(x))
+
+
 def test_merging_gives_a_full_precision_model_of_the_quantized_run():
     model = randomize_lora(tiny_qlora())
     x = ids()
