@@ -27,6 +27,7 @@ from gptlab.tasks.adapters import apply_adapter
 from gptlab.weights import (MappingReader, is_training_checkpoint, load_from_reader, load_pretrained,
                             plain_state_dict, safe_torch_load)
 from gptlab.weights.loading import TORCH_SUFFIXES, load_state_dict_object
+from gptlab.weights.readers import UnreadableCheckpointError
 
 
 class CheckpointError(ValueError):
@@ -43,6 +44,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = safe_torch_load(path)
+    except UnreadableCheckpointError as e:
+        raise CheckpointError(str(e)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     check_gptlab_checkpoint(ckpt, path)

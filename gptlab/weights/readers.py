@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _CHUNK_BYTES = 16 << 20  # buffer for transposing while reading: big enough for few syscalls, small enough not to matter
 
 
 class UnsafeCheckpointError(ValueError):
     """A file that ``torch.load(weights_only=True)`` refuses: it would run code to be read."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """A ``.pt``/``.ckpt`` file that is not a torch file at all, or is damaged."""
 
 
 class SafetensorsReader:
@@ -132,11 +138,16 @@ def safe_torch_load(path: str | Path) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's own message suggests turning the check off: only the name it refused is passed on
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused is None and "Unsupported global" not in str(e):
+            raise UnreadableCheckpointError(f"{path} is not a readable checkpoint: not a torch file, or damaged "
+                                            f"(no valid pickle data)") from None
+        what = f"it names {refused[1]}" if refused else "it stores Python objects other than tensors and containers"
         raise UnsafeCheckpointError(
-            f"{path} is not a gptlab, Hugging Face or book checkpoint: it stores Python objects other than "
-            f"tensors and plain containers, which gptlab never loads because reading them could run code "
-            f"({first})") from None
+            f"{path} is not a gptlab, Hugging Face or book checkpoint: {what}, and gptlab never loads a file "
+            f"that could run code when read") from None
 
 
-__all__ = ["SafetensorsReader", "MappingReader", "Reader", "safe_torch_load", "UnsafeCheckpointError"]
+__all__ = ["SafetensorsReader", "MappingReader", "Reader", "safe_torch_load", "UnsafeCheckpointError",
+           "UnreadableCheckpointError"]
