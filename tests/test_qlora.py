@@ -288,7 +288,7 @@ def test_merging_gives_a_full_precision_model_of_the_quantized_run():
 
 
 def test_the_export_state_dict_folds_the_update_into_the_dequantized_base():
-    from gptlab.model.pretrained import plain_state_dict
+    from gptlab.weights import plain_state_dict
 
     model = randomize_lora(tiny_qlora())
     plain = GPT(GPTConfig(**TINY)).eval()
@@ -404,3 +404,50 @@ def test_the_gpu_preset_is_appendix_e_on_a_4bit_base(hydra_conf):
     assert {k: v for k, v in cfg.adapter.items() if k in lora.adapter and k != "name"} == \
         {k: v for k, v in lora.adapter.items() if k != "name"}
     assert (cfg.init_from, cfg.task, cfg.data) == (lora.init_from, lora.task, lora.data)
+
+
+# ----------------------------------------------------------------- inference: the one loader
+@pytest.fixture
+def trained_qlora_lm(tmp_path):
+    """A QLoRA language model "trained" on a saved base (LoRA weights randomized), its adapter file and
+    a training checkpoint of it."""
+    base_file = tmp_path / "base.pt"
+    torch.save(GPT(GPTConfig(**TINY)).state_dict(), base_file)
+    task = PretrainTask(model=TINY, init_from=str(base_file), sample_prompt=None,
+                        adapter={"name": "qlora", "rank": 2, "alpha": 4, **SMALL_BLOCKS})
+    randomize_lora(task.model.eval())
+    adapter = task.save_adapter(tmp_path / "adapter.safetensors")
+    trainer = L.Trainer(max_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.strategy.connect(task)
+    trainer.save_checkpoint(tmp_path / "task.ckpt")
+    return task.model, base_file, adapter, tmp_path / "task.ckpt"
+
+
+def test_the_loader_puts_a_qlora_adapter_on_its_requantized_base_and_merges_it(trained_qlora_lm):
+    from gptlab.inference import load_model
+
+    tuned, base_file, adapter, _ = trained_qlora_lm
+    x = ids()
+    merged = load_model(init_from=str(base_file), adapter_path=str(adapter)).model
+    assert not any(is_nf4(p) for p in merged.parameters()) and all(l.merged for _, l in lora_layers(merged))
+    torch.testing.assert_close(merged(x), tuned(x), rtol=0, atol=1e-4)
+    four_bit = load_model(init_from=str(base_file), adapter_path=str(adapter), merge=False).model
+    assert len(qlora_layers(four_bit)) == 8 and torch.equal(four_bit(x), tuned(x))
+
+
+def test_the_loader_folds_a_qlora_checkpoint_into_its_stored_base_exactly(trained_qlora_lm):
+    from gptlab.inference import load_model
+    from gptlab.tasks.checkpoint import load_backbone
+
+    tuned, _, _, ckpt = trained_qlora_lm
+    x = ids()
+    loaded = load_model(ckpt_path=str(ckpt)).model
+    assert not any(is_nf4(p) for p in loaded.parameters())
+    torch.testing.assert_close(loaded(x), tuned(x), rtol=0, atol=1e-5)
+    folded = load_backbone(ckpt).eval()  # init_from=<a QLoRA checkpoint>: a plain GPT, LoRA folded in
+    assert type(folded.blocks[0].mlp.fc) is nn.Linear
+    torch.testing.assert_close(folded(x), tuned(x), rtol=0, atol=1e-5)
+    four_bit = load_model(ckpt_path=str(ckpt), merge=False).model  # re-quantized: same codes, scales rounded again
+    assert len(qlora_layers(four_bit)) == 8
+    torch.testing.assert_close(four_bit(x), tuned(x), rtol=0, atol=0.05)

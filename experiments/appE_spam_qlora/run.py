@@ -4,14 +4,17 @@ measure how the ways of loading its adapter compare on the spam test split.
     python experiments/appE_spam_qlora/run.py                    # ~1 min on 2 cores
     python experiments/appE_spam_qlora/run.py --out /tmp/qlora_merge --skip-train   # re-measure
 
-The base is the preset's random-init GPT (seed 123), saved to ``<out>/base.pt`` so that the run can
+The base is the preset's random-init GPT (seed 123), saved as a Hugging Face folder ``<out>/base`` so that the run can
 start from it (``init_from=``) and the adapter can be put back onto it. Compared, as class logits over
 the 300 test messages (the same split the run's ``test/acc`` uses):
 - ``qlora``: the base re-quantized with the adapter's settings + the adapter, unmerged (what training computed);
 - ``merged``: the same, merged: each base weight dequantized to fp32 with the update folded in (full precision);
 - ``fp32 base + adapter``: the adapter put on the original, unrounded fp32 weights (plain LoRA);
-- ``checkpoint``: ``load_task(last.ckpt)``: the checkpoint stores the dequantized base, which is re-quantized on
-  load onto a fresh random base (its double-quantized scales are rounded once more).
+- ``load_model(init_from=base, adapter_path=adapter)``: what gptlab-classify/-generate/-chat load (re-quantize, merge);
+- ``load_model(ckpt_path=last.ckpt)``: the checkpoint stores the base dequantized; the loader puts LoRA on
+  exactly those weights and merges;
+- ``load_task(last.ckpt)``: the QLoRA task rebuilt: the stored dequantized base is quantized again (the
+  same 4-bit codes, the double-quantized scales rounded once more).
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from gptlab.inference import load_model
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import merge_lora
 from gptlab.model.qlora import load_qlora_adapter, qlora_layers
-from gptlab.tasks.base import load_task
+from gptlab.tasks.checkpoint import load_backbone
+from gptlab.tasks.registry import load_task
 from gptlab.tasks.classify import class_logits
 from gptlab.tokenizer import get_tokenizer
+from gptlab.weights import export_hf
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -52,19 +58,17 @@ def test_logits(model: GPT, loader, pooling: str) -> tuple[torch.Tensor, torch.T
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("outputs/appE_spam_qlora_merge"))
-    ap.add_argument("--skip-train", action="store_true", help="reuse <out>/base.pt and <out>/run")
+    ap.add_argument("--skip-train", action="store_true", help="reuse <out>/base and <out>/run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=appE_spam_qlora_cpu"])
-    base_file, run = args.out / "base.pt", args.out / "run"
+    base_file, run = args.out / "base", args.out / "run"
     if not args.skip_train:
         shutil.rmtree(run, ignore_errors=True)  # a fresh run folder: no stale last.ckpt
         torch.manual_seed(cfg.seed)
-        model = GPT(GPTConfig.from_dict(dict(cfg.model)))
-        # a gptlab checkpoint layout: the config travels with the weights (n_heads=4 is not in the shapes)
-        torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                    "gptlab_model_config": model.config.to_dict()}, base_file)
+        # a Hugging Face folder: its config.json carries n_heads=4, which the weight shapes do not tell
+        export_hf(GPT(GPTConfig.from_dict(dict(cfg.model))), base_file)
         cmd = [sys.executable, "-m", "gptlab.cli.train", "experiment=appE_spam_qlora_cpu", f"init_from={base_file.resolve()}",
                "trainer.enable_progress_bar=false", f"hydra.run.dir={run.resolve()}",
                # checkpoint every epoch (not only on a new best val/loss): last.ckpt = the final weights = the adapter's
@@ -80,13 +84,17 @@ def main() -> None:
     pooling = cfg.task.pooling
 
     def base() -> GPT:
-        return GPT.from_pretrained(str(base_file)).eval()
+        return load_backbone(base_file).eval()
 
     qlora = load_qlora_adapter(base(), adapter)
     assert qlora_layers(qlora), "the adapter should re-quantize the base"
+    ckpt = run / "checkpoints" / "last.ckpt"
     variants = {"qlora": qlora, "merged": merge_lora(copy.deepcopy(qlora)),
+                "load_model(init_from=base, adapter_path=adapter)": load_model(init_from=base_file, adapter_path=adapter,
+                                                                             expect="classifier").model,
                 "fp32 base + adapter": load_qlora_adapter(base(), adapter, requantize=False),
-                "checkpoint": load_task(str(run / "checkpoints" / "last.ckpt")).model}
+                "load_model(ckpt_path=last.ckpt)": load_model(ckpt_path=ckpt, expect="classifier").model,
+                "load_task(last.ckpt)": load_task(ckpt).model}
     results = {name: test_logits(model, loader, pooling) for name, model in variants.items()}
     ref, labels = results["qlora"]
     print(f"{len(labels)} test messages; class logits of the QLoRA model span "

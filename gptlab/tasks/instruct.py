@@ -39,6 +39,8 @@ class InstructionTask(LanguageModelTask):
         **kwargs: :class:`GPTTask` arguments (model, init_from, lr, ...).
     """
 
+    task_name = "instruct"
+
     def __init__(self, prompt_style: str = "alpaca", generate_on_test: bool = True, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  responses_file: str = "responses.json", log_examples: int = 3, **kwargs: Any):
@@ -47,6 +49,10 @@ class InstructionTask(LanguageModelTask):
         self.test_loss = torchmetrics.MeanMetric()
         self._responses: list[tuple[int, dict[str, Any]]] = []
         self.responses_path: Path | None = None
+
+    def prediction_metadata(self) -> dict[str, Any]:
+        """The prompt style, so ``gptlab-chat`` wraps instructions the way the model was trained."""
+        return {"prompt_style": self.hparams.prompt_style}
 
     # ----------------------------------------------------------------- train / val
     # ----------------------------------------------------------------- test: loss + responses
