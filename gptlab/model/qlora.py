@@ -138,7 +138,8 @@ class QLoRALinear(LoRALinear):
     The layer keeps LoRALinear's parameter names, forward (``F.linear`` on an NF4 weight runs torchao's
     ``linear_nf4``: dequantize, matmul, and for backward only the 4-bit weight is kept) and adapter
     state; only the base weight's storage changes. The base matmul runs in ``compute_dtype``.
-    :meth:`merge` turns the base back into a full-precision weight (the dequantized one) first.
+    :meth:`merge` turns the base back into a full-precision weight (the dequantized one) first;
+    ``remove_lora`` leaves a plain ``nn.Linear`` holding the 4-bit weight (the quantized base model).
 
     Args:
         base: the linear layer (or a LoRALinear, whose A/B are then adopted) whose weight is quantized.
@@ -154,6 +155,8 @@ class QLoRALinear(LoRALinear):
         _check_blocks(block_size, scaler_block_size)
         adopted = base if isinstance(base, LoRALinear) else None
         if adopted is not None:
+            if adopted.merged:
+                raise ValueError("cannot quantize a merged LoRA layer; unmerge it first")
             rank, alpha, scaling, parts = adopted.rank, adopted.alpha, adopted.scaling, adopted.parts
             dropout = getattr(adopted.lora_dropout, "p", 0.0)
         # adopting: the A/B built here are replaced at once, so their init must not consume the RNG
@@ -162,9 +165,6 @@ class QLoRALinear(LoRALinear):
             super().__init__(base, rank, alpha, dropout, scaling, parts)
         if adopted is not None:  # the same A/B objects: their init, requires_grad and optimizer identity stay
             self.lora_A, self.lora_B = adopted.lora_A, adopted.lora_B
-            self.merged = False
-            if adopted.merged:
-                raise ValueError("cannot quantize a merged LoRA layer; unmerge it first")
         if not nf4_quantizable(self.weight.shape, block_size, scaler_block_size):
             raise ValueError(f"a {tuple(self.weight.shape)} weight cannot be stored in NF4 with block_size="
                              f"{block_size}, scaler_block_size={scaler_block_size}: its size must split into "
@@ -209,10 +209,6 @@ class QLoRALinear(LoRALinear):
         if not self.merged:
             self.dequantize_base()
             super().merge()
-
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the (unmerged) base: still 4-bit while never merged."""
-        return super().to_linear()
 
     # ----------------------------------------------------------------- state dicts: plain tensors only
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
