@@ -21,8 +21,10 @@ import tiktoken
 import torch
 
 from gptlab.model.gpt import GPT
-from gptlab.model.lora import load_adapter, merge_lora, read_adapter
-from gptlab.tasks.checkpoint import CheckpointError, check_gptlab_checkpoint, load_backbone
+from gptlab.model.lora import merge_lora, read_adapter
+from gptlab.model.qlora import load_qlora_adapter
+from gptlab.tasks.adapters import unquantized
+from gptlab.tasks.checkpoint import CheckpointError, check_gptlab_checkpoint, load_backbone, read_checkpoint
 from gptlab.tasks.registry import load_task, task_class
 from gptlab.tokenizer import get_tokenizer
 from gptlab.weights import is_training_checkpoint, safe_torch_load
@@ -103,15 +105,18 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
         ckpt_path: a gptlab training checkpoint (any task); or
         init_from: pretrained weights (``gpt2-small`` ..., a Hugging Face folder or file, a book or
             gptlab state dict); a gptlab checkpoint here is read as ``ckpt_path``.
-        adapter_path: a LoRA adapter file to load on top; it brings its task head and its
-            prediction settings (class names, pooling, ...).
+        adapter_path: a LoRA or QLoRA adapter file to load on top; it brings its task head and its
+            prediction settings (class names, pooling, ...). A QLoRA adapter was trained on the
+            base's 4-bit rounding: the base is re-quantized with the file's settings first (NF4 is
+            deterministic), so the model is the trained one; merged, it is that model in full precision.
         expect: the kind the caller needs (``lm`` | ``classifier``; None = any): another kind raises
             :class:`WrongModelKind` naming the file and what it holds.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:1`` ...
         precision: ``32`` (fp32 weights), ``bf16`` (bf16 weights), ``bf16-mixed`` (fp32 weights, use
             :meth:`LoadedModel.autocast`), ``16``, ``keep`` (the file's dtype) or ``auto`` (bf16 on
             CUDA, fp32 elsewhere).
-        merge: fold LoRA into the weights (plain matmuls at inference).
+        merge: fold LoRA into the weights (plain matmuls at inference); a QLoRA model becomes full
+            precision (its dequantized base + the update). ``merge=False`` keeps a QLoRA base in 4 bits.
         overrides: GPTConfig fields for pretrained weights (e.g. ``n_heads`` for a state dict whose
             width matches no preset).
     """
@@ -127,7 +132,10 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
     task_name: str | None = None
     if ckpt_path is not None:
         source = str(ckpt_path)
-        task = load_task(ckpt_path)
+        # a QLoRA checkpoint stores its base dequantized: LoRA on exactly those weights is the trained
+        # model; re-quantizing them (merge=False keeps 4 bits) rounds the scales once more
+        adapter = (read_checkpoint(ckpt_path).get("hyper_parameters") or {}).get("adapter") if merge else None
+        task = load_task(ckpt_path, **({"adapter": unquantized(adapter)} if adapter else {}))
         model, task_name, kind = task.model, task.task_name, _file_kind(task.kind, source)
         meta.update({k: v for k, v in task.prediction_metadata().items() if k in meta})
     else:
@@ -139,7 +147,7 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
         _, adapter_cfg = read_adapter(adapter_path)
         meta.update({k: adapter_cfg[k] for k in meta if adapter_cfg.get(k) is not None})
         task_name, kind = _adapter_kind(adapter_cfg, adapter_path, task_name, kind)
-        load_adapter(model, adapter_path)
+        load_qlora_adapter(model, adapter_path)  # a LoRA file as load_adapter; a QLoRA file on its re-quantized base
     if expect is not None and kind != expect:
         what = KINDS[kind] + (f" (task {task_name!r})" if task_name else "")
         raise WrongModelKind(f"{source} holds a {what}, not a {KINDS[expect]}; {_HINTS[expect]}")

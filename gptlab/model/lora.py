@@ -306,7 +306,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for layer in merged:
         layer.unmerge()
     try:
-        state = model.state_dict()
+        # the live tensors, not a copy of the whole model (nor a dequantized copy of a QLoRA base)
+        state = model.state_dict(keep_vars=True)
         keep = {k for k in state if _is_lora_key(k)}
         keep |= {k for k in state for p in config["train_extra"] if _matches(k, p)}
         keep |= set(_task_head_keys(model, state))
@@ -343,6 +344,18 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return load_file(str(path)), json.loads(meta["config"])
 
 
+def adopt_adapter_head(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Give ``model`` a new ``out_head`` of the adapter's shape when the adapter brings a head of
+    another shape (a classifier adapter on a plain pretrained model); otherwise leave it."""
+    head_w = tensors.get("out_head.weight")
+    head = getattr(model, "out_head", None)
+    if head_w is not None and head is not None and tuple(head_w.shape) != tuple(head.weight.shape):
+        log.info("adapter %s brings a %s head; replacing the model's %s head", path,
+                 tuple(head_w.shape), tuple(head.weight.shape))
+        model.out_head = nn.Linear(head_w.shape[1], head_w.shape[0], bias="out_head.bias" in tensors,
+                                   device=head.weight.device, dtype=head.weight.dtype)
+
+
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load an adapter file onto ``model`` (unmerged): applies LoRA with the stored settings unless
     the model already has the same LoRA layers, then loads the weights. A classifier head stored in
@@ -352,13 +365,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     settings = {k: config[k] for k in APPLY_KEYS if k in config}
     current = getattr(model, "lora_config", None)
     if current is None:
-        head_w = tensors.get("out_head.weight")
-        head = getattr(model, "out_head", None)
-        if head_w is not None and head is not None and tuple(head_w.shape) != tuple(head.weight.shape):
-            log.info("adapter %s brings a %s head; replacing the model's %s head", path,
-                     tuple(head_w.shape), tuple(head.weight.shape))
-            model.out_head = nn.Linear(head_w.shape[1], head_w.shape[0], bias="out_head.bias" in tensors,
-                                       device=head.weight.device, dtype=head.weight.dtype)
+        adopt_adapter_head(model, tensors, path)
         apply_lora(model, **settings)
     else:
         differ = {k: (current.get(k), v) for k, v in settings.items() if _norm(current.get(k)) != _norm(v)}
@@ -366,7 +373,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             raise ValueError(f"{path}: adapter settings differ from the LoRA already on the model "
                              f"(model, file): {differ}")
         unmerge_lora(model)
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)  # the live tensors: no copy (nor dequantized QLoRA base)
     for key, value in tensors.items():
         if key not in own:
             raise ValueError(f"{path}: adapter key {key!r} has no counterpart in the model")
@@ -385,5 +392,5 @@ def _norm(value: Any) -> Any:
 
 
 __all__ = ["LoRALinear", "TARGETS", "SCALINGS", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora",
-           "lora_state_dict", "save_adapter", "load_adapter", "read_adapter", "lora_layers", "has_lora",
-           "trainable_parameters", "lora_scale"]
+           "lora_state_dict", "save_adapter", "load_adapter", "read_adapter", "adopt_adapter_head", "lora_layers",
+           "has_lora", "trainable_parameters", "lora_scale"]

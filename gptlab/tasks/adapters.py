@@ -8,9 +8,11 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from gptlab.model.lora import apply_lora
+from gptlab.model.qlora import QUANT_KEYS, apply_qlora  # torchao itself is imported only when qlora is applied
 
 ADAPTERS: dict[str, tuple[str, Callable[..., Any]]] = {
     "lora": ("LoRA", apply_lora),
+    "qlora": ("QLoRA", apply_qlora),  # LoRA on a 4-bit NF4 base
 }
 """Adapter config name (``adapter=<name>``) -> (display name, function applying it to a model)."""
 
@@ -27,4 +29,15 @@ def apply_adapter(model: nn.Module, adapter: Mapping[str, Any]) -> str:
     return label
 
 
-__all__ = ["ADAPTERS", "apply_adapter"]
+def unquantized(adapter: Mapping[str, Any]) -> dict[str, Any]:
+    """The same adapter on a full-precision base: a ``qlora`` node becomes the ``lora`` node with its
+    LoRA settings (any other node is returned as is). A checkpoint stores a QLoRA base dequantized,
+    so LoRA on those stored weights is the trained model exactly, without re-quantizing them."""
+    settings = dict(adapter)
+    if settings.get("name") == "qlora":
+        settings = {k: v for k, v in settings.items() if k not in QUANT_KEYS}
+        settings["name"] = "lora"
+    return settings
+
+
+__all__ = ["ADAPTERS", "apply_adapter", "unquantized"]

@@ -92,7 +92,7 @@ class GPTTask(L.LightningModule):
         """Hook for task-specific surgery before adapters (swap the head, freeze layers)."""
 
     def apply_adapter(self, adapter: dict[str, Any]) -> None:
-        """Apply the ``adapter`` config group (``adapter=lora``) to the backbone, after
+        """Apply the ``adapter`` config group (``adapter=lora``, ``adapter=qlora``) to the backbone, after
         :meth:`configure_backbone`: the same for every task, no task-specific code."""
         label = apply_adapter(self.model, adapter)
         n_train, n_total = self.trainable_parameter_count(), self.model.num_params()

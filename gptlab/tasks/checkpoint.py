@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
-from gptlab.tasks.adapters import apply_adapter
+from gptlab.tasks.adapters import apply_adapter, unquantized
 from gptlab.weights import (MappingReader, is_training_checkpoint, load_from_reader, load_pretrained,
                             plain_state_dict, safe_torch_load)
 from gptlab.weights.loading import TORCH_SUFFIXES, load_state_dict_object
@@ -96,7 +96,7 @@ def _fold_adapter(state: dict[str, torch.Tensor], config: Mapping[str, Any],
         head = state.get("out_head.weight")
         if head is not None and tuple(head.shape) != tuple(model.out_head.weight.shape):
             model.out_head = nn.Linear(head.shape[1], head.shape[0], bias="out_head.bias" in state)
-        apply_adapter(model, adapter)
+        apply_adapter(model, unquantized(adapter))  # a QLoRA base is stored dequantized: fold into those weights
     model.load_state_dict(state, strict=True, assign=True)
     return plain_state_dict(model)
 
