@@ -19,50 +19,29 @@ from gptlab.tasks.base import LanguageModelTask
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 
-class InstructionTask(LanguageModelTask):
-    """SFT on ``{"input_ids", "labels", "attention_mask"}`` batches (``labels`` = -100 where
-    ignored: padding and, with ``data.mask_prompt``, the prompt).
+class ResponseGenerationMixin:
+    """Test-stage answers for a task whose test batches carry left-padded ``prompt_ids`` /
+    ``prompt_attention_mask``, the entries' ``index`` and the raw ``entries``: batched KV-cache
+    generation, gathered over ranks, written to ``<run dir>/<responses_file>`` as the entries plus
+    ``model_response``, the first ``log_examples`` logged to TensorBoard as text.
 
-    Logs ``train/loss``, ``val/loss``, ``val/ppl`` and ``test/loss``. In the test stage every test
-    batch (which also carries left-padded ``prompt_ids``, ``prompt_attention_mask`` and the raw
-    ``entries``) is answered by batched KV-cache generation; the answers are written to
-    ``<run dir>/<responses_file>`` as the entries plus ``model_response``, and the first
-    ``log_examples`` go to TensorBoard as text.
-
-    Args:
-        prompt_style: the data's prompt style (used to cut the generated text into a response).
-        generate_on_test: generate responses in the test stage (False: only ``test/loss``).
-        max_new_tokens, temperature, top_k, top_p: generation settings (temperature 0 = greedy);
-            generation stops at ``<|endoftext|>``.
-        responses_file: file name inside the run folder (``trainer.default_root_dir``).
-        log_examples: how many test responses to log to TensorBoard.
-        **kwargs: :class:`GPTTask` arguments (model, init_from, lr, ...).
+    Reads the task's hparams ``prompt_style``, ``max_new_tokens``, ``temperature``, ``top_k``,
+    ``top_p``, ``responses_file`` and ``log_examples``; mix in before the task's base class.
     """
 
-    def __init__(self, prompt_style: str = "alpaca", generate_on_test: bool = True, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 responses_file: str = "responses.json", log_examples: int = 3, **kwargs: Any):
-        super().__init__(**kwargs)
-        get_prompt_style(prompt_style)
-        self.test_loss = torchmetrics.MeanMetric()
+    responses_path: Path | None = None
+
+    def reset_responses(self) -> None:
         self._responses: list[tuple[int, dict[str, Any]]] = []
-        self.responses_path: Path | None = None
 
-    # ----------------------------------------------------------------- train / val
-    # ----------------------------------------------------------------- test: loss + responses
-    def on_test_epoch_start(self) -> None:
-        self._responses = []
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss = self.loss_fn(batch)
-        self.test_loss.update(loss, weight=(batch["labels"] != -100).sum())
-        if self.hparams.generate_on_test:
-            if "prompt_ids" not in batch:
-                raise ValueError("test batches carry no 'prompt_ids'/'entries'; use "
-                                 "gptlab.data.instruct.InstructionDataModule (its test_dataloader)")
-            answers = self.generate_responses(batch["prompt_ids"], batch["prompt_attention_mask"])
-            for i, entry, answer in zip(batch["index"].tolist(), batch["entries"], answers):
-                self._responses.append((i, {**entry, "model_response": answer}))
+    def collect_responses(self, batch: dict[str, Any]) -> None:
+        """Answer every prompt of a test ``batch`` and keep the answers for :meth:`flush_responses`."""
+        if "prompt_ids" not in batch:
+            raise ValueError("test batches carry no 'prompt_ids'/'entries'; use a gptlab data module whose "
+                             "test_dataloader adds them (data=instruct, data=preference)")
+        answers = self.generate_responses(batch["prompt_ids"], batch["prompt_attention_mask"])
+        for i, entry, answer in zip(batch["index"].tolist(), batch["entries"], answers):
+            self._responses.append((i, {**entry, "model_response": answer}))
 
     @torch.no_grad()
     def generate_responses(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
@@ -79,22 +58,16 @@ class InstructionTask(LanguageModelTask):
             answers.append(extract_response(tok.decode(ids), hp.prompt_style))
         return answers
 
-    def on_test_epoch_end(self) -> None:
-        if self.test_loss.update_count:
-            loss = self.test_loss.compute()
-            self.test_loss.reset()
-            self.log("test/loss", loss, sync_dist=True)
-            self.log("test/ppl", torch.exp(loss), sync_dist=True)
-        if not self.hparams.generate_on_test:
-            return
-        responses = self._responses
+    def flush_responses(self) -> None:
+        """Gather the collected answers from every rank, write them in test-set order, log examples."""
+        responses = getattr(self, "_responses", [])
         if dist.is_available() and dist.is_initialized():
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, responses)
             responses = [r for part in gathered for r in part]
         # entries in test-set order; a DistributedSampler may have repeated a few to even out ranks
         ordered = [entry for _, entry in sorted(dict(responses).items())]
-        self._responses = []
+        self.reset_responses()
         if self.trainer.is_global_zero:
             self.responses_path = self.write_responses(ordered)
             self.log_examples(ordered)
@@ -116,8 +89,57 @@ class InstructionTask(LanguageModelTask):
             return
         blocks = []
         for entry in responses[:n]:
+            reference = entry.get("output", entry.get("chosen", ""))
             blocks.append("\n\n".join([
                 "**Prompt**\n\n```\n" + format_input(entry, self.hparams.prompt_style) + "\n```",
-                "**Correct response**\n\n```\n" + entry["output"] + "\n```",
+                "**Correct response**\n\n```\n" + reference + "\n```",
                 "**Model response**\n\n```\n" + entry["model_response"] + "\n```"]))
         experiment.add_text("test/responses", "\n\n---\n\n".join(blocks), global_step=self.global_step)
+
+
+class InstructionTask(ResponseGenerationMixin, LanguageModelTask):
+    """SFT on ``{"input_ids", "labels", "attention_mask"}`` batches (``labels`` = -100 where
+    ignored: padding and, with ``data.mask_prompt``, the prompt).
+
+    Logs ``train/loss``, ``val/loss``, ``val/ppl`` and ``test/loss``. In the test stage every test
+    batch (which also carries left-padded ``prompt_ids``, ``prompt_attention_mask`` and the raw
+    ``entries``) is answered by batched KV-cache generation; the answers are written to
+    ``<run dir>/<responses_file>`` as the entries plus ``model_response``, and the first
+    ``log_examples`` go to TensorBoard as text (:class:`ResponseGenerationMixin`).
+
+    Args:
+        prompt_style: the data's prompt style (used to cut the generated text into a response).
+        generate_on_test: generate responses in the test stage (False: only ``test/loss``).
+        max_new_tokens, temperature, top_k, top_p: generation settings (temperature 0 = greedy);
+            generation stops at ``<|endoftext|>``.
+        responses_file: file name inside the run folder (``trainer.default_root_dir``).
+        log_examples: how many test responses to log to TensorBoard.
+        **kwargs: :class:`GPTTask` arguments (model, init_from, lr, ...).
+    """
+
+    def __init__(self, prompt_style: str = "alpaca", generate_on_test: bool = True, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 responses_file: str = "responses.json", log_examples: int = 3, **kwargs: Any):
+        super().__init__(**kwargs)
+        get_prompt_style(prompt_style)
+        self.test_loss = torchmetrics.MeanMetric()
+        self.reset_responses()
+
+    # ----------------------------------------------------------------- test: loss + responses
+    def on_test_epoch_start(self) -> None:
+        self.reset_responses()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self.loss_fn(batch)
+        self.test_loss.update(loss, weight=(batch["labels"] != -100).sum())
+        if self.hparams.generate_on_test:
+            self.collect_responses(batch)
+
+    def on_test_epoch_end(self) -> None:
+        if self.test_loss.update_count:
+            loss = self.test_loss.compute()
+            self.test_loss.reset()
+            self.log("test/loss", loss, sync_dist=True)
+            self.log("test/ppl", torch.exp(loss), sync_dist=True)
+        if self.hparams.generate_on_test:
+            self.flush_responses()
