@@ -36,7 +36,6 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.data.instruct import get_prompt_style
@@ -44,6 +43,7 @@ from gptlab.model.gpt import CausalSelfAttention
 from gptlab.model.lora import disable_lora, remove_lora
 from gptlab.tasks.base import GPTTask
 from gptlab.tasks.instruct import ResponseGenerationMixin
+from gptlab.tasks.metrics import StageMeans
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 LOGP_REDUCTIONS = ("sum", "mean")
@@ -52,6 +52,7 @@ LOGP_REDUCTIONS = ("sum", "mean")
 REFERENCES = ("auto", "copy", "adapters_off", "precomputed")
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
+PROGRESS_BAR = ("loss", "rewards/accuracies")
 REF_LOGPS_FORMAT = "gptlab-ref-logps-1"
 
 
@@ -232,8 +233,7 @@ class DPOTask(ResponseGenerationMixin, GPTTask):
         self.ref_logps: dict[str, dict[str, Any]] = {}  # split -> {"chosen", "rejected", "fingerprint"}
         self._policy_is_reference = True  # until the first optimizer step or a restored checkpoint
         self._policy_logps = None
-        self.eval_metrics = nn.ModuleDict({stage: nn.ModuleDict({_key(m): torchmetrics.MeanMetric() for m in METRICS})
-                                           for stage in ("val", "test")})
+        self.eval_metrics = StageMeans(METRICS)
         self.reset_responses()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -433,40 +433,23 @@ class DPOTask(ResponseGenerationMixin, GPTTask):
         B = batch["chosen_input_ids"].size(0)
         for name, value in metrics.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=B,
-                     prog_bar=name in ("loss", "rewards/accuracies"))
+                     prog_bar=name in PROGRESS_BAR)
         return metrics["loss"]
 
     def _accumulate(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
-        metrics = self.dpo_metrics(batch, stage)
-        B = batch["chosen_input_ids"].size(0)
-        for name, value in metrics.items():  # means over pairs, not over batches
-            self.eval_metrics[stage][_key(name)].update(value.detach(), weight=B)
-
-    def _log_accumulated(self, stage: str) -> None:
-        for name in METRICS:
-            metric = self.eval_metrics[stage][_key(name)]
-            if metric.update_count:
-                self.log(f"{stage}/{name}", metric.compute(), prog_bar=name in ("loss", "rewards/accuracies"),
-                         sync_dist=True)
-            metric.reset()
-
-    def _reset_accumulated(self, stage: str) -> None:
-        # fresh states in this loop's grad mode: a validate() (inference mode) before a fit() would
-        # otherwise leave inference tensors that the fit's no-grad validation cannot update in place
-        for metric in self.eval_metrics[stage].values():
-            metric.reset()
+        self.eval_metrics.update(stage, self.dpo_metrics(batch, stage), weight=batch["chosen_input_ids"].size(0))
 
     def on_validation_epoch_start(self) -> None:
-        self._reset_accumulated("val")
+        self.eval_metrics.reset("val")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._accumulate("val", batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_accumulated("val")
+        self.eval_metrics.log(self, "val", prog_bar=PROGRESS_BAR)
 
     def on_test_epoch_start(self) -> None:
-        self._reset_accumulated("test")
+        self.eval_metrics.reset("test")
         self.reset_responses()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -475,11 +458,6 @@ class DPOTask(ResponseGenerationMixin, GPTTask):
             self.collect_responses(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_accumulated("test")
+        self.eval_metrics.log(self, "test")
         if self.hparams.generate_on_test:
             self.flush_responses()
-
-
-def _key(metric: str) -> str:
-    """A ModuleDict key for a metric name (no dots or slashes)."""
-    return metric.replace("/", "__")
