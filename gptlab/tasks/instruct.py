@@ -19,6 +19,23 @@ from gptlab.tasks.base import LanguageModelTask
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     prompt_style: str = "alpaca", max_new_tokens: int = 256, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None) -> list[str]:
+    """Answers to a left-padded batch of prompts (B, T): batched KV-cache generation (greedy at
+    temperature 0), stopped at ``<|endoftext|>``, cut at the prompt style's stop markers."""
+    out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_id=EOT_ID, attention_mask=attention_mask)
+    new = out[:, prompt_ids.size(1):].tolist()  # the prompt is stripped by position
+    tok = get_tokenizer()
+    answers = []
+    for ids in new:
+        ids = ids[: ids.index(EOT_ID)] if EOT_ID in ids else ids
+        answers.append(extract_response(tok.decode(ids), prompt_style))
+    return answers
+
+
 class ResponseGenerationMixin:
     """Test-stage answers for a task whose test batches carry left-padded ``prompt_ids`` /
     ``prompt_attention_mask``, the entries' ``index`` and the raw ``entries``: batched KV-cache
@@ -43,20 +60,11 @@ class ResponseGenerationMixin:
         for i, entry, answer in zip(batch["index"].tolist(), batch["entries"], answers):
             self._responses.append((i, {**entry, "model_response": answer}))
 
-    @torch.no_grad()
     def generate_responses(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
-        """Answers to a left-padded batch of prompts (B, T): greedy (by default) batched generation
-        with a KV cache, cut at ``<|endoftext|>`` and the prompt style's stop markers."""
+        """:func:`generate_answers` with the task's generation settings."""
         hp = self.hparams
-        out = generate(self.model, prompt_ids, hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
-                       top_p=hp.top_p, eos_id=EOT_ID, attention_mask=attention_mask)
-        new = out[:, prompt_ids.size(1):].tolist()  # the prompt is stripped by position
-        tok = get_tokenizer()
-        answers = []
-        for ids in new:
-            ids = ids[: ids.index(EOT_ID)] if EOT_ID in ids else ids
-            answers.append(extract_response(tok.decode(ids), hp.prompt_style))
-        return answers
+        return generate_answers(self.model, prompt_ids, attention_mask, hp.prompt_style, hp.max_new_tokens,
+                                hp.temperature, hp.top_k, hp.top_p)
 
     def flush_responses(self) -> None:
         """Gather the collected answers from every rank, write them in test-set order, log examples."""
