@@ -26,7 +26,7 @@ from gptlab.data.spam import TextClassificationDataModule
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import LoRALinear
-from gptlab.tasks.base import load_task
+from gptlab.tasks.registry import load_task
 from gptlab.tasks.classify import ClassificationTask, pool_hidden
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
@@ -268,7 +268,7 @@ def test_classify_refuses_a_language_model(tmp_path):
     cfg = OmegaConf.load(Path(CONF_DIR) / "classify.yaml")
     cfg.pop("defaults"), cfg.pop("hydra")
     cfg.merge_with({"init_from": str(base), "text": "hi", "device": "cpu"})
-    with pytest.raises(ValueError, match="language-model head, not a classifier"):
+    with pytest.raises(ValueError, match="holds a language model, not a classifier"):
         classify_run(cfg, out=io.StringIO())
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import gptlab.data.download as dl
-from gptlab.data.download import DownloadError, download, fetch_hf_model
+import gptlab.weights.download as dl
+from gptlab.weights.download import DownloadError, download, fetch_hf_model
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -173,7 +173,7 @@ def test_fetch_hf_model_without_the_hub_library_uses_urllib(server, cache, monke
 
 
 def test_load_pretrained_by_name_downloads_once_then_uses_the_cache(server, cache, monkeypatch):
-    from gptlab.model.pretrained import load_pretrained
+    from gptlab.weights import load_pretrained
 
     url, root, requests = server
     serve_tiny_gpt2(root, "openai-community/gpt2-medium")
@@ -214,7 +214,7 @@ def test_hub_failures_say_where_to_put_the_file(cache, monkeypatch):
 
 
 def test_load_pretrained_offline_names_the_missing_weights(cache, monkeypatch, closed_port_url):
-    from gptlab.model.pretrained import load_pretrained
+    from gptlab.weights import load_pretrained
 
     monkeypatch.setattr(dl, "HF_ENDPOINT", closed_port_url)
     monkeypatch.setattr(dl, "_hub_download", lambda: None)

@@ -295,14 +295,14 @@ def test_a_lora_run_saves_an_adapter_that_reproduces_the_finetuned_model(tmp_pat
     assert not torch.allclose(fresh(x), remove_lora(copy.deepcopy(fresh))(x))  # training did change it
 
 
-def test_generate_load_model_merges_an_adapter(tmp_path, monkeypatch):
-    from gptlab.cli import generate as gen
+def test_the_inference_loader_merges_an_adapter(tmp_path):
+    from gptlab.inference import load_model
 
     base = GPT(GPTConfig(**TINY)).eval()
+    torch.save(base.state_dict(), tmp_path / "base.pt")
     tuned = randomize_lora(apply_lora(copy.deepcopy(base), rank=2, alpha=2))
     path = save_adapter(tuned, tmp_path / "a.safetensors")
-    monkeypatch.setattr(GPT, "from_pretrained", classmethod(lambda cls, name, **kw: copy.deepcopy(base)))
-    model = gen.load_model(init_from="base", adapter_path=str(path))
+    model = load_model(init_from=str(tmp_path / "base.pt"), adapter_path=str(path)).model
     assert all(layer.merged for _, layer in lora_layers(model))
     x = ids()
     torch.testing.assert_close(model(x), tuned(x), rtol=1e-5, atol=1e-5)
@@ -313,9 +313,9 @@ def test_cli_lora_run_on_an_init_from_base_gives_an_adapter_for_that_base(tmp_pa
     """gptlab-train init_from=<base> adapter=lora writes checkpoints/adapter.safetensors; the base +
     that adapter is the fine-tuned model, bit for bit (and gptlab-generate's loader merges it)."""
     from conftest import run_cli
-    from gptlab.cli.generate import load_model
-    from gptlab.model.pretrained import load_pretrained
-    from gptlab.tasks.base import load_task
+    from gptlab.inference import load_model
+    from gptlab.tasks.registry import load_task
+    from gptlab.weights import load_pretrained
 
     base_file = tmp_path / "base.pt"
     torch.save(GPT(GPTConfig.from_name("gpt2-tiny")).state_dict(), base_file)
@@ -334,5 +334,5 @@ def test_cli_lora_run_on_an_init_from_base_gives_an_adapter_for_that_base(tmp_pa
     x = ids()
     assert not torch.allclose(base(x), tuned(x))
     assert torch.equal(load_adapter(base, adapter)(x), tuned(x))
-    merged = load_model(init_from=str(base_file), adapter_path=str(adapter))
+    merged = load_model(init_from=str(base_file), adapter_path=str(adapter)).model
     torch.testing.assert_close(merged(x), tuned(x), rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ from gptlab.data.preference import PreferenceDataModule
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import load_adapter, read_adapter
+from gptlab.tasks.checkpoint import load_backbone
 from gptlab.tasks.instruct import InstructionTask
 from gptlab.tasks.reward import RewardModelTask, add_reward_head, reward_loss, reward_scores, score_responses
 
@@ -89,9 +90,9 @@ def test_lora_trains_and_saves_the_head_and_an_sft_checkpoint_can_be_the_start(p
     trainer(tmp_path / "rm", max_steps=3).fit(task, datamodule=datamodule(preference_file))
     assert not torch.equal(task.model.out_head.weight, head_before)
     tensors, config = read_adapter(tmp_path / "rm" / "checkpoints" / "adapter.safetensors")
-    assert {"out_head.weight", "out_head.bias"} <= set(tensors) and config["reward_model"] is True
+    assert {"out_head.weight", "out_head.bias"} <= set(tensors) and (config["task"], config["kind"]) == ("reward_model", "reward")
     # base (the SFT model) + adapter = the trained reward model
-    base = GPT.from_pretrained(str(sft_ckpt))
+    base = load_backbone(sft_ckpt)
     load_adapter(base, tmp_path / "rm" / "checkpoints" / "adapter.safetensors")
     ids = torch.randint(0, 50257, (2, 9))
     with torch.no_grad():

@@ -18,8 +18,9 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.generate import StreamDecoder, load_model, resolve_device
+from gptlab.cli.generate import StreamDecoder
 from gptlab.data.instruct import PromptStyle, get_prompt_style
+from gptlab.inference import load_model
 from gptlab.model.generation import generate_stream
 from gptlab.model.gpt import GPT
 from gptlab.tokenizer import EOT_ID, get_tokenizer
@@ -83,14 +84,6 @@ def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text
         yield tail
 
 
-def checkpoint_prompt_style(ckpt_path: str | None) -> str | None:
-    """The prompt style an :class:`~gptlab.tasks.instruct.InstructionTask` checkpoint was trained with."""
-    if not ckpt_path:
-        return None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    return (ckpt.get("hyper_parameters") or {}).get("prompt_style")
-
-
 def answer(model: GPT, style: PromptStyle, cfg: DictConfig, instruction: str, input_text: str,
            out: TextIO) -> str:
     """Stream one response to ``out``; returns it (stripped)."""
@@ -109,13 +102,10 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
     """Answer ``cfg.instruction``, or every line of ``stdin``; returns the responses."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    model = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, device)
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        model = model.to(torch.bfloat16)
-    if model.out_head.out_features < model.config.vocab_size:
-        raise ValueError("this checkpoint's head is not a language-model head (a classifier?)")
-    style = get_prompt_style(cfg.prompt_style or checkpoint_prompt_style(cfg.ckpt_path) or "alpaca")
+    lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
+                    precision=cfg.precision)
+    model = lm.model
+    style = get_prompt_style(cfg.prompt_style or lm.prompt_style or "alpaca")
     if cfg.instruction is not None:
         return [answer(model, style, cfg, cfg.instruction, cfg.input or "", out)]
     interactive = stdin.isatty()

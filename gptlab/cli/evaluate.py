@@ -11,41 +11,37 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.generate import load_model, resolve_device
-from gptlab.model.gpt import GPT
+from gptlab.inference import LoadedModel, load_model, resolve_device, resolve_precision
 from gptlab.tokenizer import get_tokenizer
 
 VALID_SPLITS = ("train", "val", "all")
 
 
 @torch.no_grad()
-def evaluate_loader(model: GPT, loader: DataLoader, device: torch.device, max_batches: int | None = None,
-                    autocast: bool = False, progress: bool = True, desc: str = "eval") -> dict[str, float]:
-    """Token-weighted mean cross-entropy over ``loader`` (batches of ``input_ids``/``labels``)."""
-    from tqdm.auto import tqdm
-
+def evaluate_loader(lm: LoadedModel, loader: DataLoader, max_batches: int | None = None, progress: bool = True,
+                    desc: str = "eval") -> dict[str, float]:
+    """Token-weighted mean cross-entropy of ``lm`` over ``loader`` (batches of ``input_ids``/``labels``)."""
+    device = lm.device
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = 0
     n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     for i, batch in enumerate(tqdm(loader, total=n_batches, desc=desc, disable=not progress, leave=False)):
         if i >= n_batches:
             break
         x = batch["input_ids"].to(device, non_blocking=True)
         y = batch["labels"].to(device, non_blocking=True)
-        with ctx:
-            loss = model.loss(x, y)
+        with lm.autocast():
+            loss = lm.model.loss(x, y)
         n = int((y != -100).sum())
         total_loss += loss.double() * n
         total_tokens += n
@@ -60,21 +56,26 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     bad = [s for s in splits if s not in VALID_SPLITS]
     if bad or not splits:
         raise ValueError(f"splits={splits}: valid choices are {list(VALID_SPLITS)}")
+    # evaluation keeps fp32 weights; bf16 (auto: on GPU) means a bf16-autocast forward
     device = resolve_device(cfg.device)
-    model = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), device)
-    if cfg.data.max_length > model.config.context_length:
+    precision = resolve_precision(cfg.precision, device, auto="bf16-mixed")
+    lm = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), expect="lm",
+                    device=device, precision="bf16-mixed" if precision == "bf16" else precision)
+    context = lm.model.config.context_length
+    if cfg.data.max_length > context:
         raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's context length "
-                         f"{model.config.context_length}; set model.context_length=<= {model.config.context_length}")
-    autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+                         f"{context}; set model.context_length=<= {context}")
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     if "all" in splits:
         data_cfg["train_ratio"] = 1.0
+    # in file order, every window: the train split goes through the same public loader as training
+    data_cfg.update(shuffle=False, drop_last=False)
     dm = instantiate(data_cfg, tokenizer=get_tokenizer(), _convert_="all")
-    dm.setup("validate")
+    dm.setup("fit")
     results: dict[str, dict[str, float]] = {}
     for split in splits:
-        loader = dm.val_dataloader() if split == "val" else dm._loader(dm.train_set, dm.val_batch_size, False)
-        results[split] = evaluate_loader(model, loader, device, cfg.max_batches, autocast, cfg.progress, split)
+        loader = dm.val_dataloader() if split == "val" else dm.train_dataloader()
+        results[split] = evaluate_loader(lm, loader, cfg.max_batches, cfg.progress, split)
     for split, r in results.items():
         print(f"{split:>5}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  ({r['tokens']:,} tokens, {r['batches']} batches)")
     if cfg.get("output"):

@@ -28,6 +28,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +347,6 @@ def save_adapter(model: nn.Module, path: str | Path, config: Mapping[str, Any] |
     """Write :func:`lora_state_dict` to a safetensors file; the LoRA settings (rank, alpha, targets,
     scaling, ...) and any extra ``config`` entries (e.g. ``init_from``) go into its metadata.
     Returns the path."""
-    from safetensors.torch import save_file
-
     if getattr(model, "lora_config", None) is None:
         raise ValueError("this model has no LoRA applied: nothing to save as an adapter")
     path = Path(path)
@@ -360,9 +360,6 @@ def save_adapter(model: nn.Module, path: str | Path, config: Mapping[str, Any] |
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and the config stored in an adapter file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")

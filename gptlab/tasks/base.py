@@ -1,9 +1,9 @@
 """What every task shares: build (or load) the backbone, adapters, freezing, AdamW + LR schedule,
-gradient clipping, optional ``torch.compile``, and reloading a task from a checkpoint."""
+gradient clipping, optional ``torch.compile``, and what a checkpoint records about the task
+(reloading one: :func:`gptlab.tasks.registry.load_task`)."""
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,6 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
+from gptlab.model.lora import save_adapter
+from gptlab.tasks.adapters import apply_adapter
+from gptlab.tasks.checkpoint import load_backbone
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -49,7 +52,14 @@ class GPTTask(L.LightningModule):
             the Trainer so fused AdamW keeps working under bf16-mixed.
         fused_adamw: None = fused kernel whenever the parameters are on CUDA.
         compile: wrap the training/eval step in ``torch.compile``.
+
+    Subclasses set ``task_name`` (their name in :data:`gptlab.tasks.registry.TASKS`, recorded in
+    checkpoints and adapter files) and ``kind`` (what the model predicts: ``lm`` or ``classifier``;
+    the inference loader checks it).
     """
+
+    task_name: str = ""
+    kind: str = "lm"
 
     def __init__(self, model: Mapping[str, Any] | None = None, init_from: str | None = None,
                  adapter: Mapping[str, Any] | None = None, lr: float = 4e-4, weight_decay: float = 0.1,
@@ -75,7 +85,7 @@ class GPTTask(L.LightningModule):
             # only the fields a user may change on a pretrained model; its shape comes from the weights
             keep = ("drop_rate", "context_length", "activation_checkpointing")
             overrides = {k: model_cfg[k] for k in keep if k in model_cfg}
-            return GPT.from_pretrained(self.hparams.init_from, **overrides)
+            return load_backbone(self.hparams.init_from, **overrides)
         return GPT(GPTConfig.from_dict(model_cfg))
 
     def configure_backbone(self) -> None:
@@ -84,14 +94,9 @@ class GPTTask(L.LightningModule):
     def apply_adapter(self, adapter: dict[str, Any]) -> None:
         """Apply the ``adapter`` config group (``adapter=lora``) to the backbone, after
         :meth:`configure_backbone`: the same for every task, no task-specific code."""
-        name = adapter.pop("name", "lora")
-        if name != "lora":
-            raise ValueError(f"unknown adapter {name!r}; valid choices: ['lora']")
-        from gptlab.model.lora import apply_lora
-
-        apply_lora(self.model, **adapter)
+        label = apply_adapter(self.model, adapter)
         n_train, n_total = self.trainable_parameter_count(), self.model.num_params()
-        rank_zero_info(f"LoRA (rank {adapter.get('rank')}): {n_train:,} trainable parameters "
+        rank_zero_info(f"{label} (rank {adapter.get('rank')}): {n_train:,} trainable parameters "
                        f"({100 * n_train / max(1, n_total):.2f}% of {n_total:,})")
 
     def adapter_path(self) -> Path:
@@ -104,15 +109,19 @@ class GPTTask(L.LightningModule):
         """Write the LoRA adapter (LoRA weights, ``train_extra`` weights, a task head, and the
         settings) to ``path`` (default :meth:`adapter_path`); None when the model has no LoRA.
         ``gptlab.model.lora.load_adapter(base_model, path)`` gives this model back exactly."""
-        from gptlab.model.lora import save_adapter
-
         if getattr(self.model, "lora_config", None) is None:
             return None
         return save_adapter(self.model, path or self.adapter_path(), self.adapter_metadata())
 
     def adapter_metadata(self) -> dict[str, Any]:
-        """Settings stored in an adapter file besides LoRA's own; tasks add what prediction needs."""
-        return {"init_from": self.hparams.init_from, "task": f"{type(self).__module__}.{type(self).__qualname__}"}
+        """Settings stored in an adapter file besides LoRA's own: the base it applies to, the task
+        and kind (checked by the inference loader) and :meth:`prediction_metadata`."""
+        return {"init_from": self.hparams.init_from, "task": self.task_name, "kind": self.kind,
+                **self.prediction_metadata()}
+
+    def prediction_metadata(self) -> dict[str, Any]:
+        """What inference needs besides the weights (class names, prompt style, ...); tasks add theirs."""
+        return {}
 
     def on_fit_end(self) -> None:
         # the adapter of the final weights, kilobytes to megabytes, beside the full checkpoints
@@ -176,7 +185,9 @@ class GPTTask(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gptlab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # plain strings and dicts only: a checkpoint never names code to import (gptlab.tasks.checkpoint)
+        checkpoint["gptlab_task"] = self.task_name
+        checkpoint["gptlab_kind"] = self.kind
         checkpoint["gptlab_model_config"] = self.model.config.to_dict()
 
     def trainable_parameter_count(self) -> int:
@@ -208,26 +219,3 @@ class LanguageModelTask(GPTTask):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
-
-
-def load_task(ckpt_path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> GPTTask:
-    """Rebuild the task saved in a gptlab checkpoint (its class is recorded in the file).
-
-    The pretrained ``init_from`` weights are not fetched again: the checkpoint holds every weight,
-    so the backbone is built from the stored config instead.
-    """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    path = ckpt.get("gptlab_task")
-    if path is None:
-        raise ValueError(f"{ckpt_path} is not a gptlab checkpoint (no 'gptlab_task' entry)")
-    module, _, name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    hp = dict(ckpt.get("hyper_parameters", {}))
-    if hp.get("init_from"):
-        hp["model"] = {**ckpt["gptlab_model_config"], **{k: v for k, v in (hp.get("model") or {}).items()
-                                                         if k in ("drop_rate", "activation_checkpointing")}}
-        hp["init_from"] = None
-    hp.update(overrides)
-    task = cls(**hp)
-    task.load_state_dict(ckpt["state_dict"])
-    return task.to(map_location)

@@ -111,6 +111,9 @@ class ClassificationTask(GPTTask):
         **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, lr, ...).
     """
 
+    task_name = "classify"
+    kind = "classifier"
+
     def __init__(self, num_classes: int | None = None, labels: Sequence[str] | None = None,
                  pooling: str = "last_token", trainable: str = "last_block", trainable_blocks: int = 1,
                  max_length: int | None = None, f1_average: str = "auto",
@@ -295,12 +298,12 @@ class ClassificationTask(GPTTask):
         finally:
             self.train(was_training)
 
-    def adapter_metadata(self) -> dict[str, Any]:
-        """:meth:`GPTTask.adapter_metadata` plus what prediction needs (labels, pooling, max_length),
-        so ``gptlab-classify init_from=... adapter_path=...`` works without the checkpoint."""
+    def prediction_metadata(self) -> dict[str, Any]:
+        """What ``gptlab-classify`` needs (labels, pooling, max_length), also in adapter files, so
+        ``gptlab-classify init_from=... adapter_path=...`` works without the checkpoint."""
         hp = self.hparams
-        return {**super().adapter_metadata(), "labels": self.label_names, "num_classes": self.num_classes,
-                "pooling": hp.pooling, "max_length": hp.max_length}
+        return {"labels": self.label_names, "num_classes": self.num_classes, "pooling": hp.pooling,
+                "max_length": hp.max_length}
 
 
 def confusion_matrix_image(matrix: torch.Tensor, labels: Sequence[str]) -> Any:

@@ -209,6 +209,9 @@ class DPOTask(ResponseGenerationMixin, GPTTask):
         **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, lr, ...).
     """
 
+    task_name = "dpo"
+    kind = "lm"
+
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  logp_reduction: str = "sum", reference: str = "auto", ref_logps_path: str | None = None,
                  beta_scaled_rewards: bool = True, disable_dropout: bool = True, prompt_style: str = "alpaca",
@@ -241,6 +244,10 @@ class DPOTask(ResponseGenerationMixin, GPTTask):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def prediction_metadata(self) -> dict[str, Any]:
+        """The prompt style, so the aligned model is prompted the way it was trained (``gptlab-chat``)."""
+        return {"prompt_style": self.hparams.prompt_style}
 
     @property
     def reference_mode(self) -> str:

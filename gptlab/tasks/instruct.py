@@ -125,6 +125,8 @@ class InstructionTask(ResponseGenerationMixin, LanguageModelTask):
         **kwargs: :class:`GPTTask` arguments (model, init_from, lr, ...).
     """
 
+    task_name = "instruct"
+
     def __init__(self, prompt_style: str = "alpaca", generate_on_test: bool = True, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  responses_file: str = "responses.json", log_examples: int = 3, **kwargs: Any):
@@ -132,6 +134,10 @@ class InstructionTask(ResponseGenerationMixin, LanguageModelTask):
         get_prompt_style(prompt_style)
         self.test_loss = torchmetrics.MeanMetric()
         self.reset_responses()
+
+    def prediction_metadata(self) -> dict[str, Any]:
+        """The prompt style, so ``gptlab-chat`` wraps instructions the way the model was trained."""
+        return {"prompt_style": self.hparams.prompt_style}
 
     # ----------------------------------------------------------------- test: loss + responses
     def on_test_epoch_start(self) -> None:

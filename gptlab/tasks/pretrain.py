@@ -18,6 +18,8 @@ class PretrainTask(LanguageModelTask):
     ``sample_prompt`` and logs the text to TensorBoard (``samples``).
     """
 
+    task_name = "pretrain"
+
     def __init__(self, sample_prompt: str | None = "Every effort moves you", sample_max_new_tokens: int = 40,
                  sample_temperature: float = 0.0, sample_top_k: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)

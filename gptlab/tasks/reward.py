@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from gptlab.data.instruct import get_prompt_style
 from gptlab.model.gpt import GPT
+from gptlab.model.lora import TARGETS
 from gptlab.tasks.base import GPTTask
 from gptlab.tasks.classify import class_logits
 from gptlab.tasks.metrics import StageMeans
@@ -98,6 +99,20 @@ def score_responses(model: GPT, entries: Sequence[Mapping[str, Any]], prompt_sty
     return scores
 
 
+def reward_adapter(adapter: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``adapter`` config for a reward model: LoRA on the backbone, while the new scalar head
+    trains fully (``train_extra``) so the adapter file holds it (TRL's ``modules_to_save=["score"]``);
+    LoRA on the head itself is dropped."""
+    adapter = dict(adapter)
+    targets = [t for t in adapter.get("targets", TARGETS) if t != "head"]
+    if not targets:
+        raise ValueError("adapter.targets names only the head; a reward model's head trains fully, "
+                         "give LoRA targets in the backbone (q, k, v, attn_proj, mlp_fc, mlp_proj)")
+    adapter["targets"] = targets
+    adapter["train_extra"] = list(dict.fromkeys([*adapter.get("train_extra", ()), "out_head"]))
+    return adapter
+
+
 class RewardModelTask(GPTTask):
     """A reward model on preference batches (:class:`gptlab.data.preference.PreferenceDataModule`;
     an optional ``margin`` per pair is used when the data has one).
@@ -112,11 +127,17 @@ class RewardModelTask(GPTTask):
         **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, lr, ...).
     """
 
+    task_name = "reward_model"
+    kind = "reward"
+
     def __init__(self, center_rewards_coefficient: float | None = None, prompt_style: str = "alpaca",
                  **kwargs: Any):
         if center_rewards_coefficient is not None and center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient={center_rewards_coefficient} must be >= 0")
         get_prompt_style(prompt_style)
+        if kwargs.get("adapter"):
+            # the effective settings go into hparams, so a checkpoint's adapter is rebuilt the same way
+            kwargs["adapter"] = reward_adapter(kwargs["adapter"])
         super().__init__(**kwargs)
         self.eval_metrics = StageMeans(METRICS)
 
@@ -125,19 +146,9 @@ class RewardModelTask(GPTTask):
         for p in self.model.parameters():
             p.requires_grad_(True)
 
-    def apply_adapter(self, adapter: dict[str, Any]) -> None:
-        """LoRA on the backbone; the new scalar head trains fully (``train_extra``), so the adapter
-        file holds it (TRL's ``modules_to_save=["score"]``). LoRA on the head itself is dropped."""
-        adapter = dict(adapter)
-        adapter["targets"] = [t for t in adapter.get("targets", ()) if t != "head"] or None
-        if adapter["targets"] is None:
-            raise ValueError("adapter.targets names only the head; a reward model's head trains fully, "
-                             "give LoRA targets in the backbone (q, k, v, attn_proj, mlp_fc, mlp_proj)")
-        adapter["train_extra"] = list(dict.fromkeys([*adapter.get("train_extra", ()), "out_head"]))
-        super().apply_adapter(adapter)
-
-    def adapter_metadata(self) -> dict[str, Any]:
-        return {**super().adapter_metadata(), "reward_model": True, "prompt_style": self.hparams.prompt_style}
+    def prediction_metadata(self) -> dict[str, Any]:
+        """How ``gptlab-reward`` writes a response after its prompt (also in adapter files)."""
+        return {"prompt_style": self.hparams.prompt_style, "pooling": "last_token"}
 
     # ----------------------------------------------------------------- steps
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
