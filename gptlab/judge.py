@@ -390,9 +390,11 @@ class Judge:
 
 
 # ----------------------------------------------------------------------------- files
-def load_responses(path: str | Path, response_key: str = "model_response") -> list[dict[str, Any]]:
+def load_responses(path: str | Path, response_key: str = "model_response",
+                   require_output: bool = True) -> list[dict[str, Any]]:
     """Entries of a responses file (``instruction``, ``input``, ``output``, ``model_response``),
-    with a clear error naming the file and the entry when one is malformed."""
+    with a clear error naming the file and the entry when one is malformed. ``require_output``:
+    the reference ``output`` must be there (scoring against it needs it; comparisons do not)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"responses file not found: {path}")
@@ -405,7 +407,7 @@ def load_responses(path: str | Path, response_key: str = "model_response") -> li
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: entry {i} must be an object, got {type(entry).__name__}")
-        for key in ("instruction", "output", response_key):
+        for key in ("instruction", *(("output",) if require_output else ()), response_key):
             if not isinstance(entry.get(key), str):
                 raise ValueError(f"{path}: entry {i} needs a string {key!r}")
     return data

@@ -63,7 +63,8 @@ def run_pairwise(cfg: DictConfig) -> dict[str, Any]:
     """Compare ``cfg.responses`` (the candidate) with ``cfg.baseline`` instruction by instruction;
     writes ``pairwise.json`` (or ``cfg.output``) and returns the report."""
     responses, baseline = Path(cfg.responses), Path(cfg.baseline)
-    triples = pair_responses(load_responses(baseline, cfg.response_key), load_responses(responses, cfg.response_key),
+    triples = pair_responses(load_responses(baseline, cfg.response_key, require_output=False),
+                             load_responses(responses, cfg.response_key, require_output=False),
                              cfg.response_key, names=(str(baseline), str(responses)))
     judge, cache = make_judge(cfg, responses)
     print(f"comparing {len(triples)} responses from {responses} with {baseline} using {judge.model!r} "

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info
 
-from gptlab.data.instruct import extract_response, format_input, get_prompt_style
+from gptlab.data.instruct import extract_response, format_input, get_prompt_style, left_pad
 from gptlab.model.generation import generate
 from gptlab.tasks.base import LanguageModelTask
 from gptlab.tokenizer import EOT_ID, get_tokenizer
@@ -33,6 +33,28 @@ def generate_answers(model: torch.nn.Module, prompt_ids: torch.Tensor, attention
     for ids in new:
         ids = ids[: ids.index(EOT_ID)] if EOT_ID in ids else ids
         answers.append(extract_response(tok.decode(ids), prompt_style))
+    return answers
+
+
+def answer_entries(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], prompt_style: str = "alpaca",
+                   max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float | None = None, batch_size: int = 8, max_prompt_length: int | None = None,
+                   progress: bool = False) -> list[str]:
+    """Answers to every entry's instruction (+ input) in ``prompt_style``, generated in batches of
+    ``batch_size`` left-padded prompts exactly as the test stage of a training run does."""
+    from tqdm.auto import tqdm
+
+    style = get_prompt_style(prompt_style)
+    tok = get_tokenizer()
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    with tqdm(total=len(entries), unit="entry", desc="generating", disable=not progress) as bar:
+        for start in range(0, len(entries), batch_size):
+            part = entries[start:start + batch_size]
+            ids, mask = left_pad(tok.encode_ordinary_batch([style.prompt(e) for e in part]), EOT_ID, max_prompt_length)
+            answers += generate_answers(model, ids.to(device), mask.to(device), prompt_style, max_new_tokens,
+                                        temperature, top_k, top_p)
+            bar.update(len(part))
     return answers
 
 
