@@ -166,3 +166,20 @@ def test_respond_cli_gives_the_answers_of_the_training_test_stage(runs, tmp_path
                                         "progress=false"])
     path = respond_run(cfg)
     assert json.loads(path.read_text()) == json.loads(runs["responses"].read_text())
+
+
+@pytest.mark.parametrize("preset", ["ch07_dpo_scratch", "ch08_reward_model_scratch"])
+def test_scratch_presets_run_end_to_end_with_the_default_callbacks(preset, tmp_path, preference_file, hydra_conf):
+    from gptlab.cli.train import train
+
+    cfg = compose("train", overrides=[f"experiment={preset}", "model=gpt2-tiny", "init_from=null",
+                                      f"data.path={preference_file}", "data.prompt_style=raw", "data.max_entries=60",
+                                      "trainer.max_steps=4", "trainer.val_check_interval=2",
+                                      "trainer.log_every_n_steps=1", "+callbacks.throughput.skip_steps=0",
+                                      "task.max_new_tokens=4" if preset.startswith("ch07") else "seed=1",
+                                      f"paths.output_dir={tmp_path}"])
+    metrics = train(cfg)
+    key = "test/rewards/accuracies" if preset.startswith("ch07") else "test/accuracy"
+    assert key in metrics and "throughput/tokens_per_sec" in metrics
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "responses.json").is_file() == preset.startswith("ch07")
