@@ -30,22 +30,22 @@ TINY = GPTConfig.from_name("gpt2-tiny").to_dict()
 DATA = {"prompt_style": "raw", "train_ratio": 0.7, "test_ratio": 0.1, "shuffle_before_split": True, "batch_size": 8}
 
 
-def fit(task: L.LightningModule, root, dm, epochs: int) -> L.Trainer:
+def fit(task: L.LightningModule, root, dm, epochs: int, **kw) -> L.Trainer:
     ckpt = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
     tr = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   num_sanity_val_steps=0, max_epochs=epochs, callbacks=[ckpt], default_root_dir=str(root))
+                   num_sanity_val_steps=0, max_epochs=epochs, callbacks=[ckpt], default_root_dir=str(root), **kw)
     tr.fit(task, datamodule=dm)
     return tr
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, preference_file):
-    """A short DPO run (with its test-stage responses.json) and a reward model, on the synthetic pairs."""
+    """A few DPO steps (with the test-stage responses.json) and a trained reward model, on the synthetic pairs."""
     root = tmp_path_factory.mktemp("runs")
     dm = PreferenceDataModule(path=str(preference_file), **DATA)
     torch.manual_seed(0)
     dpo = DPOTask(model=TINY, lr=3e-3, lr_schedule="constant", prompt_style="raw", max_new_tokens=6)
-    fit(dpo, root / "dpo", dm, 1).test(dpo, datamodule=dm, verbose=False)
+    fit(dpo, root / "dpo", dm, 1, limit_train_batches=2, limit_val_batches=1).test(dpo, datamodule=dm, verbose=False)
     torch.manual_seed(0)
     rm = RewardModelTask(model=TINY, lr=3e-3, lr_schedule="constant", prompt_style="raw")
     fit(rm, root / "rm", dm, 2)
