@@ -44,6 +44,14 @@ def peak_flops(device: torch.device | str, precision: str = "bf16") -> float | N
     return None
 
 
+def token_tensors(batch: Any) -> list[torch.Tensor]:
+    """The token-id tensors the model reads in a batch: ``input_ids``, or every ``*_input_ids``
+    (preference batches: ``chosen_input_ids`` and ``rejected_input_ids``), or a tuple's first item."""
+    if isinstance(batch, dict):
+        return [v for k, v in batch.items() if k == "input_ids" or k.endswith("_input_ids")]
+    return [batch[0]]
+
+
 class ThroughputMonitor(L.Callback):
     """Logs ``throughput/tokens_per_sec``, ``throughput/step_time_ms`` and (on known GPUs)
     ``throughput/mfu`` every ``log_every_n_steps`` optimizer steps.
@@ -70,8 +78,8 @@ class ThroughputMonitor(L.Callback):
                            batch_idx: int) -> None:
         if self._t0 is None:
             return
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
-        self._tokens += ids.numel() * trainer.world_size
+        ids = token_tensors(batch)
+        self._tokens += sum(t.numel() for t in ids) * trainer.world_size
         self._steps += 1
         if self._steps < self.every:
             return
@@ -82,7 +90,7 @@ class ThroughputMonitor(L.Callback):
         if self._flops_per_token is None:
             model = getattr(pl_module, "model", None)
             fpt = getattr(model, "flops_per_token", None)
-            self._flops_per_token = float(fpt(ids.shape[-1])) if fpt else 0.0
+            self._flops_per_token = float(fpt(ids[0].shape[-1])) if fpt else 0.0
         peak = peak_flops(pl_module.device, str(trainer.precision))
         if peak and self._flops_per_token:
             metrics["throughput/mfu"] = tps * self._flops_per_token / (peak * trainer.world_size)

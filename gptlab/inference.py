@@ -30,13 +30,15 @@ from gptlab.tokenizer import get_tokenizer
 from gptlab.weights import is_training_checkpoint, safe_torch_load
 from gptlab.weights.loading import TORCH_SUFFIXES
 
-KINDS = {"lm": "language model", "classifier": "classifier"}
+KINDS = {"lm": "language model", "classifier": "classifier", "reward": "reward model"}
 """What a model can predict -> how errors name it."""
 _HINTS = {
     "lm": "gptlab-generate, gptlab-chat, gptlab-eval and gptlab-export need a language model (pretraining, "
           "instruction tuning, or pretrained weights)",
     "classifier": "gptlab-classify needs a classifier: train one with gptlab-train task=classify (e.g. "
                   "experiment=ch06_spam), or give the classification run's adapter_path=",
+    "reward": "gptlab-reward needs a reward model: train one with gptlab-train task=reward_model (e.g. "
+              "experiment=ch08_reward_model), or give the reward-model run's adapter_path=",
 }
 PRECISIONS = ("auto", "32", "bf16", "bf16-mixed", "16", "keep")
 _PREDICTION_KEYS = ("labels", "pooling", "max_length", "prompt_style")
@@ -52,7 +54,7 @@ class LoadedModel:
 
     model: GPT
     kind: str
-    """``lm`` or ``classifier``."""
+    """``lm``, ``classifier`` or ``reward`` (:data:`KINDS`)."""
     source: str
     """What was loaded, for messages: the checkpoint, or the weights (+ adapter)."""
     device: torch.device
@@ -109,7 +111,7 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
             prediction settings (class names, pooling, ...). A QLoRA adapter was trained on the
             base's 4-bit rounding: the base is re-quantized with the file's settings first (NF4 is
             deterministic), so the model is the trained one; merged, it is that model in full precision.
-        expect: the kind the caller needs (``lm`` | ``classifier``; None = any): another kind raises
+        expect: the kind the caller needs (``lm`` | ``classifier`` | ``reward``; None = any): another kind raises
             :class:`WrongModelKind` naming the file and what it holds.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:1`` ...
         precision: ``32`` (fp32 weights), ``bf16`` (bf16 weights), ``bf16-mixed`` (fp32 weights, use

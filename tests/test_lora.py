@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
-from gptlab.model.lora import (LoRALinear, apply_lora, load_adapter, lora_layers, lora_state_dict, merge_lora,
+from gptlab.model.lora import (LoRALinear, apply_lora, disable_lora, load_adapter, lora_layers, lora_state_dict, merge_lora,
                                read_adapter, remove_lora, save_adapter, trainable_parameters, unmerge_lora)
 from gptlab.tasks.pretrain import PretrainTask
 
@@ -161,6 +161,23 @@ def test_merged_model_gives_the_unmerged_outputs(tiny_model):
     unmerge_lora(tiny_model)
     torch.testing.assert_close(tiny_model.blocks[0].mlp.fc.weight, weight, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(tiny_model(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_lora_gives_the_base_outputs_inside_and_the_adapted_ones_after(tiny_model):
+    x = ids()
+    with torch.no_grad():
+        base = tiny_model(x)
+        model = randomize_lora(apply_lora(copy.deepcopy(tiny_model), rank=4, alpha=8))
+        adapted = model(x)
+        with disable_lora(model):
+            assert torch.allclose(model(x), base, atol=1e-6)
+        assert torch.equal(model(x), adapted)
+        merge_lora(model)  # a merged update is taken out of the weights and put back
+        with disable_lora(model):
+            assert torch.allclose(model(x), base, atol=1e-5)
+        assert torch.allclose(model(x), adapted, atol=1e-5) and all(layer.merged for _, layer in lora_layers(model))
+        with disable_lora(tiny_model):  # no LoRA: nothing to switch off
+            assert torch.equal(tiny_model(x), base)
 
 
 def test_merge_is_a_no_op_without_lora(tiny_model):

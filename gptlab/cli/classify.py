@@ -88,16 +88,17 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
 _RAW_TEXT: list[str] = []
 
 
-def pop_text_argument(argv: list[str]) -> str | None:
-    """Remove ``text=...`` arguments from ``argv``; the last one's value, verbatim (None if none).
+def pop_text_argument(argv: list[str], key: str = "text") -> str | None:
+    """Remove ``<key>=...`` arguments (default ``text=``) from ``argv``; the last one's value,
+    verbatim (None if none).
 
     Hydra's override grammar rejects many characters of ordinary messages (``!``, ``(``, ``,``
     lists, ``${`` interpolations) unless the value is quoted once more inside the shell quotes, so
     the text never goes through it."""
     value = None
     for arg in list(argv[1:]):
-        key, sep, rest = arg.partition("=")
-        if sep and key.lstrip("+") == "text":
+        name, sep, rest = arg.partition("=")
+        if sep and name.lstrip("+") == key:
             argv.remove(arg)
             value = rest
     if value and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":

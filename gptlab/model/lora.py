@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -282,6 +283,32 @@ def remove_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block ``model`` computes its base function: every LoRA update is switched off
+    (scale 0; an update merged into a weight is taken out first and put back after). Without LoRA
+    layers nothing changes. The base model for free, e.g. the DPO/PPO reference model without a
+    second copy in memory (PEFT's ``disable_adapter``)::
+
+        with torch.no_grad(), disable_lora(policy):
+            ref_logits = policy(input_ids)
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer for layer in layers if layer.merged]
+    scales = [layer.scale for layer in layers]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.scale = 0.0
+    try:
+        yield model
+    finally:
+        for layer, scale in zip(layers, scales):
+            layer.scale = scale
+        for layer in merged:
+            layer.merge()
+
+
 # --------------------------------------------------------------------------- adapter files
 def _is_lora_key(key: str) -> bool:
     return ".lora_A" in key or ".lora_B" in key
@@ -392,5 +419,5 @@ def _norm(value: Any) -> Any:
 
 
 __all__ = ["LoRALinear", "TARGETS", "SCALINGS", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora",
-           "lora_state_dict", "save_adapter", "load_adapter", "read_adapter", "adopt_adapter_head", "lora_layers",
-           "has_lora", "trainable_parameters", "lora_scale"]
+           "disable_lora", "lora_state_dict", "save_adapter", "load_adapter", "read_adapter", "adopt_adapter_head",
+           "lora_layers", "has_lora", "trainable_parameters", "lora_scale"]

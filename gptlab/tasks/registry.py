@@ -13,10 +13,13 @@ import torch
 from gptlab.tasks.base import GPTTask
 from gptlab.tasks.checkpoint import CheckpointError, read_checkpoint
 from gptlab.tasks.classify import ClassificationTask
+from gptlab.tasks.dpo import DPOTask
 from gptlab.tasks.instruct import InstructionTask
 from gptlab.tasks.pretrain import PretrainTask
+from gptlab.tasks.reward import RewardModelTask
 
-TASKS: dict[str, type[GPTTask]] = {cls.task_name: cls for cls in (PretrainTask, ClassificationTask, InstructionTask)}
+TASKS: dict[str, type[GPTTask]] = {cls.task_name: cls for cls in (PretrainTask, ClassificationTask, InstructionTask,
+                                                                  DPOTask, RewardModelTask)}
 """Registry name -> task class."""
 
 _LEGACY_NAMES = {f"{cls.__module__}.{cls.__qualname__}": name for name, cls in TASKS.items()}
