@@ -15,11 +15,12 @@ from gptlab.tasks.checkpoint import CheckpointError, read_checkpoint
 from gptlab.tasks.classify import ClassificationTask
 from gptlab.tasks.dpo import DPOTask
 from gptlab.tasks.instruct import InstructionTask
+from gptlab.tasks.ppo import PPOTask
 from gptlab.tasks.pretrain import PretrainTask
 from gptlab.tasks.reward import RewardModelTask
 
 TASKS: dict[str, type[GPTTask]] = {cls.task_name: cls for cls in (PretrainTask, ClassificationTask, InstructionTask,
-                                                                  DPOTask, RewardModelTask)}
+                                                                  DPOTask, RewardModelTask, PPOTask)}
 """Registry name -> task class."""
 
 _LEGACY_NAMES = {f"{cls.__module__}.{cls.__qualname__}": name for name, cls in TASKS.items()}
