@@ -79,6 +79,8 @@ class ThroughputMonitor(L.Callback):
         if self._t0 is None:
             return
         ids = token_tensors(batch)
+        if not ids:  # no token ids in the batch (PPO's prompt batches): nothing to count
+            return
         self._tokens += sum(t.numel() for t in ids) * trainer.world_size
         self._steps += 1
         if self._steps < self.every:

@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from gptlab.inference import load_model
 from gptlab.tasks.reward import reward_scores
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import get_tokenizer
 
 
 class RewardFunction(Protocol):
@@ -98,14 +98,14 @@ class RewardModel:
 
     def __init__(self, ckpt_path: str | Path | None = None, init_from: str | Path | None = None,
                  adapter_path: str | Path | None = None, precision: str = "32", batch_size: int | None = None,
-                 max_length: int | None = None, pad_id: int = EOT_ID):
+                 max_length: int | None = None):
         self.loaded = load_model(ckpt_path=ckpt_path, init_from=init_from, adapter_path=adapter_path,
                                  expect="reward", precision=precision)
         self.model = self.loaded.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.prompt_style = self.loaded.prompt_style
-        self.batch_size, self.pad_id = batch_size, pad_id
+        self.batch_size = batch_size
         context = self.model.config.context_length
         self.max_length = min(max_length or context, context)
 
@@ -124,7 +124,8 @@ class RewardModel:
         scores = []
         for start in range(0, len(rows), step):
             part = rows[start:start + step]
-            ids = pad_sequence(part, batch_first=True, padding_value=self.pad_id).to(self.device)  # (b, T)
+            # right padding with id 0: causal attention keeps it out of the last real token's score
+            ids = pad_sequence(part, batch_first=True, padding_value=0).to(self.device)  # (b, T)
             lengths = torch.tensor([len(r) for r in part], device=self.device)
             mask = (torch.arange(ids.size(1), device=self.device)[None, :] < lengths[:, None]).long()
             with self.loaded.autocast():
