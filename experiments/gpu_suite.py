@@ -65,10 +65,10 @@ class Benchmark:
 BENCHMARKS: list[Benchmark] = [
     Benchmark("throughput_b16", "Training throughput, gpt2-small, context 1024, batch 16 (gptlab vs book reference)",
               "experiments/throughput/run.py", ["--preset", "gpu", "--batch", "16"],
-              ["--preset", "smoke"], 130, "experiments/throughput/README.md"),
+              ["--preset", "smoke"], 100, "experiments/throughput/README.md"),
     Benchmark("throughput_b32", "Training throughput, gpt2-small, context 1024, batch 32 (gptlab vs book reference)",
               "experiments/throughput/run.py", ["--preset", "gpu", "--batch", "32"],
-              ["--preset", "smoke", "--batch", "4"], 110, "experiments/throughput/README.md"),
+              ["--preset", "smoke", "--batch", "4"], 80, "experiments/throughput/README.md"),
     Benchmark("progress_bar", "Progress bar and logging on vs off the critical path (gptlab, gpt2-small, batch 16)",
               "experiments/progress_bar/run.py", ["--preset", "gpu"], ["--preset", "smoke"], 110,
               "experiments/progress_bar/README.md"),
@@ -86,6 +86,11 @@ BENCHMARKS: list[Benchmark] = [
               "experiments/lora_vs_full/run.py", ["--device", "cuda"],
               ["--device", "cpu", "--model", "gpt2-tiny", "--batch", "2", "--seq", "32", "--steps", "1",
                "--threads", "1"], 60, "experiments/lora_vs_full/README.md"),
+    Benchmark("ppo_speed", "PPO iteration time: rollout generation (dynamic / static / compiled KV cache) vs scoring vs update",
+              "experiments/ppo_speed/run.py",
+              ["--device", "cuda", "--model", "gpt2-small", "--batch", "16", "--prompt-len", "64", "--new-tokens", "64",
+               "--warmup", "1", "--iters", "2"],
+              ["--smoke"], 60, "experiments/ppo_speed/README.md"),
 ]
 SMOKE_CAP_S = 120
 
