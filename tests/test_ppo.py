@@ -235,6 +235,16 @@ def test_packed_rows_give_the_log_probs_of_each_row_run_alone():
     assert out.values.shape == (3, 5) and bool((out.values == 0).all())  # zero-initialised value head
 
 
+def test_entropy_carries_gradients_only_as_a_bonus():
+    batch = next(iter(prompt_loader()))
+    for coef in (0.0, 0.1):
+        task = policy(entropy_coef=coef)
+        rollout, _ = task.make_rollout(batch)
+        out = task.policy_forward(rollout.sequences, rollout.positions, rollout.responses, with_entropy=True)
+        assert out.entropy.requires_grad == bool(coef) and out.logprobs.requires_grad
+        assert float(masked_mean(out.entropy, rollout.mask)) == pytest.approx(math.log(V), rel=0.01)  # ~uniform
+
+
 @pytest.mark.parametrize("adapter", [None, LORA], ids=["copy", "lora-adapters-off"])
 def test_kl_penalty_is_zero_while_the_policy_is_the_reference(adapter):
     task = policy(adapter=adapter)

@@ -136,6 +136,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         self.reference_model: nn.Module | None = None
         self._policy_is_reference = True  # until the first optimizer step or a restored checkpoint
         self._warned_crop = False
+        self._compiled_forward: Callable[..., PolicyOutput] | None = None
         self.reset_responses()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -299,9 +300,15 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
 
     def policy_forward(self, sequences: torch.Tensor, positions: torch.Tensor, responses: torch.Tensor,
                        with_entropy: bool = False) -> PolicyOutput:
-        """Log-probs, values (and entropy) of the responses under the current policy."""
-        return response_forward(self.model, sequences, positions, responses, self.hparams.temperature,
-                                self.value_head, with_entropy)
+        """Log-probs, values (and entropy) of the responses under the current policy; through
+        ``torch.compile`` (dynamic shapes: lengths change every iteration) when ``compile=true``."""
+        forward = response_forward
+        if self.hparams.compile:
+            if self._compiled_forward is None:
+                self._compiled_forward = torch.compile(response_forward, dynamic=True)
+            forward = self._compiled_forward
+        return forward(self.model, sequences, positions, responses, self.hparams.temperature, self.value_head,
+                       with_entropy, entropy_grad=with_entropy and bool(self.hparams.entropy_coef))
 
     # ----------------------------------------------------------------- update
     def ppo_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:

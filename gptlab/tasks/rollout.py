@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gptlab.model.generation import generate
 from gptlab.model.gpt import GPT
@@ -72,22 +71,22 @@ class PolicyOutput:
 
 
 def response_forward(model: GPT, sequences: torch.Tensor, positions: torch.Tensor, responses: torch.Tensor,
-                     temperature: float = 1.0, value_head: nn.Module | None = None,
-                     with_entropy: bool = False) -> PolicyOutput:
+                     temperature: float = 1.0, value_head: nn.Module | None = None, with_entropy: bool = False,
+                     entropy_grad: bool = False) -> PolicyOutput:
     """One forward pass over packed ``sequences`` (B, T): log π(response token) at temperature
     ``temperature`` (logits ÷ T, the distribution that was sampled), the ``value_head``'s estimate
-    on the same hidden states, and the entropy of π (all (B, R), float32)."""
+    on the same hidden states, and the entropy of π (all (B, R), float32). The entropy carries
+    gradients only with ``entropy_grad`` (an entropy bonus); as a metric it costs no backward memory."""
     hidden = model.hidden_states(sequences)  # (B, T, D)
     D = hidden.size(-1)
     at = hidden.gather(1, positions[..., None].expand(-1, -1, D))  # (B, R, D): states before each response token
-    logits = model.logits(at).float() / temperature  # (B, R, V)
-    B, R, V = logits.shape
-    logprobs = -F.cross_entropy(logits.reshape(B * R, V), responses.reshape(B * R), reduction="none").view(B, R)
+    logp = torch.log_softmax(model.logits(at).float() / temperature, dim=-1)  # (B, R, V)
+    logprobs = logp.gather(-1, responses[..., None]).squeeze(-1)
     values = value_head(at).squeeze(-1).float() if value_head is not None else None
     entropy = None
     if with_entropy:
-        logp = torch.log_softmax(logits, dim=-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1)
+        src = logp if entropy_grad else logp.detach()
+        entropy = -(src.exp() * src).sum(dim=-1)
     return PolicyOutput(logprobs, values, entropy)
 
 
