@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from gptlab.cli.train import train
 from gptlab.data.instruct import left_pad
 from gptlab.data.prompts import PromptDataError, PromptDataModule, load_prompts
-from gptlab.inference import load_model
+from gptlab.inference import WrongModelKind, load_model
 from gptlab.rewards import RegexCountReward, RewardModel, TokenCountReward
 from gptlab.tasks.ppo import PPOTask
 from gptlab.tasks.registry import load_task
@@ -379,6 +379,10 @@ def test_checkpoint_holds_no_reward_and_loads_as_a_language_model(tmp_path):
     assert loaded.kind == "lm" and loaded.task == "ppo"
     restored.on_load_checkpoint(ckpt)
     assert restored.kl_coef == beta
+    with pytest.raises(WrongModelKind, match="not a reward model"):
+        RewardModel(ckpt_path=tmp_path / "ppo.ckpt")  # a policy is no reward model
+    with pytest.raises(ValueError, match="reward_checkpoint="):
+        RewardModel()
 
 
 def test_samples_table_goes_to_tensorboard(tmp_path):

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from gptlab.data.instruct import get_prompt_style
+from gptlab.data.instruct import extract_response, get_prompt_style
 from gptlab.model.lora import disable_lora, remove_lora
 from gptlab.tasks.base import GPTTask
 from gptlab.tasks.dpo import eval_mode, switch_off_dropout
@@ -413,7 +413,10 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
             scores = [None] * B
         if self.hparams.generate_on_test and "entries" in batch:
             for i, entry, text, s in zip(batch["index"].tolist(), batch["entries"], completions, scores):
-                self._responses.append((i, {**entry, "model_response": text.replace("<|endoftext|>", "").strip(),
+                # cut like every other test stage (gptlab-reward / gptlab-judge compare them); "reward"
+                # is the score of the whole completion, the one PPO optimised
+                answer = extract_response(text, self.hparams.prompt_style)
+                self._responses.append((i, {**entry, "model_response": answer,
                                             **({"reward": s} if s is not None else {})}))
 
     def on_test_epoch_end(self) -> None:
