@@ -87,7 +87,7 @@ def fit(task: PPOTask, iterations: int, tmp_path, seed: int = 0, **trainer_kw) -
 
 def policy(seed: int = 0, **kw) -> PPOTask:
     torch.manual_seed(seed)
-    return PPOTask(model=TINY, **{"reward": TokenCountReward(TOKEN), **FAST, **kw})
+    return PPOTask(**{"model": TINY, "reward": TokenCountReward(TOKEN), **FAST, **kw})
 
 
 @torch.no_grad()
@@ -306,6 +306,17 @@ def test_lora_ppo_trains_only_the_adapters_and_the_value_head(tmp_path):
     assert {k for k in changed if ".lora_B" in k} and "value_head.weight" in changed
     assert all(".lora_" in k or k.startswith("value_head.") for k in changed), sorted(changed)
     assert task.reference_model is None
+
+
+def test_qlora_ppo_needs_no_task_specific_code(tmp_path):
+    pytest.importorskip("torchao")
+    qlora = {**LORA, "name": "qlora", "compute_dtype": "float32"}
+    task = policy(adapter=qlora, model={**TINY, "emb_dim": 128})  # 128-wide layers split into NF4 blocks
+    assert task.reference_mode == "adapters_off" and type(task.model.blocks[0].attn.qkv).__name__ == "QLoRALinear"
+    rollout, _ = task.make_rollout(next(iter(prompt_loader())))
+    assert rollout.kl.abs().max() == 0  # the policy with its adapters off is the (quantized) reference
+    history = fit(task, 3, tmp_path)
+    assert history.rows[-1]["objective/kl"] > 0 and math.isfinite(history.rows[-1]["val/value_loss"])
 
 
 def test_the_reward_model_path_end_to_end(tmp_path):
