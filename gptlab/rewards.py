@@ -100,9 +100,9 @@ class RewardModel:
                  adapter_path: str | Path | None = None, precision: str = "32", batch_size: int | None = None,
                  max_length: int | None = None):
         if ckpt_path is None and init_from is None:
-            raise ValueError("the reward model needs ckpt_path=<a task=reward_model checkpoint> (task.reward.ckpt_path=..., "
-                             "or reward_checkpoint=... with experiment=ch08_ppo / ch08_ppo_scratch), or init_from=<its "
-                             "base> with adapter_path=<its adapter file>")
+            raise ValueError("the reward model needs ckpt_path=<a task=reward_model checkpoint> "
+                             "(task.reward.ckpt_path=..., or reward_checkpoint=... with experiment=ch08_ppo / "
+                             "ch08_ppo_scratch), or init_from=<its base> with adapter_path=<its adapter file>")
         self.loaded = load_model(ckpt_path=ckpt_path, init_from=init_from, adapter_path=adapter_path,
                                  expect="reward", precision=precision)
         self.model = self.loaded.model.eval()

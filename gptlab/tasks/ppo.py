@@ -53,8 +53,8 @@ from gptlab.tasks.dpo import eval_mode, switch_off_dropout
 from gptlab.tasks.instruct import ResponseGenerationMixin
 from gptlab.tasks.rlhf import (KL_ESTIMATORS, KLController, clipped_policy_loss, clipped_value_loss, gae, kl_estimate,
                                masked_mean, masked_whiten, response_mask, token_rewards)
-from gptlab.tasks.rollout import (GENERATION_CACHES, PolicyOutput, Rollout, chunked, pack_sequences, response_forward,
-                                  sample_responses)
+from gptlab.tasks.rollout import (GENERATION_CACHES, PhaseTimer, PolicyOutput, Rollout, chunked, pack_sequences,
+                                  response_forward, sample_responses)
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 REFERENCES = ("auto", "copy", "adapters_off")
@@ -131,7 +131,8 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.automatic_optimization = False
-        # not submodules: kept out of state_dict and parameters(); moved with the task (_apply)
+        # not submodules: kept out of state_dict and parameters(); the reference copy moves with the
+        # task (_apply), the reward function to the task's device when fitting or testing starts
         self.reward_fn = reward_fn
         self.reference_model: nn.Module | None = None
         self._policy_is_reference = True  # until the first optimizer step or a restored checkpoint
@@ -178,9 +179,10 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         if stage != "fit":
             return
         if self.reward_fn is None:
-            raise ValueError("task=ppo needs a reward: task.reward._target_=gptlab.rewards.RewardModel "
-                             "task.reward.ckpt_path=<reward model checkpoint>, or a Python reward function "
-                             "(task.reward._target_=gptlab.rewards.TokenCountReward task.reward.token=..., or your own)")
+            raise ValueError("task=ppo needs a reward: a reward model (task.reward.ckpt_path=<reward model "
+                             "checkpoint>, or reward_checkpoint=... with experiment=ch08_ppo*; its class: "
+                             "task.reward._target_=gptlab.rewards.RewardModel), or a rule (task/reward=token_count "
+                             "task.reward.token=..., task/reward=regex, or your own function's _target_)")
         style = getattr(self.reward_fn, "prompt_style", None)
         if style and style != self.hparams.prompt_style:
             raise ValueError(f"the reward model was trained on prompt_style={style!r} prompts but task.prompt_style="
@@ -216,9 +218,9 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         if prompt_ids.size(1) <= keep:
             return prompt_ids, prompt_mask
         if not self._warned_crop:
-            rank_zero_warn(f"prompts of {prompt_ids.size(1)} tokens + max_new_tokens={self.hparams.max_new_tokens} exceed "
-                           f"context_length={self.model.config.context_length}: prompts keep their last {keep} tokens "
-                           "(set data.max_prompt_length to choose)")
+            rank_zero_warn(f"prompts of {prompt_ids.size(1)} tokens + max_new_tokens={self.hparams.max_new_tokens} "
+                           f"exceed context_length={self.model.config.context_length}: prompts keep their last "
+                           f"{keep} tokens (set data.max_prompt_length to choose)")
             self._warned_crop = True
         return prompt_ids[:, -keep:], prompt_mask[:, -keep:]
 
@@ -275,7 +277,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
     def make_rollout(self, batch: Mapping[str, Any]) -> tuple[Rollout, dict[str, float]]:
         """Steps 1-5 of an iteration (module docstring); returns the rollout and its timings (s)."""
         hp = self.hparams
-        timer = _Timer(self.device)
+        timer = PhaseTimer(self.device)
         prompt_ids, prompt_mask, responses, mask = self.sample(batch, hp.temperature)
         timer.lap("generation_s")
         scores, prompts, completions = self.score(batch, prompt_ids, prompt_mask, responses, mask)
@@ -352,7 +354,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()  # once per iteration: the LR schedule spans trainer.estimated_stepping_batches iterations
-        timings["update_s"] = _Timer.elapsed(self.device, start)
+        timings["update_s"] = PhaseTimer.elapsed(self.device, start)
         metrics = self.rollout_metrics(rollout)
         self._kl.update(float(metrics["objective/kl"]), len(rollout))
         metrics.update(update)
@@ -454,7 +456,8 @@ def _check_settings(*, max_new_tokens: int, temperature: float, generation_cache
          "explores nothing); use test_temperature=0 for greedy test answers"),
         (generation_cache in GENERATION_CACHES,
          f"unknown task.generation_cache {generation_cache!r}; valid choices: {list(GENERATION_CACHES)}"),
-        (kl_estimator in KL_ESTIMATORS, f"unknown task.kl_estimator {kl_estimator!r}; valid choices: {list(KL_ESTIMATORS)}"),
+        (kl_estimator in KL_ESTIMATORS,
+         f"unknown task.kl_estimator {kl_estimator!r}; valid choices: {list(KL_ESTIMATORS)}"),
         (0 <= gamma <= 1 and 0 <= lam <= 1, f"task.gamma={gamma} and task.lam={lam} must be in [0, 1]"),
         (ppo_epochs >= 1 and num_mini_batches >= 1,
          f"task.ppo_epochs={ppo_epochs} and task.num_mini_batches={num_mini_batches} must be >= 1"),
@@ -477,25 +480,6 @@ def _cell(text: str, limit: int = 300) -> str:
     """``text`` as one markdown table cell: pipes escaped, newlines shown as ↵, cut at ``limit``."""
     text = text if len(text) <= limit else text[:limit] + " …"
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", " ↵ ")
-
-
-class _Timer:
-    """Wall-clock laps that include the device's queued work (one CUDA sync per lap)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        self.laps[name] = self.elapsed(self.device, self.start)
-        self.start = time.perf_counter()
-
-    @staticmethod
-    def elapsed(device: torch.device, start: float) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
 
 
 __all__ = ["PPOTask", "REFERENCES"]

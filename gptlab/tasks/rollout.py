@@ -12,6 +12,7 @@ through the (large) output head.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
@@ -127,5 +128,25 @@ class Rollout:
         return self.sequences.size(0)
 
 
+class PhaseTimer:
+    """Wall-clock laps of an iteration's phases (generation, scoring, ...) that include the device's
+    queued work: one CUDA sync per lap, a handful per iteration."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        self.laps[name] = self.elapsed(self.device, self.start)
+        self.start = time.perf_counter()
+
+    @staticmethod
+    def elapsed(device: torch.device, start: float) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+
 __all__ = ["GENERATION_CACHES", "sample_responses", "pack_sequences", "PolicyOutput", "response_forward", "chunked",
-           "Rollout"]
+           "Rollout", "PhaseTimer"]
