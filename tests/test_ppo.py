@@ -245,6 +245,22 @@ def test_entropy_carries_gradients_only_as_a_bonus():
         assert float(masked_mean(out.entropy, rollout.mask)) == pytest.approx(math.log(V), rel=0.01)  # ~uniform
 
 
+def test_the_reward_sees_unpadded_prompts_and_responses_cut_before_the_stop_token():
+    seen = {}
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        return [1.0, 1.0]
+
+    task = policy(reward=record, stop_token_id=5, missing_eos_penalty=0.5)
+    prompt_ids, prompt_mask = left_pad([[3, 4, 9], [8]], 0)
+    responses = torch.tensor([[6, 7, 5, 5], [6, 6, 6, 6]])  # row 2 never stops
+    scores, _, completions = task.score({}, prompt_ids, prompt_mask, responses, response_mask(responses, 5))
+    assert seen["prompt_ids"] == [[3, 4, 9], [8]] and seen["completion_ids"] == [[6, 7], [6, 6, 6, 6]]
+    assert completions == seen["completions"] and len(seen["prompts"]) == 2
+    assert scores.tolist() == [1.0, 0.5]  # the missing-stop penalty
+
+
 @pytest.mark.parametrize("adapter", [None, LORA], ids=["copy", "lora-adapters-off"])
 def test_kl_penalty_is_zero_while_the_policy_is_the_reference(adapter):
     task = policy(adapter=adapter)
