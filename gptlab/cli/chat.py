@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
 from gptlab.cli.generate import StreamDecoder
 from gptlab.data.instruct import PromptStyle, get_prompt_style
 from gptlab.inference import load_model
@@ -126,11 +127,19 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="chat")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "chat", "gptlab-chat")
     try:
-        run(cfg)
+        with user_errors("gptlab-chat"):
+            run(cfg)
     except KeyboardInterrupt:
         sys.stderr.write("\n")
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("chat", "gptlab-chat")
+    _hydra_main()
 
 
 if __name__ == "__main__":

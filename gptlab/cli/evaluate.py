@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
 from gptlab.inference import LoadedModel, load_model, resolve_device, resolve_precision
 from gptlab.tokenizer import get_tokenizer
 
@@ -87,8 +88,16 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "eval", "gptlab-eval")
+    with user_errors("gptlab-eval"):
+        run(cfg)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("eval", "gptlab-eval", ["data"])
+    _hydra_main()
 
 
 if __name__ == "__main__":
