@@ -7,6 +7,7 @@ mistakes a user can fix (a wrong value, a missing file) instead of tracebacks.""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -126,6 +127,36 @@ def require_values(cfg: DictConfig, config_name: str, prog: str) -> None:
     raise SystemExit(2)
 
 
+PLUGINS = {  # (config group, option prefix) -> (module the option needs, pip extra that installs it)
+    ("hydra/launcher", "parallel"): ("hydra_plugins.hydra_joblib_launcher", "launchers"),
+    ("hydra/launcher", "joblib"): ("hydra_plugins.hydra_joblib_launcher", "launchers"),
+    ("hydra/launcher", "slurm"): ("hydra_plugins.hydra_submitit_launcher", "launchers"),
+    ("hydra/launcher", "submitit"): ("hydra_plugins.hydra_submitit_launcher", "launchers"),
+    ("hparams_search", ""): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+}
+"""Options that need an optional Hydra plugin (``hparams_search=*``: the Optuna sweeper)."""
+
+
+def _installed(module: str) -> bool:
+    parent = module.rpartition(".")[0]
+    return (not parent or importlib.util.find_spec(parent) is not None) and importlib.util.find_spec(module) is not None
+
+
+def check_plugins(prog: str, argv: list[str] | None = None) -> None:
+    """Exit naming the ``pip install`` extra when the command line picks an option whose Hydra
+    plugin is not installed (Hydra itself would only say it cannot load the plugin's config)."""
+    for arg in (sys.argv if argv is None else argv)[1:]:
+        group, sep, value = arg.lstrip("+~").partition("=")
+        if not sep:
+            continue
+        for (g, prefix), (module, extra) in PLUGINS.items():
+            if group == g and value.startswith(prefix) and not _installed(module):
+                sys.stderr.write(f'{prog}: {arg} needs the Hydra plugin {module}, which is not installed: '
+                                 f'pip install "gptlab[{extra}]"\n')
+                raise SystemExit(2)
+
+
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, DownloadError, ImportError)
 """Exceptions that report a mistake the user can fix (their messages name the key, value or file)."""
 
@@ -151,5 +182,5 @@ def user_errors(prog: str) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
-__all__ = ["render", "handle_help", "require_values", "read_keys", "header", "groups", "user_errors",
+__all__ = ["check_plugins", "PLUGINS", "render", "handle_help", "require_values", "read_keys", "header", "groups", "user_errors",
            "user_error", "USER_ERRORS"]

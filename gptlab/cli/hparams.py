@@ -14,7 +14,11 @@ TOP_LEVEL = ("seed", "init_from", "compile")
 """Top-level keys that are hyperparameters."""
 NOT_HPARAMS = ("_target_", "_convert_", "_partial_", "_recursive_", "default_root_dir", "dirpath", "save_dir",
                "path", "cache_dir", "tokenizer", "responses_file", "confusion_matrix_file", "enable_progress_bar",
-               "log_every_n_steps", "num_workers", "pin_memory", "enable_checkpointing")
+               "log_every_n_steps", "num_workers", "pin_memory", "enable_checkpointing", "enable_model_summary",
+               "memmap", "strip_gutenberg", "shuffle", "drop_last", "val_batch_size", "num_sanity_val_steps",
+               "limit_train_batches", "limit_val_batches", "deterministic", "check_val_every_n_epoch", "fused_adamw",
+               "vocab_size", "ln_eps", "log_examples", "generate_on_test", "sample_prompt", "sample_max_new_tokens",
+               "sample_temperature", "sample_top_k", "labels", "progress")
 """Leaf names that are plumbing, not hyperparameters (paths, files, display, workers)."""
 FINAL_PREFIX = "final/"
 """The final metrics go to their own tags (``final/val/loss``), so rewriting them at the end never

@@ -23,11 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.ddp import DDPJobScope
-from gptlab.cli.entry import handle_help, require_values, user_error
+from gptlab.cli.entry import check_plugins, handle_help, require_values, user_error
 from gptlab.cli.hparams import log_hparams, select_hparams
 from gptlab.cli.results import write_result
 from gptlab.cli.runs import announce_end, announce_start
@@ -141,14 +142,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for lg in loggers:
             lg.finalize("failed")
         status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
-        write_result(out, status, metrics, cfg.get("optimized_metric"), time.perf_counter() - started,
-                     error=f"{type(e).__name__}: {e}")
-        log.info("run %s; folder: %s", status, out.resolve())
+        if rank_zero_only.rank == 0:  # DDP: the other ranks run in the same folder
+            write_result(out, status, metrics, cfg.get("optimized_metric"), time.perf_counter() - started,
+                         error=f"{type(e).__name__}: {e}")
+            log.info("run %s; folder: %s", status, out.resolve())
         raise
     for lg in loggers:
         lg.finalize("success")
-    write_result(out, "ok", metrics, cfg.get("optimized_metric"), time.perf_counter() - started)
-    announce_end(out, "finished", metrics, started, cfg.get("optimized_metric"))
+    if rank_zero_only.rank == 0:
+        write_result(out, "ok", metrics, cfg.get("optimized_metric"), time.perf_counter() - started)
+        announce_end(out, "finished", metrics, started, cfg.get("optimized_metric"))
     return metrics
 
 
@@ -201,6 +204,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry: ``gptlab-train --help`` written from conf/train.yaml; everything else through Hydra."""
     handle_help("train", "gptlab-train", GROUPS)
+    check_plugins("gptlab-train")
     _hydra_main()
 
 
