@@ -1,12 +1,25 @@
-"""Training callbacks: tokens/second and model-FLOPs utilisation (MFU)."""
+"""Training callbacks: tokens/second and model-FLOPs utilisation (MFU), a compact progress bar, the
+run's metrics in its log, and a checkpoint on Ctrl-C or a crash.
+
+Why not Lightning's ``ThroughputMonitor``: it calls ``torch.cuda.synchronize()`` after every batch,
+the very host sync gptlab keeps off the training step, and its device table (``get_available_flops``)
+has no entry for the plain "NVIDIA H200" name, so no MFU there. ``ThroughputMonitor`` below syncs
+once per logging window.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+log = logging.getLogger("gptlab")
 
 # Dense peak TFLOP/s by device-name fragment: (bf16/fp16 tensor cores, tf32). Order matters: the
 # first fragment found in torch.cuda.get_device_name() wins (so "H100 PCIe" before "H100").
@@ -104,3 +117,81 @@ class ThroughputMonitor(L.Callback):
     def _sync(pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, compact: the epoch and the optimizer step out of the run's total (runs
+    that ``max_steps`` ends show where they stand), and the metrics under short names (``loss``,
+    ``val_loss``, ``val_acc``, ...) to 4 significant digits, so the line fits an 80-column terminal.
+    It refreshes (reading the logged values: a host sync on GPU) every ``refresh_rate`` steps."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        raw = super().get_metrics(trainer, pl_module)
+        raw.pop("v_num", None)
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key.endswith("_epoch") and key[: -len("_epoch")] + "_step" in raw:
+                continue  # the step value is the one that moves
+            name = key.removesuffix("_step").removeprefix("train/").replace("/", "_")
+            out[name] = f"{value:.4g}" if isinstance(value, float) else value
+        return out
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._should_update(batch_idx + 1, self.train_progress_bar.total):
+            self.train_progress_bar.set_description(self.description(trainer), refresh=False)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(self.description(trainer))
+
+    @staticmethod
+    def description(trainer: L.Trainer) -> str:
+        total = trainer.estimated_stepping_batches
+        steps = f"/{int(total)}" if math.isfinite(total) else ""
+        return f"Epoch {trainer.current_epoch} | step {trainer.global_step}{steps}"
+
+
+class LogMetrics(L.Callback):
+    """Writes the run's metrics to its log (console and ``train.log``): after every validation, and
+    the test results, so the log file tells how the run went without TensorBoard."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shown = self._pick(trainer, ("val/", "train/loss_step", "train/loss"))
+        if shown:
+            log.info("epoch %d, step %d: %s", trainer.current_epoch, trainer.global_step, shown)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info("test: %s", self._pick(trainer, ("test/",)))
+
+    @staticmethod
+    def _pick(trainer: L.Trainer, prefixes: tuple[str, ...]) -> str:
+        shown: dict[str, float] = {}
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if key.startswith(prefixes) and value.numel() == 1 and not key.endswith("_epoch"):
+                shown[key.removesuffix("_step")] = float(value)  # train/loss_step wins over train/loss
+        return ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+
+
+class ExceptionCheckpoint(L.Callback):
+    """On Ctrl-C or a crash during ``fit``, saves ``<dirpath>/<filename>.ckpt`` to resume from with
+    ``ckpt_path=``. Unlike Lightning's ``OnExceptionCheckpoint`` it never makes ``fit`` resume from
+    "last" by itself (a run resumes only when asked), it writes nothing before the first optimizer
+    step (there is nothing to resume), and it keeps the file after teardown."""
+
+    def __init__(self, dirpath: str | Path, filename: str = "interrupted"):
+        if not filename:
+            raise ValueError("ExceptionCheckpoint: filename must not be empty")
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        trainer.save_checkpoint(self.path)
+        if trainer.is_global_zero:
+            log.info("%s at step %d: saved %s (resume with ckpt_path=%s)", type(exception).__name__,
+                     trainer.global_step, self.path, self.path)

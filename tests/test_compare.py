@@ -11,6 +11,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from gptlab.cli.compare import find_runs, load_run, main, metric_mode
+from gptlab.cli.results import write_result
 
 # job -> (overrides, val/loss curve, val/acc curve); job 2 failed after one validation
 JOBS = {
@@ -38,6 +39,8 @@ def make_sweep(root: Path) -> Path:
         writer.close()
         if job == "2":
             (run / "FAILED").write_text("Traceback ...\nValueError: boom\n")
+        # every run ends by writing metrics.json (gptlab.cli.results)
+        write_result(run, "failed" if job == "2" else "ok", {"val/loss": losses[-1], "val/acc": accs[-1]}, "val/loss")
     return root
 
 

@@ -120,7 +120,7 @@ def test_multirun_with_ddp_keeps_hydras_folders(ddp_sweep):
     assert [j.name for j in jobs] == ["0", "1"]
     assert {p.name for p in jobs[0].parent.iterdir()} == {"0", "1", "multirun.yaml"}
     for job in jobs:
-        assert {p.name for p in job.iterdir()} == {".hydra", "checkpoints", "tensorboard", "train.log",
+        assert {p.name for p in job.iterdir()} == {".hydra", "checkpoints", "tensorboard", "train.log", "metrics.json",
                                                    "train_ddp_process_1.log", "rank0.json", "rank1.json"}
         assert {p.name for p in (job / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
         assert [p.name for p in (job / "checkpoints").iterdir()] == ["last.ckpt"]

@@ -195,6 +195,7 @@ def test_fetch_hf_model_uses_huggingface_hub_when_installed(cache, monkeypatch):
         return str(Path(local_dir, filename))
 
     monkeypatch.setattr(dl, "_hub_download", lambda: fake_hub)
+    monkeypatch.setattr(dl, "reachable", lambda url, timeout=3.0: True)  # as if online: the fake hub answers
     folder = fetch_hf_model("openai-community/gpt2-xl")
     assert calls == [("openai-community/gpt2-xl", "config.json", "main"),
                      ("openai-community/gpt2-xl", "model.safetensors", "main")]
@@ -206,6 +207,7 @@ def test_hub_failures_say_where_to_put_the_file(cache, monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(dl, "_hub_download", lambda: offline_hub)
+    monkeypatch.setattr(dl, "reachable", lambda url, timeout=3.0: True)  # the host answers, the download fails
     with pytest.raises(DownloadError) as e:
         fetch_hf_model("openai-community/gpt2-large")
     msg = str(e.value)

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
 from gptlab.inference import load_model
 from gptlab.tasks.classify import predict_texts
 
@@ -108,11 +109,14 @@ def pop_text_argument(argv: list[str], key: str = "text") -> str | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classify")
 def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg, text=_RAW_TEXT[-1] if _RAW_TEXT else None)
+    require_values(cfg, "classify", "gptlab-classify")
+    with user_errors("gptlab-classify"):
+        run(cfg, text=_RAW_TEXT[-1] if _RAW_TEXT else None)
 
 
 def main() -> None:
-    """Console entry: ``text=`` taken verbatim, every other argument parsed by Hydra."""
+    """Console entry: this tool's ``--help``; ``text=`` taken verbatim, every other argument parsed by Hydra."""
+    handle_help("classify", "gptlab-classify")
     text = pop_text_argument(sys.argv)
     if text is not None:
         _RAW_TEXT.append(text)

@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.data.pretrain import resolve_sources
 from gptlab.inference import LoadedModel, load_model, resolve_device, resolve_precision
 from gptlab.tokenizer import get_tokenizer
 
@@ -62,10 +64,14 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     lm = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), expect="lm",
                     device=device, precision="bf16-mixed" if precision == "bf16" else precision)
     context = lm.model.config.context_length
-    if cfg.data.max_length > context:
-        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's context length "
-                         f"{context}; set model.context_length=<= {context}")
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    if data_cfg.get("max_length") is None:  # model.context_length=null: windows as long as the model reads
+        data_cfg["max_length"] = context
+        if data_cfg.get("stride") is None:
+            data_cfg["stride"] = context
+    if data_cfg["max_length"] > context:
+        raise ValueError(f"data.max_length={data_cfg['max_length']} exceeds the model's context length "
+                         f"{context}; set model.context_length=<= {context}")
     if "all" in splits:
         data_cfg["train_ratio"] = 1.0
     # in file order, every window: the train split goes through the same public loader as training
@@ -82,13 +88,23 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         source = cfg.get("ckpt_path") or cfg.get("init_from")
-        out.write_text(json.dumps({"model": str(source), "data": str(data_cfg.get("path")), **results}, indent=2))
+        sources = [str(f) for f in resolve_sources(data_cfg.get("path"))]
+        out.write_text(json.dumps({"model": str(source), "data": sources, "max_length": data_cfg["max_length"],
+                                   **results}, indent=2))
     return results
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "eval", "gptlab-eval")
+    with user_errors("gptlab-eval"):
+        run(cfg)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("eval", "gptlab-eval", ["data"])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
 from gptlab.inference import load_model
 from gptlab.weights import export_hf
 
@@ -49,8 +50,16 @@ def run(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "export", "gptlab-export")
+    with user_errors("gptlab-export"):
+        run(cfg)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("export", "gptlab-export")
+    _hydra_main()
 
 
 if __name__ == "__main__":

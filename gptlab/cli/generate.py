@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
 from gptlab.inference import load_model
 from gptlab.model.generation import generate_stream
 from gptlab.tokenizer import EOT_ID, get_tokenizer
@@ -61,8 +62,16 @@ def run(cfg: DictConfig) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "generate", "gptlab-generate")
+    with user_errors("gptlab-generate"):
+        run(cfg)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("generate", "gptlab-generate")
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
 from gptlab.judge import Judge, JudgeError, load_responses, pair_responses, summarize, summarize_pairwise
 
 
@@ -95,12 +96,20 @@ def run_pairwise(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="judge")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "judge", "gptlab-judge")
     try:
-        run(cfg)
-    except (JudgeError, FileNotFoundError, ValueError) as e:
+        with user_errors("gptlab-judge"):
+            run(cfg)
+    except JudgeError as e:
         print(f"gptlab-judge: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("judge", "gptlab-judge")
+    _hydra_main()
 
 
 if __name__ == "__main__":

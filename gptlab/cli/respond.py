@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
 from gptlab.inference import load_model
 from gptlab.tasks.instruct import answer_entries
 
@@ -51,12 +52,16 @@ def run(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="respond")
-def main(cfg: DictConfig) -> None:
-    try:
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "respond", "gptlab-respond")
+    with user_errors("gptlab-respond"):
         run(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"gptlab-respond: error: {e}", file=sys.stderr)
-        sys.exit(1)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("respond", "gptlab-respond", ["data"])
+    _hydra_main()
 
 
 if __name__ == "__main__":

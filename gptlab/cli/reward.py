@@ -26,6 +26,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
 from gptlab.cli.classify import pop_text_argument
 from gptlab.inference import load_model
 from gptlab.judge import load_responses, pair_responses
@@ -125,15 +126,15 @@ _RAW: dict[str, str] = {}
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="reward")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
+    require_values(cfg, "reward", "gptlab-reward")
+    with user_errors("gptlab-reward"):
         run(cfg, prompt=_RAW.get("prompt"), response=_RAW.get("response"))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"gptlab-reward: error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def main() -> None:
-    """Console entry: ``prompt=`` and ``response=`` taken verbatim, every other argument parsed by Hydra."""
+    """Console entry: this tool's ``--help``; ``prompt=`` and ``response=`` taken verbatim, every other
+    argument parsed by Hydra."""
+    handle_help("reward", "gptlab-reward")
     for key in ("prompt", "response"):
         value = pop_text_argument(sys.argv, key)
         if value is not None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +23,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.ddp import DDPJobScope
-from gptlab.cli.hparams import flatten, log_hparams
+from gptlab.cli.entry import check_plugins, handle_help, require_values, user_error
+from gptlab.cli.hparams import log_hparams, select_hparams
+from gptlab.cli.results import write_result
+from gptlab.cli.runs import announce_end, announce_start
 from gptlab.tokenizer import get_tokenizer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gptlab")
+GROUPS = ("model", "data", "task", "adapter", "trainer", "logger", "callbacks", "experiment", "hparams_search",
+          "hydra/launcher", "debug")
+"""Config groups ``gptlab-train --help`` lists."""
 
 
 def _instantiate_group(node: DictConfig | None) -> list[Any]:
@@ -35,6 +45,33 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertisements ("Tip: try installing litlogger ...") are not about this run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith("\U0001f4a1 Tip")
+
+
+def route_logs() -> None:
+    """Lightning's messages and Python warnings into the run's log handlers (console and
+    ``train.log``, set up by Hydra), without Lightning's own console handler, its tips, or
+    deprecation notices about Lightning's internals that a user cannot act on."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def existing_checkpoints(cfg: DictConfig) -> list[Path]:
+    """Checkpoints already in the run folder this run would write to."""
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    return sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
 
 
 def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
@@ -55,9 +92,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment described by ``cfg``; returns the final metrics (floats).
 
     Loggers are closed whatever happens (status ``failed`` on an exception, which is re-raised),
-    so a failing sweep job leaves complete event files and no open writers behind.
+    so a failing sweep job leaves complete event files and no open writers behind; the run folder
+    gets ``metrics.json`` with the status (``ok``/``failed``/``interrupted``) and final metrics.
     """
-    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    started = announce_start(out)
+    if not cfg.get("ckpt_path") and existing_checkpoints(cfg):
+        found = ", ".join(p.name for p in existing_checkpoints(cfg))
+        raise ValueError(f"{out / 'checkpoints'} already holds {found}: a new run would overwrite them. Resume "
+                         f"with ckpt_path={out / 'checkpoints' / 'last.ckpt'}, or run into another folder "
+                         f"(drop hydra.run.dir=...)")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
@@ -75,6 +120,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not cfg.trainer.get("enable_progress_bar", True):  # the bar's own switch wins over callbacks.progress_bar
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_group(cfg.get("logger"))
+    metrics: dict[str, float] = {}
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         for lg in loggers:
@@ -86,18 +132,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         else:
             metrics = fit_and_test(cfg, trainer, task, datamodule)
         # TensorBoard HPARAMS: the run's hyperparameters next to its real final metrics
-        hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        hparams = select_hparams(OmegaConf.to_container(cfg, resolve=True), choices)
         hparams["params/trainable"] = n_train
         final = {k: v for k, v in metrics.items()
                  if k.startswith(("val/", "test/", "train/")) and math.isfinite(v)}
         log_hparams(loggers, hparams, final, step=trainer.global_step)
-    except BaseException:
+    except BaseException as e:
         for lg in loggers:
             lg.finalize("failed")
+        status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+        if rank_zero_only.rank == 0:  # DDP: the other ranks run in the same folder
+            write_result(out, status, metrics, cfg.get("optimized_metric"), time.perf_counter() - started,
+                         error=f"{type(e).__name__}: {e}")
+            log.info("run %s; folder: %s", status, out.resolve())
         raise
     for lg in loggers:
         lg.finalize("success")
-    log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    if rank_zero_only.rank == 0:
+        write_result(out, "ok", metrics, cfg.get("optimized_metric"), time.perf_counter() - started)
+        announce_end(out, "finished", metrics, started, cfg.get("optimized_metric"))
     return metrics
 
 
@@ -109,27 +163,34 @@ def fit_and_test(cfg: DictConfig, trainer: L.Trainer, task: L.LightningModule,
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):
-        ckpt = "best" if cfg.get("train", True) and trainer.checkpoint_callback and \
-            trainer.checkpoint_callback.best_model_path else None
+        # the best checkpoint by path: "best" makes Lightning warn about every ModelCheckpoint it sees
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        ckpt = best if cfg.get("train", True) and best else None
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry; returns ``cfg.optimized_metric`` for sweepers."""
+    route_logs()
+    require_values(cfg, "train", "gptlab-train")
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = train(cfg)
-    except Exception:
-        if not multirun:
-            raise
-        # one failing sweep job must not end the sweep: record why and report a NaN metric
+    except Exception as e:
         out = Path(HydraConfig.get().runtime.output_dir)
         (out / "FAILED").write_text(traceback.format_exc())
-        log.exception("job %s failed; the sweep goes on (traceback in %s)", HydraConfig.get().job.num,
-                      out / "FAILED")
+        err = user_error(e)
+        if not multirun:
+            if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            log.error("gptlab-train: error: %s (traceback in %s)", err, out / "FAILED")
+            raise SystemExit(1) from None
+        # one failing sweep job must not end the sweep: record why and report a NaN metric
+        log.error("job %s failed (%s); the sweep goes on (traceback in %s)", HydraConfig.get().job.num,
+                  err or f"{type(e).__name__}: {e}", out / "FAILED")
         return float("nan")
     metric = cfg.get("optimized_metric")
     if not metric:
@@ -138,6 +199,13 @@ def main(cfg: DictConfig) -> float | None:
         log.warning("optimized_metric %r was not logged; available: %s", metric, sorted(metrics))
         return float("nan")  # a sweeper records a failed trial instead of crashing on None
     return metrics[metric]
+
+
+def main() -> None:
+    """Console entry: ``gptlab-train --help`` written from conf/train.yaml; everything else through Hydra."""
+    handle_help("train", "gptlab-train", GROUPS)
+    check_plugins("gptlab-train")
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import fnmatch
 import json
 import logging
 import math
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -344,6 +345,19 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             layer.merge()
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file``, then the permissions any new file gets (``0666 & ~umask``):
+    safetensors creates its files readable by the owner only, which hides them from group members
+    sharing a run folder."""
+    path = Path(path)
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
 def save_adapter(model: nn.Module, path: str | Path, config: Mapping[str, Any] | None = None) -> Path:
     """Write :func:`lora_state_dict` to a safetensors file; the LoRA settings (rank, alpha, targets,
     scaling, ...) and any extra ``config`` entries (e.g. ``init_from``) go into its metadata.
@@ -354,7 +368,7 @@ def save_adapter(model: nn.Module, path: str | Path, config: Mapping[str, Any] |
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_config = {**dict(config or {}), **model.lora_config}  # the model's own LoRA settings win
     tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "gptlab_adapter": ADAPTER_FORMAT,
+    save_safetensors(tensors, path, metadata={"format": "pt", "gptlab_adapter": ADAPTER_FORMAT,
                                             "config": json.dumps(meta_config, default=str)})
     return path
 
@@ -419,5 +433,5 @@ def _norm(value: Any) -> Any:
 
 
 __all__ = ["LoRALinear", "TARGETS", "SCALINGS", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora",
-           "disable_lora", "lora_state_dict", "save_adapter", "load_adapter", "read_adapter", "adopt_adapter_head",
-           "lora_layers", "has_lora", "trainable_parameters", "lora_scale"]
+           "disable_lora", "lora_state_dict", "save_safetensors", "save_adapter", "load_adapter", "read_adapter",
+           "adopt_adapter_head", "lora_layers", "has_lora", "trainable_parameters", "lora_scale"]

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
-from gptlab.model.lora import lora_layers
+from gptlab.model.lora import lora_layers, save_safetensors
 from gptlab.tokenizer import ASSETS, EOT_ID, EOT_TOKEN
 from gptlab.weights.formats import (BOOK_BLOCK, BOOK_QKV, BOOK_TOP, HF_BLOCK, HF_CONV1D, HF_HEAD, HF_TOP,
                                     NATIVE_KEY, config_to_hf)
@@ -119,7 +118,7 @@ def export_hf(model: GPT, out_dir: str | Path, dtype: torch.dtype | None = None)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     tensors = {k: v.cpu() for k, v in tensors.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     hf_config = config_to_hf(model.config)
     hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     _write_json(out / "config.json", hf_config)
