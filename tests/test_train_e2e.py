@@ -27,7 +27,7 @@ def train(tmp_path: Path, run_dir: Path, *overrides: str) -> None:
 @pytest.mark.slow
 def test_a_run_writes_config_tensorboard_and_checkpoints_and_learns(tmp_path):
     run = tmp_path / "run"
-    train(tmp_path, run, "trainer.max_steps=40", "task.lr=3e-3", "task.warmup_steps=0")
+    train(tmp_path, run, "trainer.max_steps=40", "task.optimizer.lr=3e-3", "task.lr_schedule.warmup_steps=0")
     assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
     ckpts = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
@@ -55,13 +55,13 @@ def test_resume_from_last_ckpt_continues_from_the_saved_step(tmp_path):
 @pytest.mark.slow
 def test_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
     sweep = tmp_path / "sweep"
-    res = run_cli(["gptlab.cli.train", "-m", *TINY, "trainer.max_steps=3", "task.lr=1e-3,3e-4",
+    res = run_cli(["gptlab.cli.train", "-m", *TINY, "trainer.max_steps=3", "task.optimizer.lr=1e-3,3e-4",
                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-5000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
     assert [j.name for j in jobs] == ["0", "1"]
     for job, lr in zip(jobs, ("0.001", "0.0003")):
-        assert f"task.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"task.optimizer.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert scalars(job, "train/loss_step")
 

@@ -39,7 +39,7 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def run_one(preset: str, key: str, value: str, seed: int, out: Path, fixed: list[str]) -> dict[str, float]:
-    name = f"{key.rpartition('.')[2]}={value}-seed{seed}"
+    name = f"{key.rpartition('.')[2]}-{value}-seed{seed}"
     run_dir = out / name
     done = run_dir / "result.json"
     if done.is_file():  # finished earlier: reuse (delete the folder to run again)

@@ -217,6 +217,7 @@ class ClassificationTask(GPTTask):
         self.train_acc(logits.argmax(dim=-1), batch["label"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_progress(batch)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
