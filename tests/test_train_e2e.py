@@ -27,7 +27,8 @@ def train(tmp_path: Path, run_dir: Path, *overrides: str) -> None:
 @pytest.mark.slow
 def test_a_run_writes_config_tensorboard_and_checkpoints_and_learns(tmp_path):
     run = tmp_path / "run"
-    train(tmp_path, run, "trainer.max_steps=40", "task.optimizer.lr=3e-3", "task.lr_schedule.warmup_steps=0")
+    train(tmp_path, run, "trainer.max_steps=40", "task.optimizer.lr=3e-3", "task.lr_schedule.warmup_steps=0",
+          "validate_before_fit=true")
     assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
     ckpts = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
@@ -35,6 +36,9 @@ def test_a_run_writes_config_tensorboard_and_checkpoints_and_learns(tmp_path):
     assert len(loss) >= 30
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 1.0  # clearly learning
     assert scalars(run, "val/loss") and scalars(run, "val/ppl")
+    assert scalars(run, "val/loss")[0][0] == 0  # validate_before_fit: a point before the first update
+    seen = scalars(run, "train/tokens_seen")  # 4 windows of 32 tokens per step, logged after each
+    assert [v for s, v in seen if s < 40] == [128 * (s + 1) for s in range(40)] and seen[-1][1] == 5120
     assert scalars(run, "lr-AdamW/decay") and scalars(run, "lr-AdamW/no_decay")
     assert scalars(run, "throughput/tokens_per_sec")
     acc = EventAccumulator(str(run / "tensorboard")).Reload()

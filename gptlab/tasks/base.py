@@ -163,6 +163,13 @@ class GPTTask(L.LightningModule):
         self.log_dict({"train/tokens_seen": float(self.tokens_seen), "train/examples_seen": float(self.examples_seen)},
                       on_step=True, on_epoch=False)
 
+    def on_fit_start(self) -> None:
+        # trainer.validate before fit (validate_before_fit) updates the metrics under inference mode,
+        # which fit's own (no-grad) validation may not touch again: start fit with fresh states
+        for metric in self.modules():
+            if isinstance(metric, torchmetrics.Metric):
+                metric.reset()
+
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups of the trainable parameters, by ``weight_decay_on``: weight decay on
