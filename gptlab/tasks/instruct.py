@@ -36,7 +36,7 @@ class InstructionTask(LanguageModelTask):
             generation stops at ``<|endoftext|>``.
         responses_file: file name inside the run folder (``trainer.default_root_dir``).
         log_examples: how many test responses to log to TensorBoard.
-        **kwargs: :class:`GPTTask` arguments (model, init_from, lr, ...).
+        **kwargs: :class:`GPTTask` arguments (model, init_from, optimizer, ...).
     """
 
     def __init__(self, prompt_style: str = "alpaca", generate_on_test: bool = True, max_new_tokens: int = 256,
