@@ -73,11 +73,13 @@ def test_fused_null_means_fused_on_cuda():
 
 
 def test_any_torch_optim_class_can_be_the_target():
-    opt = build_optimizer({"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}, [{"params": [nn.Parameter(torch.ones(2))]}])
+    node = {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}
+    opt = build_optimizer(node, [{"params": [nn.Parameter(torch.ones(2))]}])
     assert type(opt) is torch.optim.SGD and opt.defaults["momentum"] == 0.9
 
 
-@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "torch.optim.Optimizer", "torch.optim.lr_scheduler.LambdaLR"])
+@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "torch.optim.Optimizer",
+                                    "torch.optim.lr_scheduler.LambdaLR"])
 def test_a_target_outside_torch_optim_is_refused_with_the_choices(target):
     with pytest.raises(ValueError, match=rf"task.optimizer._target_='{re.escape(target)}' is not an optimizer of "
                                          r"torch.optim; valid choices: \[.*'torch.optim.AdamW'"):
@@ -128,7 +130,8 @@ def test_the_scheduler_reads_warmup_fractions_and_absolute_min_lr():
 
 
 def test_an_unknown_schedule_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown task.lr_schedule.name 'step'; valid choices: \['constant', 'cosine', 'linear'\]"):
+    with pytest.raises(ValueError, match=r"unknown task.lr_schedule.name 'step'; "
+                                         r"valid choices: \['constant', 'cosine', 'linear'\]"):
         GPTTask(model=TINY, lr_schedule={"name": "step"})
 
 

@@ -52,8 +52,9 @@ def test_every_combination_runs_in_its_own_folder_of_one_sweep(lora_sweep):
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name))
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
     combos = [yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) for j in jobs]
-    assert [(c[-2], c[-1]) for c in combos] == [("adapter.rank=2", "task.optimizer.lr=0.003"), ("adapter.rank=2", "task.optimizer.lr=-1"),
-                                               ("adapter.rank=4", "task.optimizer.lr=0.003"), ("adapter.rank=4", "task.optimizer.lr=-1")]
+    assert [(c[-2], c[-1]) for c in combos] == [
+        ("adapter.rank=2", "task.optimizer.lr=0.003"), ("adapter.rank=2", "task.optimizer.lr=-1"),
+        ("adapter.rank=4", "task.optimizer.lr=0.003"), ("adapter.rank=4", "task.optimizer.lr=-1")]
 
 
 @pytest.mark.slow
@@ -150,4 +151,5 @@ def test_optuna_search_returns_the_optimized_metric(tmp_path):
     assert jobs == ["0", "1"]
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["name"] == "optuna" and math.isfinite(results["best_value"]) and results["best_value"] > 0
-    assert set(results["best_params"]) == {"task.optimizer.lr", "task.lr_schedule.warmup_steps", "task.optimizer.weight_decay", "model.drop_rate"}
+    assert set(results["best_params"]) == {"task.optimizer.lr", "task.lr_schedule.warmup_steps",
+                                           "task.optimizer.weight_decay", "model.drop_rate"}

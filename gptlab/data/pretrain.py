@@ -132,7 +132,8 @@ def encode(text: str, tokenizer=None, endoftext_token: bool = True) -> list[int]
 
 
 def tokenize_texts(texts: Sequence[str], tokenizer=None, *, eot_between: bool = True, num_threads: int | None = None,
-                   progress: bool = True, desc: str = "tokenizing", endoftext_token: bool = True) -> Iterator[np.ndarray]:
+                   progress: bool = True, desc: str = "tokenizing",
+                   endoftext_token: bool = True) -> Iterator[np.ndarray]:
     """Yield ``uint16`` token arrays for ``texts`` in order, ``<|endoftext|>`` between documents.
 
     Each text is split with :func:`split_for_bpe` and batch-encoded (Rust, ``num_threads`` threads),

@@ -1,5 +1,6 @@
-"""What every task shares: build (or load) the backbone, adapters, freezing, AdamW + LR schedule,
-gradient clipping, optional ``torch.compile``, and reloading a task from a checkpoint."""
+"""What every task shares: build (or load) the backbone, adapters, freezing, the optimizer node and
+LR schedule (built by :mod:`gptlab.tasks.optim`), gradient clipping, tokens seen, optional
+``torch.compile``, and reloading a task from a checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Any, Mapping
 
 import lightning as L
 import torch
-import torch.nn as nn
 import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -73,7 +73,8 @@ class GPTTask(L.LightningModule):
         # validated now, built in configure_optimizers; stored complete, as plain containers
         optimizer, lr_schedule = optimizer_config(optimizer), lr_schedule_config(lr_schedule)
         if weight_decay_on not in WEIGHT_DECAY_ON:
-            raise ValueError(f"unknown task.weight_decay_on {weight_decay_on!r}; valid choices: {list(WEIGHT_DECAY_ON)}")
+            raise ValueError(f"unknown task.weight_decay_on {weight_decay_on!r}; "
+                             f"valid choices: {list(WEIGHT_DECAY_ON)}")
         # hparams go to the logger once, at the end, together with the final metrics (cli/train.py)
         self.save_hyperparameters(logger=False)
         self.hparams.optimizer, self.hparams.lr_schedule = optimizer, lr_schedule

@@ -42,11 +42,15 @@ def optimizer_class(target: str) -> type[torch.optim.Optimizer]:
     raises, naming the valid choices."""
     module, _, name = str(target).rpartition(".")
     cls = getattr(torch.optim, name, None) if module == "torch.optim" else None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer):
-        valid = sorted(f"torch.optim.{n}" for n, c in vars(torch.optim).items()
-                       if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
-        raise ValueError(f"task.optimizer._target_={target!r} is not an optimizer of torch.optim; valid choices: {valid}")
+    if not _is_optimizer_class(cls):
+        valid = sorted(f"torch.optim.{n}" for n, c in vars(torch.optim).items() if _is_optimizer_class(c))
+        raise ValueError(f"task.optimizer._target_={target!r} is not an optimizer of torch.optim; "
+                         f"valid choices: {valid}")
     return cls
+
+
+def _is_optimizer_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
 
 
 def optimizer_config(node: Mapping[str, Any] | None) -> dict[str, Any]:
