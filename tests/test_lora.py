@@ -279,7 +279,8 @@ def lm_batches(n: int, T: int = 16) -> torch.utils.data.DataLoader:
 def test_a_lora_run_saves_an_adapter_that_reproduces_the_finetuned_model(tmp_path):
     adapter = dict(name="lora", rank=4, alpha=8, dropout=0.0, targets=["q", "v", "mlp_fc"], scaling="rank",
                    train_extra=[])
-    task = PretrainTask(model=TINY, adapter=adapter, lr=1e-2, lr_schedule="constant", sample_prompt=None)
+    task = PretrainTask(model=TINY, adapter=adapter, optimizer={"lr": 1e-2}, lr_schedule={"name": "constant"},
+                        sample_prompt=None)
     base_state = {k: v.clone() for k, v in task.model.state_dict().items() if ".lora_" not in k}
     assert task.trainable_parameter_count() == 2 * (2 * 4 * 64 + 4 * 160)
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -322,7 +323,7 @@ def test_cli_lora_run_on_an_init_from_base_gives_an_adapter_for_that_base(tmp_pa
     run = tmp_path / "run"
     res = run_cli(["gptlab.cli.train", "model=gpt2-tiny", f"init_from={base_file}", "data=random",
                    "data.num_train=12", "data.num_val=4", "data.batch_size=4", "data.num_workers=0",
-                   "data.max_length=32", "adapter=lora", "adapter.targets=[q,v,mlp_fc,head]", "task.lr=1e-2",
+                   "data.max_length=32", "adapter=lora", "adapter.targets=[q,v,mlp_fc,head]", "task.optimizer.lr=1e-2",
                    "task.sample_prompt=null", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                    f"hydra.run.dir={run}"], cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]

@@ -79,8 +79,9 @@ def test_ch07_dpo_preset_is_the_books_run(hydra_conf):
         ("gptlab.data.preference.PreferenceDataModule", None, "alpaca", True, True, False, 1024, 8)
     assert (t._target_, t.beta, t.loss_type, t.logp_reduction, t.reference, t.beta_scaled_rewards) == \
         ("gptlab.tasks.dpo.DPOTask", 0.1, "sigmoid", "mean", "copy", False)
-    assert (t.lr, t.weight_decay, list(t.betas), t.lr_schedule, t.grad_clip) == (5e-6, 0.01, [0.9, 0.999],
-                                                                                 "constant", None)
+    o = t.optimizer
+    assert (o._target_, o.lr, o.weight_decay, list(o.betas), t.weight_decay_on, t.lr_schedule.name, t.grad_clip) == \
+        ("torch.optim.AdamW", 5e-6, 0.01, [0.9, 0.999], "all", "constant", None)  # the book's AdamW over all parameters
     assert (cfg.trainer.max_epochs, cfg.trainer.val_check_interval, cfg.model.drop_rate) == (1, 5, 0.0)
 
 

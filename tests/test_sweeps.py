@@ -36,10 +36,10 @@ def hparams_data(acc: EventAccumulator) -> dict[str, plugin_data_pb2.HParamsPlug
 
 @pytest.fixture(scope="module")
 def lora_sweep(tmp_path_factory) -> tuple[Path, object]:
-    """``-m adapter=lora adapter.rank=2,4 task.lr=3e-3,-1``: 4 jobs, the two with lr=-1 fail."""
+    """``-m adapter=lora adapter.rank=2,4 task.optimizer.lr=3e-3,-1``: 4 jobs, the two with lr=-1 fail."""
     tmp = tmp_path_factory.mktemp("sweep")
     sweep = tmp / "sweep"
-    res = run_cli(["gptlab.cli.train", "-m", *TINY, "adapter=lora", "adapter.rank=2,4", "task.lr=3e-3,-1",
+    res = run_cli(["gptlab.cli.train", "-m", *TINY, "adapter=lora", "adapter.rank=2,4", "task.optimizer.lr=3e-3,-1",
                    f"hydra.sweep.dir={sweep}"], cwd=tmp)
     return sweep, res
 
@@ -54,8 +54,9 @@ def test_every_combination_runs_in_its_own_folder_of_one_sweep(lora_sweep):
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name))
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
     combos = [yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) for j in jobs]
-    assert [(c[-2], c[-1]) for c in combos] == [("adapter.rank=2", "task.lr=0.003"), ("adapter.rank=2", "task.lr=-1"),
-                                               ("adapter.rank=4", "task.lr=0.003"), ("adapter.rank=4", "task.lr=-1")]
+    assert [(c[-2], c[-1]) for c in combos] == [
+        ("adapter.rank=2", "task.optimizer.lr=0.003"), ("adapter.rank=2", "task.optimizer.lr=-1"),
+        ("adapter.rank=4", "task.optimizer.lr=0.003"), ("adapter.rank=4", "task.optimizer.lr=-1")]
 
 
 @pytest.mark.slow
@@ -82,7 +83,7 @@ def test_hparams_tab_gets_each_runs_hyperparameters_and_real_final_metrics(lora_
     acc = events(run)
     data = hparams_data(acc)
     session = data["_hparams_/session_start_info"].session_start_info
-    assert session.hparams["task.lr"].number_value == pytest.approx(3e-3)
+    assert session.hparams["task.optimizer.lr"].number_value == pytest.approx(3e-3)
     assert session.hparams["adapter.rank"].number_value == 4
     assert session.hparams["model.name"].string_value == "gpt2-tiny"
     assert not [k for k in session.hparams if "_target_" in k or k.startswith(("paths.", "hydra", "callbacks."))]
@@ -127,7 +128,7 @@ def test_a_failing_run_still_closes_its_loggers(failure, tmp_path, monkeypatch):
     monkeypatch.setattr(train_cli, "_instantiate_group", recording)
     overrides = [*TINY, f"paths.output_dir={tmp_path}"]
     if failure == "in Lightning's fit":
-        overrides.append("task.lr=-1")
+        overrides.append("task.optimizer.lr=-1")
     else:
         monkeypatch.setattr(train_cli, "fit_and_test", boom)
     GlobalHydra.instance().clear()
@@ -151,4 +152,5 @@ def test_optuna_search_returns_the_optimized_metric(tmp_path):
     assert jobs == ["0", "1"]
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["name"] == "optuna" and math.isfinite(results["best_value"]) and results["best_value"] > 0
-    assert set(results["best_params"]) == {"task.lr", "task.warmup_steps", "task.weight_decay", "model.drop_rate"}
+    assert set(results["best_params"]) == {"task.optimizer.lr", "task.lr_schedule.warmup_steps",
+                                           "task.optimizer.weight_decay", "model.drop_rate"}

@@ -2,7 +2,7 @@
 
     gptlab-compare outputs/classify/multiruns/2025-01-01_12-00-00
     gptlab-compare outputs/ --metric val/acc --csv > runs.csv
-    gptlab-compare SWEEP --plot lr.png --x task.lr          # final metric against a hyperparameter
+    gptlab-compare SWEEP --plot lr.png --x task.optimizer.lr          # final metric against a hyperparameter
     gptlab-compare SWEEP --plot curves.png --curves         # the metric's curve of every run
 
 A run is any folder with a ``.hydra/`` inside (searched recursively): its overrides come from
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated metric columns (default: every val/* and test/* scalar)")
     ap.add_argument("--csv", action="store_true", help="print CSV instead of a markdown table")
     ap.add_argument("--plot", type=Path, default=None, help="save a PNG plot here")
-    ap.add_argument("--x", default=None, help="hyperparameter on the plot's x axis, e.g. task.lr")
+    ap.add_argument("--x", default=None, help="hyperparameter on the plot's x axis, e.g. task.optimizer.lr")
     ap.add_argument("--curves", action="store_true", help="plot the --metric curve of every run instead")
     return ap
 

@@ -2,7 +2,7 @@
 
     gptlab-train                                   # tiny GPT on the bundled short story, CPU
     gptlab-train experiment=ch05_verdict trainer=gpu
-    gptlab-train -m task.lr=1e-3,3e-4 model.n_layers=2,4
+    gptlab-train -m task.optimizer.lr=1e-3,3e-4 model.n_layers=2,4
 """
 
 from __future__ import annotations
@@ -77,6 +77,11 @@ def existing_checkpoints(cfg: DictConfig) -> list[Path]:
 def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
     """Instantiate ``cfg.task`` with the model, adapter and init settings of the run."""
     adapter = cfg.get("adapter")
+    reward = cfg.task.get("reward")
+    if isinstance(reward, DictConfig) and "_target_" in reward and "reward" not in extra:
+        # code chosen by the run's own config (task/reward=...), built here: the task node is not
+        # instantiated recursively (its optimizer node stays a plain dict) and never stores it
+        extra["reward"] = instantiate(reward)
     return instantiate(
         cfg.task,
         _convert_="all",  # plain dicts/lists in hparams: checkpoints load with torch.load(weights_only=True)
@@ -157,9 +162,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def fit_and_test(cfg: DictConfig, trainer: L.Trainer, task: L.LightningModule,
                  datamodule: L.LightningDataModule) -> dict[str, float]:
-    """``trainer.fit`` (when ``cfg.train``), then ``trainer.test`` on the best checkpoint (when
-    ``cfg.test``); the scalar callback metrics after both."""
+    """``trainer.fit`` (when ``cfg.train``; after a validation pass when ``cfg.validate_before_fit``
+    and not resuming), then ``trainer.test`` on the best checkpoint (when ``cfg.test``); the scalar
+    callback metrics after both."""
     if cfg.get("train", True):
+        if cfg.get("validate_before_fit") and not cfg.get("ckpt_path"):
+            trainer.validate(task, datamodule=datamodule)  # logged at step 0: the book's first evaluation
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):

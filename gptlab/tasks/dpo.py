@@ -206,7 +206,7 @@ class DPOTask(ResponseGenerationMixin, GPTTask):
         prompt_style, generate_on_test, max_new_tokens, temperature, top_k, top_p, responses_file,
             log_examples: test-stage generation (``responses.json``), as
             :class:`~gptlab.tasks.instruct.InstructionTask`.
-        **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, lr, ...).
+        **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, optimizer, ...).
     """
 
     task_name = "dpo"

@@ -144,7 +144,7 @@ class InstructionTask(ResponseGenerationMixin, LanguageModelTask):
             generation stops at ``<|endoftext|>``.
         responses_file: file name inside the run folder (``trainer.default_root_dir``).
         log_examples: how many test responses to log to TensorBoard.
-        **kwargs: :class:`GPTTask` arguments (model, init_from, lr, ...).
+        **kwargs: :class:`GPTTask` arguments (model, init_from, optimizer, ...).
     """
 
     task_name = "instruct"

@@ -91,7 +91,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         prompt_style, generate_on_test, responses_file, log_examples: the test stage (answers to the
             test prompts in ``responses.json``, with their scores), as
             :class:`~gptlab.tasks.instruct.InstructionTask`.
-        **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, lr, grad_clip, ...).
+        **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, optimizer, grad_clip, ...).
     """
 
     task_name = "ppo"

@@ -124,7 +124,7 @@ class RewardModelTask(GPTTask):
         center_rewards_coefficient: weight of mean((r⁺ + r⁻)²) (TRL's; None/0 = off, TRL's docs
             suggest 0.01).
         prompt_style: the data's prompt style, stored for scoring responses later (``gptlab-reward``).
-        **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, lr, ...).
+        **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, optimizer, ...).
     """
 
     task_name = "reward_model"
