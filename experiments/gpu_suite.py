@@ -60,37 +60,41 @@ class Benchmark:
 
 
 # The registry. Adding a benchmark is one entry; its script prints markdown tables to stdout.
-# QLoRA (experiments/qlora_memory) and DPO reference modes (experiments/dpo_memory) join here when
-# their scripts exist (see experiments/gpu_suite/README.md).
 BENCHMARKS: list[Benchmark] = [
     Benchmark("throughput_b16", "Training throughput, gpt2-small, context 1024, batch 16 (gptlab vs book reference)",
               "experiments/throughput/run.py", ["--preset", "gpu", "--batch", "16"],
-              ["--preset", "smoke"], 100, "experiments/throughput/README.md"),
+              ["--preset", "smoke"], 90, "experiments/throughput/README.md"),
     Benchmark("throughput_b32", "Training throughput, gpt2-small, context 1024, batch 32 (gptlab vs book reference)",
               "experiments/throughput/run.py", ["--preset", "gpu", "--batch", "32"],
-              ["--preset", "smoke", "--batch", "4"], 80, "experiments/throughput/README.md"),
+              ["--preset", "smoke", "--batch", "4"], 60, "experiments/throughput/README.md"),
     Benchmark("progress_bar", "Progress bar and logging on vs off the critical path (gptlab, gpt2-small, batch 16)",
-              "experiments/progress_bar/run.py", ["--preset", "gpu"], ["--preset", "smoke"], 110,
+              "experiments/progress_bar/run.py", ["--preset", "gpu"], ["--preset", "smoke"], 80,
               "experiments/progress_bar/README.md"),
     Benchmark("generation_b1", "Decoding speed, batch 1: dynamic / static / compiled (CUDA graph) KV cache vs recompute",
               "experiments/generation_speed/run.py",
               ["--devices", "cuda", "--compile", "--dtype", "bfloat16", "--batch", "1", "--new-tokens", "200"],
               ["--devices", "cpu", "--model", "gpt2-tiny", "--batch", "1", "--new-tokens", "8", "--repeats", "1"],
-              70, "experiments/generation_speed/README.md"),
+              55, "experiments/generation_speed/README.md"),
     Benchmark("generation_b8", "Decoding speed, batch 8: dynamic / static / compiled (CUDA graph) KV cache vs recompute",
               "experiments/generation_speed/run.py",
               ["--devices", "cuda", "--compile", "--dtype", "bfloat16", "--batch", "8", "--new-tokens", "200"],
               ["--devices", "cpu", "--model", "gpt2-tiny", "--batch", "8", "--new-tokens", "8", "--repeats", "1"],
-              60, "experiments/generation_speed/README.md"),
+              45, "experiments/generation_speed/README.md"),
     Benchmark("lora_vs_full", "Full fine-tuning vs LoRA: step time and peak memory, gpt2-medium, batch 8 x 256",
               "experiments/lora_vs_full/run.py", ["--device", "cuda"],
               ["--device", "cpu", "--model", "gpt2-tiny", "--batch", "2", "--seq", "32", "--steps", "1",
-               "--threads", "1"], 60, "experiments/lora_vs_full/README.md"),
+               "--threads", "1"], 50, "experiments/lora_vs_full/README.md"),
     Benchmark("ppo_speed", "PPO iteration time: rollout generation (dynamic / static / compiled KV cache) vs scoring vs update",
               "experiments/ppo_speed/run.py",
               ["--device", "cuda", "--model", "gpt2-small", "--batch", "16", "--prompt-len", "64", "--new-tokens", "64",
                "--warmup", "1", "--iters", "2"],
-              ["--smoke"], 60, "experiments/ppo_speed/README.md"),
+              ["--smoke"], 50, "experiments/ppo_speed/README.md"),
+    Benchmark("qlora_memory", "Full vs LoRA vs QLoRA (NF4 base): frozen-weight memory, step peak and step time, gpt2-medium",
+              "experiments/qlora_memory/run.py", ["--device", "cuda", "--model", "gpt2-medium", "--steps", "10"],
+              ["--smoke"], 60, "experiments/qlora_memory/README.md", needs=["torchao"]),
+    Benchmark("dpo_memory", "DPO reference modes (copy / adapters off / precomputed): peak memory and step time, gpt2-medium",
+              "experiments/dpo_memory/run.py", ["--device", "cuda", "--model", "gpt2-medium", "--steps", "5"],
+              ["--smoke"], 50, "experiments/dpo_memory/README.md"),
 ]
 SMOKE_CAP_S = 120
 
