@@ -1,5 +1,12 @@
 """Training callbacks: tokens/second and model-FLOPs utilisation (MFU); checkpoints that do not
-wait for a metric, exact resumption, and a guard against non-finite losses and gradients."""
+wait for a metric, exact resumption, and a guard against non-finite losses and gradients; a compact
+progress bar and the run's metrics in its log.
+
+Why not Lightning's ``ThroughputMonitor``: it calls ``torch.cuda.synchronize()`` after every batch,
+the very host sync gptlab keeps off the training step, and its device table (``get_available_flops``)
+has no entry for the plain "NVIDIA H200" name, so no MFU there. ``ThroughputMonitor`` below syncs
+once per logging window.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gptlab.checkpoint_io import CheckpointWriteError
@@ -56,6 +63,14 @@ def peak_flops(device: torch.device | str, precision: str = "bf16") -> float | N
     return None
 
 
+def token_tensors(batch: Any) -> list[torch.Tensor]:
+    """The token-id tensors the model reads in a batch: ``input_ids``, or every ``*_input_ids``
+    (preference batches: ``chosen_input_ids`` and ``rejected_input_ids``), or a tuple's first item."""
+    if isinstance(batch, dict):
+        return [v for k, v in batch.items() if k == "input_ids" or k.endswith("_input_ids")]
+    return [batch[0]]
+
+
 class ThroughputMonitor(L.Callback):
     """Logs ``throughput/tokens_per_sec``, ``throughput/step_time_ms`` and (on known GPUs)
     ``throughput/mfu`` every ``log_every_n_steps`` optimizer steps.
@@ -82,8 +97,10 @@ class ThroughputMonitor(L.Callback):
                            batch_idx: int) -> None:
         if self._t0 is None:
             return
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
-        self._tokens += ids.numel() * trainer.world_size
+        ids = token_tensors(batch)
+        if not ids:  # no token ids in the batch (PPO's prompt batches): nothing to count
+            return
+        self._tokens += sum(t.numel() for t in ids) * trainer.world_size
         self._steps += 1
         if self._steps < self.every:
             return
@@ -94,7 +111,7 @@ class ThroughputMonitor(L.Callback):
         if self._flops_per_token is None:
             model = getattr(pl_module, "model", None)
             fpt = getattr(model, "flops_per_token", None)
-            self._flops_per_token = float(fpt(ids.shape[-1])) if fpt else 0.0
+            self._flops_per_token = float(fpt(ids[0].shape[-1])) if fpt else 0.0
         peak = peak_flops(pl_module.device, str(trainer.precision))
         if peak and self._flops_per_token:
             metrics["throughput/mfu"] = tps * self._flops_per_token / (peak * trainer.world_size)
@@ -300,3 +317,61 @@ class NonFiniteGuard(L.Callback):
         batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
         return (f"non-finite {' and '.join(parts) or 'values'} at step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}, batch {batch})")
+
+# ----------------------------------------------------------------------------- console and log
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, compact: the epoch and the optimizer step out of the run's total (runs
+    that ``max_steps`` ends show where they stand), and the metrics under short names (``loss``,
+    ``val_loss``, ``val_acc``, ...) to 4 significant digits, so the line fits an 80-column terminal.
+    It refreshes (reading the logged values: a host sync on GPU) every ``refresh_rate`` steps."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        raw = super().get_metrics(trainer, pl_module)
+        raw.pop("v_num", None)
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key.endswith("_epoch") and key[: -len("_epoch")] + "_step" in raw:
+                continue  # the step value is the one that moves
+            name = key.removesuffix("_step").removeprefix("train/").replace("/", "_")
+            out[name] = f"{value:.4g}" if isinstance(value, float) else value
+        return out
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._should_update(batch_idx + 1, self.train_progress_bar.total):
+            self.train_progress_bar.set_description(self.description(trainer), refresh=False)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(self.description(trainer))
+
+    @staticmethod
+    def description(trainer: L.Trainer) -> str:
+        total = trainer.estimated_stepping_batches
+        steps = f"/{int(total)}" if math.isfinite(total) else ""
+        return f"Epoch {trainer.current_epoch} | step {trainer.global_step}{steps}"
+
+
+class LogMetrics(L.Callback):
+    """Writes the run's metrics to its log (console and ``train.log``): after every validation, and
+    the test results, so the log file tells how the run went without TensorBoard."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shown = self._pick(trainer, ("val/", "train/loss_step", "train/loss"))
+        if shown:
+            log.info("epoch %d, step %d: %s", trainer.current_epoch, trainer.global_step, shown)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info("test: %s", self._pick(trainer, ("test/",)))
+
+    @staticmethod
+    def _pick(trainer: L.Trainer, prefixes: tuple[str, ...]) -> str:
+        shown: dict[str, float] = {}
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if key.startswith(prefixes) and value.numel() == 1 and not key.endswith("_epoch"):
+                shown[key.removesuffix("_step")] = float(value)  # train/loss_step wins over train/loss
+        return ", ".join(f"{k} {v:.4g}" for k, v in shown.items())

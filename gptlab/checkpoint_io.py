@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pickle
 import socket
 import zipfile
 from pathlib import Path
@@ -71,21 +70,6 @@ def verify_checkpoint(path: str | os.PathLike) -> Path:
             f"{p} is corrupted: its record {bad!r} does not match the checksum saved with it; "
             "use an earlier checkpoint")
     return p
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = True) -> dict[str, Any]:
-    """A checkpoint's contents after :func:`verify_checkpoint`, read by ``torch.load`` with
-    ``weights_only=True`` (no code from the file runs); a clear error names a file the safe loader
-    refuses."""
-    p = verify_checkpoint(path)
-    try:
-        obj = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise InvalidInput(f"{p} holds objects that are not plain tensors and containers, so it is not a "
-                           f"gptlab checkpoint; it was not loaded ({str(e).splitlines()[0]})") from None
-    if not isinstance(obj, dict):
-        raise InvalidInput(f"{p} holds a {type(obj).__name__}, not a checkpoint dictionary")
-    return obj
 
 
 # ----------------------------------------------------------------------------- writing

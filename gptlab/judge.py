@@ -1,4 +1,6 @@
-"""LLM-as-judge (book chapter 7.8): a larger model scores each response 0-100 against the reference.
+"""LLM-as-judge (book chapter 7.8): a larger model scores each response 0-100 against the reference;
+pairwise mode (chapter 8.7, evaluating aligned models): it picks the better of two models' responses
+to the same instruction, asked in both orders to cancel position bias.
 
 Two backends, standard library only (``urllib``):
 
@@ -36,6 +38,12 @@ BOOK_TEMPLATE = ("Given the input `{input}` and correct output `{output}`, score
                  "`{response}` on a scale from 0 to 100, where 100 is the best score. "
                  "Respond with the integer number only.")
 FOLLOW_UP = "Answer with a single integer from 0 to 100 and nothing else."
+# Pairwise comparison; ``{input}`` is the Alpaca-formatted instruction (+ input).
+PAIRWISE_TEMPLATE = ("Given the input `{input}`, which of these two responses is better: more helpful, correct "
+                     "and polite? Response 1: `{response_1}` Response 2: `{response_2}` "
+                     "Answer with 1, 2 or tie only.")
+PAIRWISE_FOLLOW_UP = "Answer with 1, 2 or tie and nothing else."
+OUTCOMES = ("win", "tie", "loss")
 DEFAULT_URLS = {"ollama": "http://localhost:11434", "openai": "http://localhost:8000"}
 BACKENDS = tuple(DEFAULT_URLS)
 
@@ -74,6 +82,29 @@ def parse_score(text: str | None) -> int | None:
         if 0 <= value <= 100:
             return int(round(value))
     return None
+
+
+_PREFERENCE = re.compile(r"(?<!\w)(?<!\d\.)(1|2|tie|equal(?:ly)?)(?!\w)(?!\.\d)", re.IGNORECASE)
+
+
+def parse_preference(text: str | None) -> str | None:
+    """``"1"``, ``"2"`` or ``"tie"``: the first such answer in ``text``; None when there is none.
+
+    ``"2"`` -> 2, ``"Response 1 is better."`` -> 1, ``"Tie."`` -> tie, ``"Both are equally good"`` -> tie,
+    ``"10"`` -> None, ``"neither"`` -> None.
+    """
+    match = _PREFERENCE.search(text or "")
+    if match is None:
+        return None
+    word = match.group(1).lower()
+    return word if word in ("1", "2") else "tie"
+
+
+def pairwise_prompt(entry: Mapping[str, Any], response_1: str, response_2: str,
+                    template: str = PAIRWISE_TEMPLATE) -> str:
+    """The comparison prompt for one instruction and two responses (shown as 1 and 2)."""
+    return template.format(input=format_input(entry, "alpaca"), output=entry.get("output", ""),
+                           response_1=response_1, response_2=response_2)
 
 
 def judge_prompt(entry: Mapping[str, Any], template: str = BOOK_TEMPLATE, response_key: str = "model_response") -> str:
@@ -128,6 +159,33 @@ class Score:
     cached: bool
 
 
+@dataclass
+class PairwiseVerdict:
+    """One instruction judged twice: ``first`` is the judge's pick ("1", "2", "tie" or None) with
+    the baseline shown as response 1, ``second`` with the candidate shown as response 1.
+    ``outcome`` is the candidate's result: each order gives +1 (candidate picked), -1 (baseline
+    picked) or 0 (tie); a positive sum is a ``win``, a negative one a ``loss``, 0 a ``tie``
+    (so two opposite picks, i.e. pure position bias, count as a tie); None when an order has no pick.
+    """
+
+    outcome: str | None
+    first: str | None
+    second: str | None
+    raw: list[str]
+    cached: bool
+
+    @property
+    def consistent(self) -> bool:
+        """Both orders named the same response (or both said tie)."""
+        return self.first is not None and self.second is not None and \
+            _candidate_points(self.first, 1) == _candidate_points(self.second, 2)
+
+
+def _candidate_points(pick: str, candidate_position: int) -> int:
+    """+1 when ``pick`` names the candidate's position, -1 for the other position, 0 for a tie."""
+    return 0 if pick == "tie" else (1 if pick == str(candidate_position) else -1)
+
+
 class Judge:
     """Scores responses with a model served by Ollama or an OpenAI-compatible server.
 
@@ -142,14 +200,17 @@ class Judge:
         seed, temperature, num_ctx: sampling settings sent to the server (``num_ctx``: Ollama only).
         cache: JSON-lines file of earlier answers (None = no disk cache).
         template: the scoring prompt with ``{input}``, ``{output}`` and ``{response}`` fields.
-        parse_retries: how often to ask again when an answer holds no score.
+        pairwise_template: the comparison prompt with ``{input}``, ``{response_1}``, ``{response_2}``
+            (and optionally ``{output}``, the reference answer) fields.
+        parse_retries: how often to ask again when an answer holds no score (or no pick).
         api_key: sent as ``Authorization: Bearer ...`` (OpenAI-compatible servers that need one).
     """
 
     def __init__(self, model: str = "llama3", url: str | None = None, backend: str = "ollama",
                  timeout: float = 120.0, retries: int = 3, backoff: float = 1.0, seed: int = 123,
                  temperature: float = 0.0, num_ctx: int = 2048, cache: str | Path | None = None,
-                 template: str = BOOK_TEMPLATE, parse_retries: int = 1, api_key: str | None = None):
+                 template: str = BOOK_TEMPLATE, parse_retries: int = 1, api_key: str | None = None,
+                 pairwise_template: str = PAIRWISE_TEMPLATE):
         if backend not in BACKENDS:
             raise ValueError(f"unknown judge backend {backend!r}; valid choices: {list(BACKENDS)}")
         self.model, self.backend = model, backend
@@ -157,6 +218,7 @@ class Judge:
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.seed, self.temperature, self.num_ctx = seed, temperature, num_ctx
         self.template, self.parse_retries, self.api_key = template, parse_retries, api_key
+        self.pairwise_template = pairwise_template
         self.cache = AnswerCache(cache)
         self.requests_sent = 0
         self._opener = urllib.request.build_opener(_NoRedirects)
@@ -309,11 +371,51 @@ class Judge:
             entries = tqdm(entries, desc=f"judging with {self.model}", unit="entry")
         return [self.score(e, response_key) for e in entries]
 
+    def _ask_until_parsed(self, prompt: str, parse: Any, follow_up: str) -> tuple[Any, list[str], bool]:
+        """(parsed value or None, raw answers, all cached): asks again up to ``parse_retries`` times."""
+        messages = [{"role": "user", "content": prompt}]
+        text, cached = self.chat(messages)
+        raws, value = [text], parse(text)
+        for _ in range(self.parse_retries):
+            if value is not None:
+                break
+            messages = [*messages, {"role": "assistant", "content": text}, {"role": "user", "content": follow_up}]
+            text, hit = self.chat(messages)
+            cached = cached and hit
+            raws.append(text)
+            value = parse(text)
+        return value, raws, cached
+
+    def compare(self, entry: Mapping[str, Any], baseline: str, candidate: str) -> PairwiseVerdict:
+        """Judge ``candidate`` against ``baseline`` as answers to ``entry``'s instruction, in both
+        orders (see :class:`PairwiseVerdict`)."""
+        first, raw_1, cached_1 = self._ask_until_parsed(
+            pairwise_prompt(entry, baseline, candidate, self.pairwise_template), parse_preference, PAIRWISE_FOLLOW_UP)
+        second, raw_2, cached_2 = self._ask_until_parsed(
+            pairwise_prompt(entry, candidate, baseline, self.pairwise_template), parse_preference, PAIRWISE_FOLLOW_UP)
+        outcome = None
+        if first is not None and second is not None:
+            total = _candidate_points(first, 2) + _candidate_points(second, 1)
+            outcome = "win" if total > 0 else "loss" if total < 0 else "tie"
+        return PairwiseVerdict(outcome, first, second, raw_1 + raw_2, cached_1 and cached_2)
+
+    def compare_all(self, triples: Iterable[tuple[Mapping[str, Any], str, str]],
+                    progress: bool = True) -> list[PairwiseVerdict]:
+        """:meth:`compare` for every ``(entry, baseline, candidate)``, with a tqdm progress bar."""
+        triples = list(triples)
+        if progress:
+            from tqdm import tqdm
+
+            triples = tqdm(triples, desc=f"comparing with {self.model}", unit="entry")
+        return [self.compare(e, b, c) for e, b, c in triples]
+
 
 # ----------------------------------------------------------------------------- files
-def load_responses(path: str | Path, response_key: str = "model_response") -> list[dict[str, Any]]:
+def load_responses(path: str | Path, response_key: str = "model_response",
+                   require_output: bool = True) -> list[dict[str, Any]]:
     """Entries of a responses file (``instruction``, ``input``, ``output``, ``model_response``),
-    with a clear error naming the file and the entry when one is malformed."""
+    with a clear error naming the file and the entry when one is malformed. ``require_output``:
+    the reference ``output`` must be there (scoring against it needs it; comparisons do not)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"responses file not found: {path}")
@@ -326,7 +428,7 @@ def load_responses(path: str | Path, response_key: str = "model_response") -> li
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
             raise InvalidInput(f"{path}: entry {i} must be an object, got {type(entry).__name__}")
-        for key in ("instruction", "output", response_key):
+        for key in ("instruction", *(("output",) if require_output else ()), response_key):
             if not isinstance(entry.get(key), str):
                 raise InvalidInput(f"{path}: entry {i} needs a string {key!r}")
     return data
@@ -337,3 +439,38 @@ def summarize(scores: Sequence[Score]) -> dict[str, Any]:
     ok = [s.score for s in scores if s.score is not None]
     return {"average": sum(ok) / len(ok) if ok else None, "n_scored": len(ok),
             "n_failed": len(scores) - len(ok), "n_entries": len(scores)}
+
+
+def pair_responses(baseline: Sequence[Mapping[str, Any]], candidate: Sequence[Mapping[str, Any]],
+                   response_key: str = "model_response", names: tuple[str, str] = ("baseline", "candidate")
+                   ) -> list[tuple[dict[str, Any], str, str]]:
+    """``(entry, baseline response, candidate response)`` for every instruction of ``candidate``,
+    matched to ``baseline`` by ``(instruction, input)`` (repeats in file order). Raises ValueError
+    naming the first instruction one file lacks."""
+    pool: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for entry in baseline:
+        pool.setdefault((entry["instruction"], entry.get("input", "")), []).append(entry)
+    triples = []
+    for i, entry in enumerate(candidate):
+        key = (entry["instruction"], entry.get("input", ""))
+        if not pool.get(key):
+            raise ValueError(f"{names[1]} entry {i} ({entry['instruction'][:60]!r}) has no counterpart in the "
+                             f"{names[0]} responses: compare responses to the same test set")
+        triples.append((dict(entry), pool[key].pop(0)[response_key], entry[response_key]))
+    left = sum(len(v) for v in pool.values())
+    if left:
+        raise ValueError(f"{left} {names[0]} entries have no counterpart in the {names[1]} responses")
+    return triples
+
+
+def summarize_pairwise(verdicts: Sequence[PairwiseVerdict]) -> dict[str, Any]:
+    """Counts and rates (over the judged entries) of the candidate's wins, ties and losses, the
+    share of entries where both orders agreed, and how often the judge picked position 1."""
+    judged = [v for v in verdicts if v.outcome is not None]
+    counts = {o: sum(v.outcome == o for v in judged) for o in OUTCOMES}
+    n = len(judged)
+    picks = [p for v in judged for p in (v.first, v.second) if p in ("1", "2")]
+    return {"n_entries": len(verdicts), "n_judged": n, "n_failed": len(verdicts) - n, **counts,
+            **{f"{o}_rate": (counts[o] / n if n else None) for o in OUTCOMES},
+            "consistency": (sum(v.consistent for v in judged) / n if n else None),
+            "position_1_rate": (picks.count("1") / len(picks) if picks else None)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +61,24 @@ def run_entry(monkeypatch, capsys):
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+# ----------------------------------------------------------------------------- preference data
+COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")
+NOUNS = ("car", "house", "dog", "cat", "tree", "book", "chair", "table", "phone", "river", "bird", "shoe",
+         "lamp", "boat", "cup")
+
+
+def synthetic_pairs() -> list[dict[str, str]]:
+    """120 pairs whose chosen and rejected responses differ in a learnable way: the chosen one is
+    polite (" Thanks for asking! ..."), the rejected one rude (" Ugh, ..."); the object varies."""
+    return [{"prompt": f"Describe the {c} {n}:", "chosen": f" Thanks for asking! The {c} {n} is lovely.",
+             "rejected": f" Ugh, the {c} {n} is awful."} for n in NOUNS for c in COLORS]
+
+
+@pytest.fixture(scope="session")
+def preference_file(tmp_path_factory) -> Path:
+    """The :func:`synthetic_pairs` as a JSON-lines file."""
+    path = tmp_path_factory.mktemp("preference") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in synthetic_pairs()))
+    return path

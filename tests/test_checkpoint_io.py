@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from faults import FullDiskCheckpointIO, corrupt_tensor_bytes
+from gptlab.weights import safe_torch_load
 from gptlab.checkpoint_io import (TMP_MARK, AtomicCheckpointIO, CheckpointWriteError, CorruptCheckpointError,
-                                  load_checkpoint, remove_stale_temp_files, verify_checkpoint)
+                                  remove_stale_temp_files, verify_checkpoint)
 
 
 def checkpoint(step: int) -> dict:
@@ -22,7 +23,7 @@ def test_save_writes_the_file_under_its_name_and_nothing_else(tmp_path):
     path = tmp_path / "ckpts" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint(checkpoint(3), path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
-    assert load_checkpoint(path)["global_step"] == 3
+    assert safe_torch_load(path)["global_step"] == 3
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_file_and_removes_the_partial_one(tmp_path):
@@ -32,7 +33,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_file_and_removes_the_parti
         FullDiskCheckpointIO(at_step=10).save_checkpoint(checkpoint(10), path)
     assert e.value.errno == 28  # ENOSPC kept for callers that look at it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
-    ckpt = AtomicCheckpointIO().load_checkpoint(path)
+    ckpt = AtomicCheckpointIO().safe_torch_load(path)
     assert ckpt["global_step"] == 5 and torch.equal(ckpt["state_dict"]["w"], checkpoint(5)["state_dict"]["w"])
 
 
@@ -44,7 +45,7 @@ def test_bytes_changed_inside_a_tensor_are_refused_naming_file_and_record(tmp_pa
     with pytest.raises(CorruptCheckpointError, match=r"last\.ckpt is corrupted: its record 'archive/data/0'"):
         verify_checkpoint(path)  # ... the checksums do not
     with pytest.raises(CorruptCheckpointError):
-        AtomicCheckpointIO().load_checkpoint(path)
+        AtomicCheckpointIO().safe_torch_load(path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not a zip"])
@@ -83,5 +84,5 @@ def test_a_file_with_code_in_its_pickle_is_refused_without_running_it(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "x": Boom()}, path)
     with pytest.raises(ValueError, match="not a gptlab checkpoint"):
-        load_checkpoint(path)
+        safe_torch_load(path)
     assert not (tmp_path / "ran").exists()

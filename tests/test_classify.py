@@ -26,7 +26,7 @@ from gptlab.data.spam import TextClassificationDataModule
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import LoRALinear
-from gptlab.tasks.base import load_task
+from gptlab.tasks.registry import load_task
 from gptlab.tasks.classify import ClassificationTask, pool_hidden
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
@@ -136,7 +136,8 @@ def fitted(tmp_path_factory):
     L.seed_everything(123)
     dm = TextClassificationDataModule(path=str(write_topic_data(tmp / "topics.tsv")), labels=None,
                                       batch_size=16, pad_to_max_length=False)
-    task = ClassificationTask(model=TINY, num_classes=2, trainable="all", lr=3e-3, lr_schedule="constant")
+    task = ClassificationTask(model=TINY, num_classes=2, trainable="all", optimizer={"lr": 3e-3},
+                              lr_schedule={"name": "constant"})
     tr = trainer(tmp, max_epochs=4, num_sanity_val_steps=0)
     tr.fit(task, datamodule=dm)
     metrics = tr.test(task, datamodule=dm, verbose=False)[0]
@@ -268,7 +269,7 @@ def test_classify_refuses_a_language_model(tmp_path):
     cfg = OmegaConf.load(Path(CONF_DIR) / "classify.yaml")
     cfg.pop("defaults"), cfg.pop("hydra")
     cfg.merge_with({"init_from": str(base), "text": "hi", "device": "cpu"})
-    with pytest.raises(ValueError, match="language-model head, not a classifier"):
+    with pytest.raises(ValueError, match="holds a language model, not a classifier"):
         classify_run(cfg, out=io.StringIO())
 
 
@@ -290,8 +291,12 @@ def test_ch06_preset_is_the_books_run(hydra_conf):
     assert (d._target_, list(d.labels), d.balance, d.train_ratio, d.val_ratio, d.split_seed, d.batch_size) == \
         ("gptlab.data.spam.SpamDataModule", LABELS, True, 0.7, 0.1, 123, 8)
     assert d.max_length is None and d.drop_last and d.shuffle_before_split
-    assert (t._target_, t.trainable, t.pooling, t.lr, t.weight_decay, t.lr_schedule, t.grad_clip) == \
-        ("gptlab.tasks.classify.ClassificationTask", "last_block", "last_token", 5e-5, 0.1, "constant", None)
+    o = t.optimizer  # the book: AdamW(model.parameters(), lr=5e-5, weight_decay=0.1), read at position -1
+    assert (t._target_, t.trainable, t.pooling, t.grad_clip, t.weight_decay_on) == \
+        ("gptlab.tasks.classify.ClassificationTask", "last_block", "last_position", None, "all")
+    assert (o._target_, o.lr, o.weight_decay, list(o.betas), t.lr_schedule.name, t.lr_schedule.warmup_steps) == \
+        ("torch.optim.AdamW", 5e-5, 0.1, [0.9, 0.999], "constant", 0)
+    assert d.pad_to_max_length and cfg.validate_before_fit and cfg.trainer.val_check_interval == 50
     assert list(OmegaConf.to_container(t, resolve=True)["labels"]) == LABELS
     assert cfg.trainer.max_epochs == 5 and cfg.get("adapter") is None
 
@@ -301,7 +306,9 @@ def test_appE_preset_is_lora_rank_16_on_every_linear_layer(hydra_conf):
     a = cfg.adapter
     assert (cfg.init_from, a.rank, a.alpha, a.scaling, list(a.train_extra)) == ("gpt2-small", 16, 16, "plain", [])
     assert set(a.targets) == {"q", "k", "v", "attn_proj", "mlp_fc", "mlp_proj", "head"}
-    assert (cfg.task.lr, cfg.task.weight_decay, cfg.data.batch_size, cfg.trainer.max_epochs) == (5e-5, 0.1, 8, 5)
+    o = cfg.task.optimizer  # the printed book: x @ A @ B * alpha, lr 5e-5 (its current code: alpha / rank, 8e-4)
+    assert (o.lr, o.weight_decay, cfg.task.weight_decay_on, cfg.task.pooling) == (5e-5, 0.1, "all", "last_position")
+    assert (cfg.data.batch_size, cfg.data.pad_to_max_length, cfg.trainer.max_epochs) == (8, True, 5)
 
 
 @pytest.mark.parametrize("name", ["ch06_spam_scratch", "appE_spam_lora_cpu"])

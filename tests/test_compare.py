@@ -11,13 +11,14 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from gptlab.cli.compare import find_runs, load_run, main, metric_mode
+from gptlab.cli.results import write_result
 
 # job -> (overrides, val/loss curve, val/acc curve); job 2 failed after one validation
 JOBS = {
-    "0": (["adapter.rank=4", "task.lr=0.0001"], [0.9, 0.7, 0.6], [0.70, 0.80, 0.85]),
-    "1": (["adapter.rank=8", "task.lr=0.0001"], [0.9, 0.5, 0.4], [0.70, 0.90, 0.95]),
-    "2": (["adapter.rank=4", "task.lr=0.0005"], [0.9], [0.70]),
-    "10": (["adapter.rank=8", "task.lr=0.0005"], [0.9, 0.6, 0.5], [0.70, 0.85, 0.90]),
+    "0": (["adapter.rank=4", "task.optimizer.lr=0.0001"], [0.9, 0.7, 0.6], [0.70, 0.80, 0.85]),
+    "1": (["adapter.rank=8", "task.optimizer.lr=0.0001"], [0.9, 0.5, 0.4], [0.70, 0.90, 0.95]),
+    "2": (["adapter.rank=4", "task.optimizer.lr=0.0005"], [0.9], [0.70]),
+    "10": (["adapter.rank=8", "task.optimizer.lr=0.0005"], [0.9, 0.6, 0.5], [0.70, 0.85, 0.90]),
 }
 
 
@@ -38,6 +39,8 @@ def make_sweep(root: Path) -> Path:
         writer.close()
         if job == "2":
             (run / "FAILED").write_text("Traceback ...\nValueError: boom\n")
+        # every run ends by writing metrics.json (gptlab.cli.results)
+        write_result(run, "failed" if job == "2" else "ok", {"val/loss": losses[-1], "val/acc": accs[-1]}, "val/loss")
     return root
 
 
@@ -58,7 +61,7 @@ def test_finds_every_run_folder_in_numeric_job_order(sweep):
 
 def test_a_run_has_its_overrides_and_last_metric_values(sweep):
     run = load_run(sweep / "1", sweep)
-    assert run.overrides == {"adapter.rank": "8", "task.lr": "0.0001", "model": "gpt2-tiny"}
+    assert run.overrides == {"adapter.rank": "8", "task.optimizer.lr": "0.0001", "model": "gpt2-tiny"}
     assert run.metrics["val/loss"] == pytest.approx(0.4) and run.metrics["val/acc"] == pytest.approx(0.95)
     assert [s for s, _ in run.curves["val/loss"]] == [10, 20, 30]
     assert load_run(sweep / "2", sweep).status == "failed"
@@ -74,7 +77,7 @@ def test_markdown_table_ranks_runs_best_first_with_the_failed_one_last(sweep, ca
     assert main([str(sweep)]) == 0
     out = capsys.readouterr().out
     header, *rows = table(out)
-    assert header[:5] == ["#", "run", "status", "adapter.rank", "task.lr"]
+    assert header[:5] == ["#", "run", "status", "adapter.rank", "task.optimizer.lr"]
     assert "model" not in header and "same in all: model=gpt2-tiny" in out  # constant overrides go above
     assert header[5:] == ["val/loss", "val/acc"]
     assert [r[1] for r in rows] == ["1", "10", "0", "2"]
@@ -92,13 +95,13 @@ def test_accuracy_metric_ranks_highest_first(sweep, capsys):
 def test_csv_output_has_one_row_per_run(sweep, capsys):
     assert main([str(sweep), "--csv", "--metrics", "val/acc"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(rows) == 4 and list(rows[0]) == ["#", "run", "status", "adapter.rank", "task.lr", "val/loss",
+    assert len(rows) == 4 and list(rows[0]) == ["#", "run", "status", "adapter.rank", "task.optimizer.lr", "val/loss",
                                                 "val/acc"]
     assert rows[0]["run"] == "1" and float(rows[0]["val/loss"]) == pytest.approx(0.4)
 
 
 def test_plots_metric_against_a_hyperparameter_and_curves(sweep, tmp_path):
-    assert main([str(sweep), "--plot", str(tmp_path / "lr.png"), "--x", "task.lr"]) == 0
+    assert main([str(sweep), "--plot", str(tmp_path / "lr.png"), "--x", "task.optimizer.lr"]) == 0
     assert main([str(sweep), "--plot", str(tmp_path / "seed.png"), "--x", "seed"]) == 0  # from config.yaml
     assert main([str(sweep), "--plot", str(tmp_path / "curves.png"), "--curves"]) == 0
     for name in ("lr.png", "seed.png", "curves.png"):

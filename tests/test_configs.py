@@ -75,8 +75,8 @@ def test_trainer_callbacks_and_logger_instantiate(tmp_path):
 
 
 def test_command_line_override_reaches_the_config():
-    cfg = compose("train", overrides=["task.lr=1e-3", "model.n_layers=2", "data.batch_size=3"])
-    assert (cfg.task.lr, cfg.model.n_layers, cfg.data.batch_size) == (1e-3, 2, 3)
+    cfg = compose("train", overrides=["task.optimizer.lr=1e-3", "model.n_layers=2", "data.batch_size=3"])
+    assert (cfg.task.optimizer.lr, cfg.model.n_layers, cfg.data.batch_size) == (1e-3, 2, 3)
 
 
 def test_ch05_preset_is_the_books_run():
@@ -85,7 +85,10 @@ def test_ch05_preset_is_the_books_run():
     assert (m.emb_dim, m.n_layers, m.n_heads, m.context_length, m.drop_rate, m.qkv_bias) == \
         (768, 12, 12, 256, 0.1, False)
     assert (d.max_length, d.stride, d.batch_size, d.train_ratio) == (256, 256, 2, 0.9)
-    assert (t.lr, t.weight_decay, t.lr_schedule) == (4e-4, 0.1, "constant")
+    o = t.optimizer  # the book: AdamW(model.parameters(), lr=4e-4, weight_decay=0.1), no schedule, no clipping
+    assert (o.lr, o.weight_decay, list(o.betas), t.weight_decay_on) == (4e-4, 0.1, [0.9, 0.999], "all")
+    assert (t.lr_schedule.name, t.lr_schedule.warmup_steps, t.grad_clip) == ("constant", 0, None)
+    assert (cfg.validate_before_fit, cfg.trainer.val_check_interval, t.sample_stop_at_eos) == (True, 5, False)
     assert (cfg.trainer.max_epochs, cfg.seed, t.sample_prompt) == (10, 123, "Every effort moves you")
 
 

@@ -39,8 +39,14 @@ def test_phi3_prompt():
     assert format_prompt(NO_INPUT, "phi3") == "<|user|>\nName a primary color.\n<|assistant|>\n"
 
 
+def test_raw_prompt_is_the_instruction_verbatim():
+    hh = {"instruction": "\n\nHuman: Hi there.\n\nAssistant:", "input": "", "output": " Hello."}
+    assert PROMPT_STYLES["raw"].full_text(hh) == "\n\nHuman: Hi there.\n\nAssistant: Hello."
+    assert extract_response(" Hello.<|endoftext|>junk", "raw") == "Hello."
+
+
 def test_unknown_prompt_style_lists_the_choices():
-    with pytest.raises(ValueError, match=r"'chatml'.*\['alpaca', 'phi3'\]"):
+    with pytest.raises(ValueError, match=r"'chatml'.*\['alpaca', 'phi3', 'raw'\]"):
         format_input(NO_INPUT, "chatml")
 
 
@@ -192,21 +198,20 @@ def test_any_file_by_path(tmp_path):
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (17, 1, 2)
 
 
-# ----------------------------------------------------------------------------- preference pairs
-def test_preference_pairs_share_the_prompt_and_mask_it(tmp_path):
-    from gptlab.data.preference import PreferenceDataModule, load_preference_data
+def test_non_utf8_file_names_the_file_and_byte(tmp_path):
+    p = tmp_path / "latin1.json"
+    p.write_bytes(json.dumps([{**NO_INPUT, "output": "caf\u00e9"}], ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(InstructionDataError, match=rf"{p}: not UTF-8 text \(byte \d+"):
+        load_instruction_data(p)
 
-    pair = {**NO_INPUT, "chosen": "Red, of course.", "rejected": "Figure it out yourself."}
-    p = write(tmp_path, json.dumps([pair] * 20))
-    dm = PreferenceDataModule(path=str(p), batch_size=2)
-    dm.setup()
-    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (17, 1, 2)
-    b = next(iter(dm.val_dataloader()))
-    tok = get_tokenizer()
-    n_prompt = len(tok.encode(format_prompt(NO_INPUT)))
-    for side, text in (("chosen", pair["chosen"]), ("rejected", pair["rejected"])):
-        assert tok.decode(b[f"{side}_input_ids"][0].tolist()) == format_prompt(NO_INPUT) + text
-        learned = b[f"{side}_labels"][0][b[f"{side}_labels"][0] != -100].tolist()
-        assert learned == tok.encode(text) + [50256] and (b[f"{side}_labels"][0, : n_prompt - 1] == -100).all()
-    with pytest.raises(InstructionDataError, match=r"entry 0 needs a string 'rejected'"):
-        load_preference_data(write(tmp_path, json.dumps([{**NO_INPUT, "chosen": "x"}])))
+
+def test_jsonl_file_one_entry_per_line_and_errors_name_the_line(tmp_path):
+    p = tmp_path / "data.jsonl"
+    p.write_text(json.dumps(NO_INPUT) + "\n\n" + json.dumps(WITH_INPUT) + "\n")
+    assert load_instruction_data(p) == [NO_INPUT, WITH_INPUT]
+    p.write_text(json.dumps(NO_INPUT) + "\n\n" + json.dumps({"instruction": "a", "input": ""}) + "\n")
+    with pytest.raises(InstructionDataError, match=rf"{p}: entry 1 \(line 3\) has no 'output' key"):
+        load_instruction_data(p)
+    p.write_text(json.dumps(NO_INPUT) + "\n{oops\n")
+    with pytest.raises(InstructionDataError, match=rf"{p}: invalid JSON at line 2, column 2"):
+        load_instruction_data(p)

@@ -160,3 +160,56 @@ def test_clear_errors(tmp_path):
 def test_token_array_slices():
     t = TokenArray(np.arange(10, dtype=np.uint16), start=2, stop=7)
     assert len(t) == 5 and t.array.tolist() == [2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------- <|endoftext|> in the text
+EOT_CORPUS = "First story ends here.<|endoftext|>A second story begins. " * 3
+
+
+@pytest.mark.parametrize("memmap", [False, True])
+def test_a_literal_endoftext_is_the_end_of_text_token_as_in_the_book(tmp_path, memmap):
+    f = tmp_path / "stories.txt"
+    f.write_text(EOT_CORPUS)
+    dm = PretrainDataModule(path=str(f), memmap=memmap, max_length=8, batch_size=1, train_ratio=1.0)
+    dm.setup()
+    tokens = dm.train_set.tokens.array.tolist()
+    book = get_tokenizer().encode(EOT_CORPUS, allowed_special={"<|endoftext|>"})  # GPTDatasetV1's encoding
+    assert tokens == book and tokens.count(EOT_ID) == 3
+
+
+@pytest.mark.parametrize("memmap", [False, True])
+def test_endoftext_token_false_reads_it_as_plain_text(tmp_path, memmap):
+    f = tmp_path / "stories.txt"
+    f.write_text(EOT_CORPUS)
+    dm = PretrainDataModule(path=str(f), memmap=memmap, max_length=8, batch_size=1, train_ratio=1.0,
+                            endoftext_token=False)
+    dm.setup()
+    tokens = dm.train_set.tokens.array.tolist()
+    assert tokens == get_tokenizer().encode_ordinary(EOT_CORPUS) and EOT_ID not in tokens
+    assert len(get_tokenizer().encode_ordinary("<|endoftext|>")) == 7
+
+
+def test_each_endoftext_reading_has_its_own_token_file(tmp_path):
+    f = tmp_path / "stories.txt"
+    f.write_text(EOT_CORPUS)
+    special = build_token_file([f], progress=False)
+    plain = build_token_file([f], progress=False, endoftext_token=False)
+    assert special != plain and special.is_file() and plain.is_file()
+    assert EOT_ID in np.fromfile(special, dtype=np.uint16) and EOT_ID not in np.fromfile(plain, dtype=np.uint16)
+    assert build_token_file([f], progress=False) == special  # both stay cached
+
+
+@pytest.mark.parametrize("memmap", [False, True])
+def test_a_folder_of_books_is_joined_with_the_end_of_text_token(tmp_path, memmap):
+    # data=gutenberg: a folder of books, one <|endoftext|> between consecutive books (the book's
+    # ch05/03_bonus_pretraining_on_gutenberg joins its files with it)
+    books = tmp_path / "books"
+    books.mkdir()
+    texts = {"a.txt": "Call me Ishmael.\n", "b.txt": "It was the best of times.\n", "c.txt": "Happy families.\n"}
+    for name, text in texts.items():
+        (books / name).write_text(text)
+    dm = PretrainDataModule(path=str(books), memmap=memmap, max_length=4, batch_size=1, train_ratio=1.0)
+    dm.setup()
+    enc = get_tokenizer().encode_ordinary
+    expected = enc(texts["a.txt"]) + [EOT_ID] + enc(texts["b.txt"]) + [EOT_ID] + enc(texts["c.txt"])
+    assert dm.train_set.tokens.array.tolist() == expected

@@ -33,22 +33,51 @@ def test_bundled_file_is_the_sms_spam_collection():
     assert DEFAULT_SPAM_FILE.stat().st_size == 477_907
 
 
-def test_every_line_of_the_bundled_file_is_one_example(spam_rows):
-    assert len(spam_rows) == 5574
-    assert Counter(label for label, _ in spam_rows) == {"ham": 4827, "spam": 747}
+def test_the_bundled_file_reads_as_the_books_pandas_rows(spam_rows):
+    # pd.read_csv(sep="\t", header=None): 5,574 lines -> 5,572 rows (3 lines joined by an open quote)
+    assert len(spam_rows) == 5572
+    assert Counter(label for label, _ in spam_rows) == {"ham": 4825, "spam": 747}
 
 
-def test_a_message_with_an_unbalanced_quote_does_not_swallow_the_next_lines(spam_rows):
-    # line 99 of the file opens a double quote it never closes; a quote-aware reader merges lines
-    text = spam_rows[98][1]
-    assert text.startswith("Hi. Wk been ok") and text.count('"') % 2 == 1
-    assert "\n" not in text and all("\t" not in label for label, _ in spam_rows)
+def test_quoted_fields_lose_their_quotes_as_in_the_book(spam_rows):
+    # line 4,575 of the file: spam<TAB>"URGENT! ... max£7. 50" is row 4,574 without the quotes
+    label, text = spam_rows[4574]
+    assert label == "spam" and text.startswith("URGENT! This is the 2nd attempt") and text.endswith("max£7. 50")
 
 
-def test_quotes_and_extra_tabs_stay_in_the_text(tmp_path):
+def test_quoting_none_keeps_every_line_and_its_quotes():
+    rows = read_labeled_texts(quoting="none")
+    assert len(rows) == 5574
+    assert Counter(label for label, _ in rows) == {"ham": 4827, "spam": 747}
+    text = rows[98][1]  # line 99 opens a double quote it never closes
+    assert text.startswith("Hi. Wk been ok") and text.count('"') % 2 == 1 and "\n" not in text
+
+
+def test_quoting_none_keeps_quotes_and_extra_tabs_in_the_text(tmp_path):
     path = tmp_path / "data.tsv"
     path.write_text('ham\tHe said "hi\nspam\tWIN "big\t"now\r\n\nham\t"quoted"\n', encoding="utf-8")
-    assert read_labeled_texts(path) == [("ham", 'He said "hi'), ("spam", 'WIN "big\t"now'), ("ham", '"quoted"')]
+    assert read_labeled_texts(path, quoting="none") == [
+        ("ham", 'He said "hi'), ("spam", 'WIN "big\t"now'), ("ham", '"quoted"')]
+
+
+def test_minimal_quoting_reads_tsv_like_csv(tmp_path):
+    path = tmp_path / "data.tsv"
+    path.write_text('ham\t"a ""quoted"" word"\nspam\tit\'s 5" tall\r\n\nham\t"two\nlines"\n', encoding="utf-8")
+    assert read_labeled_texts(path) == [("ham", 'a "quoted" word'), ("spam", 'it\'s 5" tall'), ("ham", "two\nlines")]
+
+
+def test_a_tsv_row_with_a_third_field_names_the_line_and_the_quoting_option(tmp_path):
+    path = tmp_path / "tabs.tsv"
+    path.write_text("ham\tfine\nspam\tone\ttab too many\n", encoding="utf-8")
+    with pytest.raises(TextClassificationDataError, match=rf"{path}:2: expected 'label<TAB>text' \(2 fields\), "
+                                                          r"got 3 field\(s\).*data.quoting=none"):
+        read_labeled_texts(path)
+    assert read_labeled_texts(path, quoting="none")[1] == ("spam", "one\ttab too many")
+
+
+def test_an_unknown_quoting_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown data.quoting 'csv'; valid choices: \['minimal', 'none'\]"):
+        SpamDataModule(quoting="csv")
 
 
 def test_a_malformed_line_names_the_file_and_the_line(tmp_path):
@@ -56,6 +85,8 @@ def test_a_malformed_line_names_the_file_and_the_line(tmp_path):
     path.write_text("ham\tfine\nspam\talso fine\nno tab on this line\n", encoding="utf-8")
     with pytest.raises(TextClassificationDataError, match=rf"{path}:3: expected 'label<TAB>text'"):
         read_labeled_texts(path)
+    with pytest.raises(TextClassificationDataError, match=rf"{path}:3: expected 'label<TAB>text'"):
+        read_labeled_texts(path, quoting="none")
 
 
 def test_an_unknown_label_names_the_file_and_the_valid_labels(tmp_path):
@@ -101,6 +132,37 @@ def test_split_sizes_are_the_books(spam_dm):
     labels = torch.cat([spam_dm.train_set.labels, spam_dm.val_set.labels, spam_dm.test_set.labels])
     assert labels.bincount().tolist() == [747, 747]
     assert spam_dm.label_names == ["ham", "spam"] and spam_dm.num_classes == 2
+
+
+# (file row, label, text) of a few rows of each split, computed once with the book's own code
+# (ch06 gpt_class_finetune.py: pd.read_csv(sep="\t", header=None), create_balanced_dataset,
+# random_split(0.7, 0.1), to_csv + read_csv); the file row is the book DataFrame's index.
+BOOK_ROWS = {
+    "train": {0: (2087, 0, "Dude how do you like the buff wind."),
+              176: (4574, 1, "URGENT! This is the 2nd attempt to contact U!U have WON £1000CALL 09071512432 b4 "
+                             "300603t&csBCM4235WC1N3XX.callcost150ppmmobilesvary. max£7. 50"),
+              1044: (3983, 0, "His frens go then he in lor. Not alone wif my mum n sis lor.")},
+    "val": {0: (3778, 1, "Mila, age23, blonde, new in UK. I look sex with UK guys. if u like fun with me. Text "
+                         "MTALK to 69866.18 . 30pp/txt 1st 5free. £1.50 increments. Help08718728876"),
+            142: (5456, 1, "For the most sparkling shopping breaks from 45 per person; call 0121 2025050 or visit "
+                           "www.shortbreaks.org.uk"),
+            148: (4237, 1, "U can WIN £100 of Music Gift Vouchers every week starting NOW Txt the word DRAW to 87066 "
+                           "TsCs www.Idew.com SkillGame, 1Winaweek, age16. 150ppermessSubscription")},
+    "test": {0: (2079, 1, "85233 FREE>Ringtone!Reply REAL"),
+             24: (2963, 0, "NONE!NOWHERE IKNO DOESDISCOUNT!SHITINNIT"),
+             299: (4768, 1, "Your unique user ID is 1172. For removal send STOP to 87239 customer services "
+                            "08708034412")},
+}
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_the_splits_hold_the_books_rows(spam_dm, split):
+    ds = getattr(spam_dm, f"{split}_set")
+    for pos, (row, label, text) in BOOK_ROWS[split].items():
+        assert (int(spam_dm.split_rows[split][pos]), int(ds.labels[pos]), ds.texts[pos]) == (row, label, text)
+    # the book's class counts per split: train 528/517, val 70/79, test 149/151 (ham/spam)
+    expected = {"train": [528, 517], "val": [70, 79], "test": [149, 151]}[split]
+    assert ds.labels.bincount().tolist() == expected
 
 
 def test_the_splits_partition_a_seeded_shuffle(spam_dm):

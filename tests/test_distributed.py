@@ -1,6 +1,6 @@
 """DDP with two CPU processes (gloo) through ``gptlab-train``, inside a Hydra ``-m`` sweep.
 
-One sweep of two jobs (``task.lr=1e-3,3e-4``) with ``trainer=ddp`` on CPU, gradient accumulation and
+One sweep of two jobs (``task.optimizer.lr=1e-3,3e-4``) with ``trainer=ddp`` on CPU, gradient accumulation and
 activation checkpointing on. Each rank records what it ended with (:class:`RankState`, loaded by Hydra
 from this module through ``PYTHONPATH``); the tests check that the ranks stayed in sync, that each
 DDP child ran its own job's config, and that Hydra's folders hold exactly what the jobs wrote.
@@ -51,7 +51,7 @@ class RankState(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = {"global_step": trainer.global_step, "world_size": trainer.world_size, "batches": self.batches,
                  "weights": weights_hash(pl_module.state_dict()), "first_batch": self.first_batch,
-                 "lr": pl_module.hparams.lr}
+                 "lr": pl_module.hparams.optimizer["lr"]}
         path = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(state))
 
@@ -65,8 +65,8 @@ def ddp_sweep(tmp_path_factory) -> tuple[Path, str]:
             "data.batch_size=4", "data.max_length=32", "trainer=ddp", "trainer.accelerator=cpu",
             "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=4",
             "trainer.accumulate_grad_batches=2", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false", "task.sample_prompt=null", "task.warmup_steps=0",
-            "+callbacks.rank_state._target_=test_distributed.RankState", f"task.lr={','.join(LRS)}"]
+            "trainer.enable_progress_bar=false", "task.sample_prompt=null", "task.lr_schedule.warmup_steps=0",
+            "+callbacks.rank_state._target_=test_distributed.RankState", f"task.optimizer.lr={','.join(LRS)}"]
     env = {"GPTLAB_OUTPUTS": str(outputs), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     res = run_cli(args, cwd=tmp, env=env, timeout=600)
@@ -105,7 +105,7 @@ def test_each_ddp_child_runs_its_own_jobs_config(ddp_sweep):
     outputs, _ = ddp_sweep
     jobs = job_folders(outputs)
     for job, lr in zip(jobs, LRS):
-        assert f"task.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"task.optimizer.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert [s["lr"] for s in rank_states(job)] == [float(lr)] * 2
     # the jobs really differ: different learning rates, different weights
     assert rank_states(jobs[0])[0]["weights"] != rank_states(jobs[1])[0]["weights"]
@@ -120,7 +120,7 @@ def test_multirun_with_ddp_keeps_hydras_folders(ddp_sweep):
     assert [j.name for j in jobs] == ["0", "1"]
     assert {p.name for p in jobs[0].parent.iterdir()} == {"0", "1", "multirun.yaml"}
     for job in jobs:
-        assert {p.name for p in job.iterdir()} == {".hydra", "checkpoints", "tensorboard", "train.log",
+        assert {p.name for p in job.iterdir()} == {".hydra", "checkpoints", "tensorboard", "train.log", "metrics.json",
                                                    "train_ddp_process_1.log", "rank0.json", "rank1.json"}
         assert {p.name for p in (job / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
         assert [p.name for p in (job / "checkpoints").iterdir()] == ["last.ckpt"]

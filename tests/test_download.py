@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import gptlab.data.download as dl
-from gptlab.data.download import DownloadError, download, fetch_hf_model
+import gptlab.weights.download as dl
+from gptlab.weights.download import DownloadError, download, fetch_hf_model
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -173,7 +173,7 @@ def test_fetch_hf_model_without_the_hub_library_uses_urllib(server, cache, monke
 
 
 def test_load_pretrained_by_name_downloads_once_then_uses_the_cache(server, cache, monkeypatch):
-    from gptlab.model.pretrained import load_pretrained
+    from gptlab.weights import load_pretrained
 
     url, root, requests = server
     serve_tiny_gpt2(root, "openai-community/gpt2-medium")
@@ -195,6 +195,7 @@ def test_fetch_hf_model_uses_huggingface_hub_when_installed(cache, monkeypatch):
         return str(Path(local_dir, filename))
 
     monkeypatch.setattr(dl, "_hub_download", lambda: fake_hub)
+    monkeypatch.setattr(dl, "reachable", lambda url, timeout=3.0: True)  # as if online: the fake hub answers
     folder = fetch_hf_model("openai-community/gpt2-xl")
     assert calls == [("openai-community/gpt2-xl", "config.json", "main"),
                      ("openai-community/gpt2-xl", "model.safetensors", "main")]
@@ -206,6 +207,7 @@ def test_hub_failures_say_where_to_put_the_file(cache, monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(dl, "_hub_download", lambda: offline_hub)
+    monkeypatch.setattr(dl, "reachable", lambda url, timeout=3.0: True)  # the host answers, the download fails
     with pytest.raises(DownloadError) as e:
         fetch_hf_model("openai-community/gpt2-large")
     msg = str(e.value)
@@ -214,7 +216,7 @@ def test_hub_failures_say_where_to_put_the_file(cache, monkeypatch):
 
 
 def test_load_pretrained_offline_names_the_missing_weights(cache, monkeypatch, closed_port_url):
-    from gptlab.model.pretrained import load_pretrained
+    from gptlab.weights import load_pretrained
 
     monkeypatch.setattr(dl, "HF_ENDPOINT", closed_port_url)
     monkeypatch.setattr(dl, "_hub_download", lambda: None)

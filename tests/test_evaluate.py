@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_cli
 from gptlab.data.pretrain import PretrainDataModule
-from gptlab.model.pretrained import export_hf, load_pretrained
+from gptlab.weights import export_hf, load_pretrained
 
 
 def reference_loss(model, dm_kwargs, split):

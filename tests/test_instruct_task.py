@@ -37,7 +37,8 @@ def trainer(tmp_path: Path, **kw) -> L.Trainer:
 def test_short_finetune_lowers_val_loss(tmp_path):
     L.seed_everything(123)
     dm = InstructionDataModule(max_entries=60, train_ratio=0.8, test_ratio=0.1, batch_size=4, mask_prompt=True)
-    task = InstructionTask(model=TINY, lr=3e-3, lr_schedule="constant", grad_clip=1.0, max_new_tokens=4)
+    task = InstructionTask(model=TINY, optimizer={"lr": 3e-3}, lr_schedule={"name": "constant"}, grad_clip=1.0,
+                           max_new_tokens=4)
     dm.setup()
 
     def val_loss() -> float:  # token-weighted, like the task's val/loss
@@ -162,8 +163,10 @@ def test_ch07_preset_is_the_books_run(hydra_conf):
     assert (d._target_, d.prompt_style, d.mask_prompt, d.batch_size, d.allowed_max_length) == \
         ("gptlab.data.instruct.InstructionDataModule", "alpaca", False, 8, 1024)
     assert (d.train_ratio, d.test_ratio, d.shuffle_before_split) == (0.85, 0.10, False)
-    assert (t._target_, t.lr, t.weight_decay, t.lr_schedule, t.warmup_steps, t.max_new_tokens, t.temperature) == \
-        ("gptlab.tasks.instruct.InstructionTask", 5e-5, 0.1, "constant", 0, 256, 0.0)
+    o = t.optimizer  # the book: AdamW(model.parameters(), lr=5e-5, weight_decay=0.1), constant LR
+    assert (t._target_, o.lr, o.weight_decay, t.weight_decay_on, t.lr_schedule.name, t.lr_schedule.warmup_steps) == \
+        ("gptlab.tasks.instruct.InstructionTask", 5e-5, 0.1, "all", "constant", 0)
+    assert (t.max_new_tokens, t.temperature, cfg.trainer.val_check_interval) == (256, 0.0, 5)
     assert cfg.trainer.max_epochs == 2
 
 

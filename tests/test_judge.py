@@ -9,28 +9,34 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from conftest import REPO, run_cli
-from gptlab.judge import Judge, JudgeError, JudgeModelNotFound, judge_prompt, load_responses, parse_score
+from gptlab.judge import (Judge, JudgeError, JudgeModelNotFound, judge_prompt, load_responses, pair_responses,
+                          pairwise_prompt, parse_preference, parse_score, summarize_pairwise)
 
 DATA = Path(__file__).parent / "data" / "instruction-data-with-response.json"
 
 
 class FakeServer:
     """A JSON server in a thread: answers POSTs with the scripted ``(status, body, delay)`` replies in
-    order (the last one repeats) and records every request's path and decoded body."""
+    order (the last one repeats), or with ``replies(request_body)`` when it is a function, and
+    records every request's path and decoded body."""
 
-    def __init__(self, replies: list[tuple[int, dict, float]]):
-        self.replies, self.requests = list(replies), []
+    def __init__(self, replies: list[tuple[int, dict, float]] | Callable[[dict], tuple[int, dict, float]]):
+        self.replies, self.requests = (replies if callable(replies) else list(replies)), []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append((self.path, body))
-                status, reply, delay = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
+                if callable(server.replies):
+                    status, reply, delay = server.replies(body)
+                else:
+                    status, reply, delay = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
                 time.sleep(delay)
                 data = json.dumps(reply).encode()
                 try:
@@ -263,3 +269,93 @@ def test_an_answer_that_is_not_utf8_is_reported_with_the_url(entries):
     with RawServer(200, b'{"message": {"content": "\xff\xfe 90"}}') as srv:
         with pytest.raises(JudgeError, match=rf"{srv.url}/api/chat sent an answer that is not UTF-8"):
             fast_judge(srv.url).score(entries[0])
+
+
+# ----------------------------------------------------------------------------- pairwise (chapter 8.7)
+@pytest.mark.parametrize("text,pick", [
+    ("2", "2"), ("Response 1 is better.", "1"), ("Tie.", "tie"), ("Both are equally good.", "tie"), ("**2**", "2"),
+    ("10", None), ("1.5", None), ("neither", None), ("", None)])
+def test_parse_preference_takes_the_first_pick(text, pick):
+    assert parse_preference(text) == pick
+
+
+def polite_judge(body: dict) -> tuple[int, dict, float]:
+    """A deterministic judge: prefers the response that says "please"; a tie when both or neither do."""
+    prompt = body["messages"][0]["content"]
+    one = prompt.split("Response 1: `", 1)[1].split("` Response 2: `", 1)[0]
+    two = prompt.split("` Response 2: `", 1)[1].split("` Answer with", 1)[0]
+    polite = ["please" in one, "please" in two]
+    return ollama("tie" if polite[0] == polite[1] else ("1" if polite[0] else "2"))
+
+
+def candidates(entries: list[dict]) -> list[dict]:
+    """6 polite answers (wins), 2 copies of the baseline (ties), 2 where only the baseline is polite (losses)."""
+    out = []
+    for i, e in enumerate(entries):
+        if i < 6:
+            out.append({**e, "model_response": "Yes, please: " + e["model_response"]})
+        elif i < 8:
+            out.append(dict(e))
+        else:
+            out.append(dict(e))
+            e["model_response"] = "please: " + e["model_response"]
+    return out
+
+
+def test_pairwise_judges_both_orders_and_counts_wins_ties_losses(entries, tmp_path):
+    cand = candidates(entries)
+    triples = pair_responses(entries, list(reversed(cand)))  # matched by instruction, not by position
+    cache = tmp_path / "cache.jsonl"
+    with FakeServer(polite_judge) as srv:
+        verdicts = fast_judge(srv.url, cache=cache).compare_all(triples, progress=False)
+        assert len(srv.requests) == 18  # 2 x 10, but a pair of equal responses reads the same both ways
+        again = fast_judge(srv.url, cache=cache).compare_all(triples, progress=False)
+        assert len(srv.requests) == 18 and all(v.cached for v in again)
+    first = srv.requests[0][1]["messages"][0]["content"]
+    e, base, cand0 = triples[0]
+    assert first == pairwise_prompt(e, base, cand0) and srv.requests[1][1]["messages"][0]["content"] == \
+        pairwise_prompt(e, cand0, base)
+    s = summarize_pairwise(verdicts)
+    assert (s["win"], s["tie"], s["loss"], s["n_failed"]) == (6, 2, 2, 0)
+    assert (s["win_rate"], s["tie_rate"], s["loss_rate"], s["consistency"]) == (0.6, 0.2, 0.2, 1.0)
+    assert [v.outcome for v in verdicts[-6:]] == ["win"] * 6 and verdicts[-1].first == "2" and verdicts[-1].second == "1"
+
+
+def test_a_judge_that_always_picks_position_1_gives_only_ties(entries):
+    with FakeServer([ollama("1")]) as srv:
+        verdicts = fast_judge(srv.url).compare_all(pair_responses(entries, candidates(entries)), progress=False)
+    s = summarize_pairwise(verdicts)
+    assert (s["tie"], s["consistency"], s["position_1_rate"]) == (10, 0.0, 1.0)
+
+
+def test_pairwise_answer_without_a_pick_is_asked_again_then_counted_as_failed(entries):
+    with FakeServer([ollama("Hmm, hard to say."), ollama("2"), ollama("no opinion")]) as srv:
+        v = fast_judge(srv.url).compare(entries[0], "a", "b")
+    assert (v.first, v.second, v.outcome) == ("2", None, None)
+    assert len(srv.requests) == 4 and srv.requests[1][1]["messages"][-1]["content"].startswith("Answer with 1, 2")
+    assert summarize_pairwise([v])["n_failed"] == 1
+
+
+def test_pairing_needs_the_same_instructions(entries):
+    with pytest.raises(ValueError, match=r"candidate entry 0 .* has no counterpart in the baseline"):
+        pair_responses(entries[1:], entries[:1])
+    with pytest.raises(ValueError, match=r"1 baseline entries have no counterpart"):
+        pair_responses(entries, entries[1:])
+
+
+def test_cli_pairwise_writes_the_report_and_prints_win_tie_loss(entries, tmp_path):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "dpo").mkdir()
+    cand = candidates(entries)
+    (tmp_path / "sft" / "responses.json").write_text(json.dumps(entries))
+    (tmp_path / "dpo" / "responses.json").write_text(json.dumps(cand))
+    with FakeServer(polite_judge) as srv:
+        res = run_cli(["gptlab.cli.judge", f"responses={tmp_path / 'dpo' / 'responses.json'}",
+                       f"baseline={tmp_path / 'sft' / 'responses.json'}", f"judge.url={srv.url}", "progress=false"],
+                      cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "win 6 (60.0%), tie 2 (20.0%), loss 2 (20.0%) of 10 judged (0 failed); both orders agreed on 100.0%" \
+        in res.stdout
+    report = json.loads((tmp_path / "dpo" / "pairwise.json").read_text())
+    assert (report["win"], report["n_judged"], len(report["comparisons"])) == (6, 10, 10)
+    assert report["comparisons"][0]["outcome"] == "win" and (tmp_path / "dpo" / "judge_cache.jsonl").is_file()

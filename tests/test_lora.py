@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
-from gptlab.model.lora import (LoRALinear, apply_lora, load_adapter, lora_layers, lora_state_dict, merge_lora,
+from gptlab.model.lora import (LoRALinear, apply_lora, disable_lora, load_adapter, lora_layers, lora_state_dict, merge_lora,
                                read_adapter, remove_lora, save_adapter, trainable_parameters, unmerge_lora)
 from gptlab.tasks.pretrain import PretrainTask
 
@@ -163,6 +163,23 @@ def test_merged_model_gives_the_unmerged_outputs(tiny_model):
     torch.testing.assert_close(tiny_model(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
+def test_disable_lora_gives_the_base_outputs_inside_and_the_adapted_ones_after(tiny_model):
+    x = ids()
+    with torch.no_grad():
+        base = tiny_model(x)
+        model = randomize_lora(apply_lora(copy.deepcopy(tiny_model), rank=4, alpha=8))
+        adapted = model(x)
+        with disable_lora(model):
+            assert torch.allclose(model(x), base, atol=1e-6)
+        assert torch.equal(model(x), adapted)
+        merge_lora(model)  # a merged update is taken out of the weights and put back
+        with disable_lora(model):
+            assert torch.allclose(model(x), base, atol=1e-5)
+        assert torch.allclose(model(x), adapted, atol=1e-5) and all(layer.merged for _, layer in lora_layers(model))
+        with disable_lora(tiny_model):  # no LoRA: nothing to switch off
+            assert torch.equal(tiny_model(x), base)
+
+
 def test_merge_is_a_no_op_without_lora(tiny_model):
     x = ids()
     before = tiny_model(x)
@@ -262,7 +279,8 @@ def lm_batches(n: int, T: int = 16) -> torch.utils.data.DataLoader:
 def test_a_lora_run_saves_an_adapter_that_reproduces_the_finetuned_model(tmp_path):
     adapter = dict(name="lora", rank=4, alpha=8, dropout=0.0, targets=["q", "v", "mlp_fc"], scaling="rank",
                    train_extra=[])
-    task = PretrainTask(model=TINY, adapter=adapter, lr=1e-2, lr_schedule="constant", sample_prompt=None)
+    task = PretrainTask(model=TINY, adapter=adapter, optimizer={"lr": 1e-2}, lr_schedule={"name": "constant"},
+                        sample_prompt=None)
     base_state = {k: v.clone() for k, v in task.model.state_dict().items() if ".lora_" not in k}
     assert task.trainable_parameter_count() == 2 * (2 * 4 * 64 + 4 * 160)
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -278,14 +296,14 @@ def test_a_lora_run_saves_an_adapter_that_reproduces_the_finetuned_model(tmp_pat
     assert not torch.allclose(fresh(x), remove_lora(copy.deepcopy(fresh))(x))  # training did change it
 
 
-def test_generate_load_model_merges_an_adapter(tmp_path, monkeypatch):
-    from gptlab.cli import generate as gen
+def test_the_inference_loader_merges_an_adapter(tmp_path):
+    from gptlab.inference import load_model
 
     base = GPT(GPTConfig(**TINY)).eval()
+    torch.save(base.state_dict(), tmp_path / "base.pt")
     tuned = randomize_lora(apply_lora(copy.deepcopy(base), rank=2, alpha=2))
     path = save_adapter(tuned, tmp_path / "a.safetensors")
-    monkeypatch.setattr(GPT, "from_pretrained", classmethod(lambda cls, name, **kw: copy.deepcopy(base)))
-    model = gen.load_model(init_from="base", adapter_path=str(path))
+    model = load_model(init_from=str(tmp_path / "base.pt"), adapter_path=str(path)).model
     assert all(layer.merged for _, layer in lora_layers(model))
     x = ids()
     torch.testing.assert_close(model(x), tuned(x), rtol=1e-5, atol=1e-5)
@@ -296,16 +314,16 @@ def test_cli_lora_run_on_an_init_from_base_gives_an_adapter_for_that_base(tmp_pa
     """gptlab-train init_from=<base> adapter=lora writes checkpoints/adapter.safetensors; the base +
     that adapter is the fine-tuned model, bit for bit (and gptlab-generate's loader merges it)."""
     from conftest import run_cli
-    from gptlab.cli.generate import load_model
-    from gptlab.model.pretrained import load_pretrained
-    from gptlab.tasks.base import load_task
+    from gptlab.inference import load_model
+    from gptlab.tasks.registry import load_task
+    from gptlab.weights import load_pretrained
 
     base_file = tmp_path / "base.pt"
     torch.save(GPT(GPTConfig.from_name("gpt2-tiny")).state_dict(), base_file)
     run = tmp_path / "run"
     res = run_cli(["gptlab.cli.train", "model=gpt2-tiny", f"init_from={base_file}", "data=random",
                    "data.num_train=12", "data.num_val=4", "data.batch_size=4", "data.num_workers=0",
-                   "data.max_length=32", "adapter=lora", "adapter.targets=[q,v,mlp_fc,head]", "task.lr=1e-2",
+                   "data.max_length=32", "adapter=lora", "adapter.targets=[q,v,mlp_fc,head]", "task.optimizer.lr=1e-2",
                    "task.sample_prompt=null", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                    f"hydra.run.dir={run}"], cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
@@ -317,5 +335,5 @@ def test_cli_lora_run_on_an_init_from_base_gives_an_adapter_for_that_base(tmp_pa
     x = ids()
     assert not torch.allclose(base(x), tuned(x))
     assert torch.equal(load_adapter(base, adapter)(x), tuned(x))
-    merged = load_model(init_from=str(base_file), adapter_path=str(adapter))
+    merged = load_model(init_from=str(base_file), adapter_path=str(adapter)).model
     torch.testing.assert_close(merged(x), tuned(x), rtol=1e-4, atol=1e-4)

@@ -13,9 +13,10 @@ import torch.nn as nn
 from gptlab.model.config import GPTConfig
 from gptlab.model.generation import generate
 from gptlab.model.gpt import GPT
-from gptlab.model.pretrained import (HF_REPOS, SafetensorsReader, export_hf, load_pretrained,
-                                     pretrained_names, save_book_state_dict, to_book_state_dict,
-                                     to_hf_state_dict)
+from gptlab.tasks.checkpoint import load_backbone
+from gptlab.weights import (HF_REPOS, SafetensorsReader, export_hf, load_pretrained, pretrained_names,
+                            save_book_state_dict, to_book_state_dict, to_hf_state_dict)
+from gptlab.weights.book_reference import GPTModel as BookGPTModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -139,9 +140,10 @@ def test_loading_builds_on_meta_and_leaves_no_meta_tensor(hf_pair):
     assert model.training  # like any fresh module; callers pick eval()
 
 
-def test_from_pretrained_is_load_pretrained(hf_pair):
+def test_init_from_reads_what_load_pretrained_reads(hf_pair):
+    """``init_from=`` (tasks' ``load_backbone``) and ``gptlab.load_pretrained`` give the same model."""
     _, folder, _ = hf_pair
-    a, b = GPT.from_pretrained(str(folder), drop_rate=0.0), load_pretrained(folder, drop_rate=0.0)
+    a, b = load_backbone(str(folder), drop_rate=0.0), load_pretrained(folder, drop_rate=0.0)
     assert a.config == b.config
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -218,7 +220,7 @@ def test_every_gpt2_size_and_alias_is_a_pretrained_name():
 
 @pytest.mark.parametrize("name", ["gpt2", "124M", "gpt2-small", "openai-community/gpt2"])
 def test_a_preset_name_loads_from_the_cache_without_network(tmp_path, monkeypatch, name):
-    import gptlab.data.download as dl
+    import gptlab.weights.download as dl
 
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
     make_hf(tmp_path / "hf" / "openai-community--gpt2", **HF_SHAPES["tied"])
@@ -316,90 +318,6 @@ def test_a_classifier_head_does_not_export(tmp_path):
 
 
 # --------------------------------------------------------------------------- the book's GPTModel
-class BookLayerNorm(nn.Module):
-    def __init__(self, emb_dim):
-        super().__init__()
-        self.eps = 1e-5
-        self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
-
-    def forward(self, x):
-        mean = x.mean(dim=-1, keepdim=True)
-        var = x.var(dim=-1, keepdim=True, unbiased=False)
-        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
-
-
-class BookGELU(nn.Module):
-    def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * x ** 3)))
-
-
-class BookFeedForward(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), BookGELU(),
-                                    nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-class BookMultiHeadAttention(nn.Module):
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
-        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
-
-    def forward(self, x):
-        b, num_tokens, _ = x.shape
-        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        attn_scores = queries @ keys.transpose(2, 3)
-        attn_scores.masked_fill_(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
-        attn_weights = self.dropout(torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1))
-        context = (attn_weights @ values).transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
-        return self.out_proj(context)
-
-
-class BookTransformerBlock(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.att = BookMultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"],
-                                          cfg["drop_rate"], cfg["n_heads"], cfg["qkv_bias"])
-        self.ff = BookFeedForward(cfg)
-        self.norm1, self.norm2 = BookLayerNorm(cfg["emb_dim"]), BookLayerNorm(cfg["emb_dim"])
-        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
-
-    def forward(self, x):
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))
-
-
-class BookGPTModel(nn.Module):
-    """The book's chapter-4 GPTModel, verbatim in structure and names."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[BookTransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = BookLayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-
-    def forward(self, in_idx):
-        _, seq_len = in_idx.shape
-        x = self.tok_emb(in_idx) + self.pos_emb(torch.arange(seq_len, device=in_idx.device))
-        x = self.trf_blocks(self.drop_emb(x))
-        return self.out_head(self.final_norm(x))
-
-
 BOOK_SHAPES = {
     "book-defaults": dict(vocab_size=50257, context_length=64, emb_dim=768 // 12, n_heads=4, n_layers=2,
                           drop_rate=0.1, qkv_bias=False),
@@ -480,11 +398,13 @@ def test_gptlab_lightning_checkpoint_gives_its_backbone(tmp_path):
             "gptlab_task": "gptlab.tasks.pretrain.PretrainTask", "gptlab_model_config": config.to_dict(),
             "pytorch-lightning_version": "2.6.0", "global_step": 3}
     torch.save(ckpt, tmp_path / "last.ckpt")
-    back = load_pretrained(tmp_path / "last.ckpt").eval()
+    back = load_backbone(tmp_path / "last.ckpt").eval()
     assert back.config == config and back.out_head.weight is back.tok_emb.weight
     x = ids(50257)
     assert torch.equal(back(x), model(x))
-    assert load_pretrained(tmp_path / "last.ckpt", drop_rate=0.0).config.drop_rate == 0.0
+    assert load_backbone(tmp_path / "last.ckpt", drop_rate=0.0).config.drop_rate == 0.0
+    with pytest.raises(ValueError, match="training checkpoint.*load_backbone"):
+        load_pretrained(tmp_path / "last.ckpt")  # weights/ reads weights; a task's checkpoint is read by tasks/
 
 
 def test_gptlab_state_dict_as_safetensors_loads(tmp_path):

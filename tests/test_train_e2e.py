@@ -27,7 +27,8 @@ def train(tmp_path: Path, run_dir: Path, *overrides: str) -> None:
 @pytest.mark.slow
 def test_a_run_writes_config_tensorboard_and_checkpoints_and_learns(tmp_path):
     run = tmp_path / "run"
-    train(tmp_path, run, "trainer.max_steps=40", "task.lr=3e-3", "task.warmup_steps=0")
+    train(tmp_path, run, "trainer.max_steps=40", "task.optimizer.lr=3e-3", "task.lr_schedule.warmup_steps=0",
+          "validate_before_fit=true")
     assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
     ckpts = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
@@ -35,6 +36,9 @@ def test_a_run_writes_config_tensorboard_and_checkpoints_and_learns(tmp_path):
     assert len(loss) >= 30
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 1.0  # clearly learning
     assert scalars(run, "val/loss") and scalars(run, "val/ppl")
+    assert scalars(run, "val/loss")[0][0] == 0  # validate_before_fit: a point before the first update
+    seen = scalars(run, "train/tokens_seen")  # 4 windows of 32 tokens per step, logged after each
+    assert [v for s, v in seen if s < 40] == [128 * (s + 1) for s in range(40)] and seen[-1][1] == 5120
     assert scalars(run, "lr-AdamW/decay") and scalars(run, "lr-AdamW/no_decay")
     assert scalars(run, "throughput/tokens_per_sec")
     acc = EventAccumulator(str(run / "tensorboard")).Reload()
@@ -55,13 +59,13 @@ def test_resume_from_last_ckpt_continues_from_the_saved_step(tmp_path):
 @pytest.mark.slow
 def test_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
     sweep = tmp_path / "sweep"
-    res = run_cli(["gptlab.cli.train", "-m", *TINY, "trainer.max_steps=3", "task.lr=1e-3,3e-4",
+    res = run_cli(["gptlab.cli.train", "-m", *TINY, "trainer.max_steps=3", "task.optimizer.lr=1e-3,3e-4",
                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-5000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
     assert [j.name for j in jobs] == ["0", "1"]
     for job, lr in zip(jobs, ("0.001", "0.0003")):
-        assert f"task.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"task.optimizer.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert scalars(job, "train/loss_step")
 

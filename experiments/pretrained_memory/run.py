@@ -27,7 +27,8 @@ SHAPES = {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-larg
 
 METHODS = {
     "lazy_hf": ("HF safetensors", "gptlab `load_pretrained` (file reads, meta device, assign)"),
-    "mmap_hf": ("HF safetensors", "meta device + assign, tensors from `safe_open` (mmap)"),
+    "safeopen_hf": ("HF safetensors", "`load_from_reader` (meta, assign) over `safe_open`, one tensor at a time"),
+    "mmap_hf": ("HF safetensors", "meta device + assign, all tensors from `safe_open` (mmap) first"),
     "naive_hf": ("HF safetensors", "naive: `GPT(cfg)`, whole file read, convert, `load_state_dict`"),
     "transformers_hf": ("HF safetensors", "reference: `GPT2LMHeadModel.from_pretrained`"),
     "lazy_book": ("book .pth", "gptlab `load_pretrained` (`torch.load(mmap=True)`, meta, assign)"),
@@ -47,18 +48,37 @@ def create(size: str, out: Path) -> None:
     d, layers, heads = SHAPES[size]
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_embd=d, n_layer=layers, n_head=heads)).save_pretrained(out / "hf")
-    from gptlab.model.pretrained import load_pretrained, save_book_state_dict
+    from gptlab.weights import load_pretrained, save_book_state_dict
 
     save_book_state_dict(load_pretrained(out / "hf"), out / "book.pth")
+
+
+class SafeOpenReader:
+    """The alternative to gptlab's file reader: tensors from ``safetensors.safe_open`` (memory-mapped),
+    one at a time, transposed where GPT-2's Conv1D needs it (the reader interface
+    ``load_from_reader`` takes: ``keys``, ``shape``, ``get``)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def keys(self) -> list[str]:
+        return list(self.f.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.f.get_slice(key).get_shape())
+
+    def get(self, key: str, transpose: bool = False):
+        t = self.f.get_tensor(key)
+        return t.t().contiguous() if transpose else t
 
 
 def measure(method: str, out: Path, size: str) -> dict:
     """Load by ``method``; return peak RSS figures (MiB) and seconds."""
     import torch
 
-    from gptlab.model import pretrained as P
     from gptlab.model.config import GPTConfig
     from gptlab.model.gpt import GPT
+    from gptlab.weights import MappingReader, config_from_hf, load_from_reader, load_pretrained
 
     if method == "transformers_hf":
         from transformers import GPT2LMHeadModel
@@ -67,33 +87,39 @@ def measure(method: str, out: Path, size: str) -> dict:
     base = peak_mib()
     t0 = time.perf_counter()
     if method == "lazy_hf":
-        model = P.load_pretrained(hf_dir)
+        model = load_pretrained(hf_dir)
+    elif method == "safeopen_hf":
+        from safetensors import safe_open
+
+        hints = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+        with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+            model = load_from_reader(SafeOpenReader(f), "safe_open", hints)
     elif method == "mmap_hf":
         from safetensors import safe_open
 
-        hints = P.config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+        hints = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
         with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-            model = P._load_state(P.MappingReader(tensors), "mmap", hints, {}, torch.float32)
+            model = load_from_reader(MappingReader(tensors), "mmap", hints)
             del tensors
     elif method == "naive_hf":
         from safetensors.torch import load
 
-        hints = P.config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+        hints = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
         model = GPT(GPTConfig(**hints, qkv_bias=True))
         sd = load((hf_dir / "model.safetensors").read_bytes())
-        converted = P._load_state(P.MappingReader(sd), "naive", hints, {}, torch.float32).state_dict()
+        converted = load_from_reader(MappingReader(sd), "naive", hints).state_dict()
         model.load_state_dict(converted)
         del sd, converted
     elif method == "transformers_hf":
         model = GPT2LMHeadModel.from_pretrained(hf_dir)
     elif method == "lazy_book":
-        model = P.load_pretrained(book)
+        model = load_pretrained(book)
     elif method == "naive_book":
         d, layers, heads = SHAPES[size]
         sd = torch.load(book, weights_only=True)
         model = GPT(GPTConfig.from_name(size, qkv_bias=True, tie_weights=True))
-        converted = P._load_state(P.MappingReader(sd), "naive", {}, {}, torch.float32).state_dict()
+        converted = load_from_reader(MappingReader(sd), "naive").state_dict()
         model.load_state_dict(converted)
         del sd, converted
     else:

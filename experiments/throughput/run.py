@@ -37,6 +37,9 @@ PRESETS = {
     # CPU: small enough for a couple of minutes on 2 cores (the 50,257-row head dominates the cost)
     "cpu": dict(model="gpt2-tiny", overrides=dict(context_length=128, emb_dim=128, n_heads=4, n_layers=4),
                 batch=4, steps=15, warmup=3, gptlab_args=["trainer=cpu"]),
+    # smoke: the same code paths in seconds (experiments/gpu_suite.py --smoke; measures nothing)
+    "smoke": dict(model="gpt2-tiny", overrides=dict(context_length=32), batch=2, steps=4, warmup=1, workers=0,
+                  gptlab_args=["trainer=cpu"]),
     "gpu": dict(model="gpt2-small", overrides=dict(context_length=1024, drop_rate=0.0, pad_vocab_multiple=64),
                 batch=16, steps=60, warmup=15,
                 gptlab_args=["trainer=gpu", "compile=true", "float32_matmul_precision=high"]),
@@ -49,6 +52,16 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def progress_bar_overrides(refresh: int, log_every: int | None) -> list[str]:
+    """Overrides for the progress bar and logging: ``refresh`` 0 = no bar; N = the bar refreshes
+    (and reads the logged loss: a host sync on GPU) every N steps. ``log_every``: the loggers'
+    interval (converting logged tensors to numbers: a sync), None = the trainer preset's."""
+    out = [] if log_every is None else [f"trainer.log_every_n_steps={log_every}"]
+    if refresh <= 0:
+        return [*out, "trainer.enable_progress_bar=false"]
+    return [*out, "trainer.enable_progress_bar=true", f"callbacks.progress_bar.refresh_rate={refresh}"]
+
+
 def run_gptlab(p: dict) -> dict:
     from hydra import compose, initialize_config_dir
 
@@ -58,12 +71,11 @@ def run_gptlab(p: dict) -> dict:
     steps, warmup = p["steps"], p["warmup"]
     out = tempfile.mkdtemp(prefix="gptlab-throughput-")
     overrides = [f"model={p['model']}", *[f"model.{k}={v}" for k, v in p["overrides"].items()],
-                 "data=random", f"data.batch_size={p['batch']}", "data.num_workers=2",
+                 "data=random", f"data.batch_size={p['batch']}", f"data.num_workers={p.get('workers', 2)}",
                  "logger=none", f"paths.output_dir={out}", f"trainer.max_steps={steps}",
                  "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
-                 "trainer.enable_progress_bar=false", "+trainer.enable_checkpointing=false",
-                 "~callbacks.model_checkpoint", "~callbacks.step_checkpoint", "~callbacks.exception_checkpoint",
-                 "~callbacks.lr_monitor",
+                 *progress_bar_overrides(p.get("progress_bar", 0), p.get("log_every")), "+trainer.enable_checkpointing=false",
+                 "~callbacks.model_checkpoint", "~callbacks.step_checkpoint", "~callbacks.exception_checkpoint", "~callbacks.lr_monitor",
                  f"callbacks.throughput.log_every_n_steps={steps - warmup}",
                  f"+callbacks.throughput.skip_steps={warmup}", "task.sample_prompt=null", *p["gptlab_args"]]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -94,7 +106,8 @@ def run_reference(p: dict) -> dict:
                           qkv_bias=cfg.qkv_bias)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1, foreach=False, fused=False)
     loader = torch.utils.data.DataLoader(RandomTokenDataset(10_000, cfg.context_length), batch_size=p["batch"],
-                                         shuffle=True, drop_last=True, num_workers=2)
+                                         shuffle=True, drop_last=True,
+                                         num_workers=p.get("workers", 2))
     with torch.device("meta"):
         fpt = GPT(cfg).flops_per_token(cfg.context_length)  # same formula and shape as the gptlab side
     it = iter(loader)
@@ -127,13 +140,18 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch", type=int)
-    ap.add_argument("--only", choices=["gptlab", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--progress-bar", type=int, default=0, metavar="N",
+                    help="gptlab side: show the progress bar, refreshed every N steps; 0 = off")
+    ap.add_argument("--log-every", type=int, default=None, metavar="N",
+                    help="gptlab side: trainer.log_every_n_steps (default: the trainer preset's)")
+    ap.add_argument("--only", choices=["gptlab", "reference"], help="run one side in this process, print RESULT json")
     args = ap.parse_args()
     p = dict(PRESETS[args.preset])
     if args.steps:
         p["steps"], p["warmup"] = args.steps, max(1, args.steps // 5)
     if args.batch:
         p["batch"] = args.batch
+    p["progress_bar"], p["log_every"] = args.progress_bar, args.log_every
     if args.only:
         res = run_gptlab(p) if args.only == "gptlab" else run_reference(p)
         print("RESULT " + json.dumps(res))
@@ -145,6 +163,9 @@ def main() -> None:
             cmd += ["--steps", str(args.steps)]
         if args.batch:
             cmd += ["--batch", str(args.batch)]
+        cmd += ["--progress-bar", str(args.progress_bar)]
+        if args.log_every:
+            cmd += ["--log-every", str(args.log_every)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:

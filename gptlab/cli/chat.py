@@ -17,11 +17,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptlab.checkpoint_io import load_checkpoint
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.generate import StreamDecoder, load_model, resolve_device
-from gptlab.cli.validation import refuse_bad_input, validate_chat_config
+from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.generate import StreamDecoder
+from gptlab.cli.validation import validate_chat_config
 from gptlab.data.instruct import PromptStyle, get_prompt_style
+from gptlab.inference import LoadedModel, load_model
 from gptlab.model.generation import generate_stream
 from gptlab.model.gpt import GPT
 from gptlab.tokenizer import EOT_ID, get_tokenizer
@@ -85,13 +86,6 @@ def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text
         yield tail
 
 
-def checkpoint_prompt_style(ckpt_path: str | None) -> str | None:
-    """The prompt style an :class:`~gptlab.tasks.instruct.InstructionTask` checkpoint was trained with."""
-    if not ckpt_path:
-        return None
-    return (load_checkpoint(ckpt_path).get("hyper_parameters") or {}).get("prompt_style")
-
-
 def answer(model: GPT, style: PromptStyle, cfg: DictConfig, instruction: str, input_text: str,
            out: TextIO) -> str:
     """Stream one response to ``out``; returns it (stripped)."""
@@ -111,25 +105,20 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
     validate_chat_config(cfg)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    model = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, device)
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        model = model.to(torch.bfloat16)
-    if model.out_head.out_features < model.config.vocab_size:
-        raise ValueError("this checkpoint's head is not a language-model head (a classifier?)")
-    style = get_prompt_style(cfg.prompt_style or checkpoint_prompt_style(cfg.ckpt_path) or "alpaca")
+    lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
+                    precision=cfg.precision)
+    model = lm.model
+    style = get_prompt_style(cfg.prompt_style or lm.prompt_style or "alpaca")
     if cfg.instruction is not None:
         return [answer(model, style, cfg, cfg.instruction, cfg.input or "", out)]
     interactive = stdin.isatty()
+    if interactive:
+        enable_line_editing()
+        sys.stderr.write(banner(lm, style.name, cfg) + "\n")
     responses = []
     while True:
-        if interactive:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-        line = stdin.readline()
-        if not line:  # end of input
-            if interactive:
-                sys.stderr.write("\n")
+        line = read_line(stdin, interactive)
+        if line is None:  # end of input
             return responses
         instruction, _, input_text = line.rstrip("\r\n").partition("\t")
         if not instruction.strip():
@@ -137,13 +126,51 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
         responses.append(answer(model, style, cfg, instruction.strip(), input_text.strip(), out))
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="chat")
-def main(cfg: DictConfig) -> None:
+def banner(lm: LoadedModel, style: str, cfg: DictConfig) -> str:
+    """One line: the model, its size and device, the prompt style and the sampling settings."""
+    sampling = "greedy" if not cfg.temperature else (
+        f"temperature {cfg.temperature}" + (f", top-k {cfg.top_k}" if cfg.top_k else "")
+        + (f", top-p {cfg.top_p}" if cfg.top_p else ""))
+    return (f"gptlab-chat: {lm.source} ({lm.model.num_params() / 1e6:.1f}M parameters, {lm.device.type}), "
+            f"prompt style {style}, {sampling}, up to {cfg.max_new_tokens} new tokens. "
+            f"Up/Down for history, Ctrl-D to quit.")
+
+
+def enable_line_editing() -> None:
+    """Arrow keys, history and Ctrl-R for :func:`input` (the standard library's ``readline``; absent on
+    some platforms, where plain input still works)."""
     try:
-        with refuse_bad_input("gptlab-chat"):
+        import readline  # noqa: F401  - importing it is what turns line editing on for input()
+    except ImportError:
+        pass
+
+
+def read_line(stdin: TextIO, interactive: bool) -> str | None:
+    """The next instruction line; None at end of input. A terminal gets a prompt with line editing."""
+    if interactive and stdin is sys.stdin:
+        try:
+            return input("> ")
+        except EOFError:
+            sys.stderr.write("\n")
+            return None
+    line = stdin.readline()
+    return line or None
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="chat")
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "chat", "gptlab-chat")
+    try:
+        with user_errors("gptlab-chat"):
             run(cfg)
     except KeyboardInterrupt:
         sys.stderr.write("\n")
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("chat", "gptlab-chat")
+    _hydra_main()
 
 
 if __name__ == "__main__":

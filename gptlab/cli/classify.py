@@ -17,54 +17,17 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.generate import resolve_device
-from gptlab.cli.validation import refuse_bad_input, validate_classify_config
-from gptlab.model.gpt import GPT
+from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.inference import load_model
+from gptlab.cli.validation import validate_classify_config
 from gptlab.tasks.classify import predict_texts
-
-META_KEYS = ("labels", "pooling", "max_length")
-
-
-def load_classifier(ckpt_path: str | None = None, init_from: str | None = None, adapter_path: str | None = None,
-                    device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """A classifier backbone (LoRA merged in, eval mode, on ``device``) and what prediction needs
-    from its training run: ``labels``, ``pooling``, ``max_length`` (None where unknown).
-
-    ``ckpt_path``: a gptlab checkpoint of a classification run; or ``init_from`` base weights plus
-    ``adapter_path``, an adapter saved by a classification run (it brings the head and the labels).
-    """
-    from gptlab.model.lora import load_adapter, merge_lora, read_adapter
-
-    if bool(ckpt_path) == bool(init_from):
-        raise ValueError("give exactly one of ckpt_path=... or init_from=...")
-    meta: dict[str, Any] = dict.fromkeys(META_KEYS)
-    if ckpt_path:
-        from gptlab.tasks.base import load_task
-
-        task = load_task(ckpt_path)
-        model = task.model
-        meta.update({k: task.hparams.get(k) for k in META_KEYS})
-    else:
-        model = GPT.from_pretrained(init_from)
-    if adapter_path:
-        _, adapter_cfg = read_adapter(adapter_path)
-        meta.update({k: adapter_cfg[k] for k in META_KEYS if adapter_cfg.get(k) is not None})
-        load_adapter(model, adapter_path)
-    merge_lora(model)  # plain matmuls at inference; a no-op without LoRA
-    if model.out_head.out_features >= model.config.vocab_size:
-        source = " + ".join(str(s) for s in (ckpt_path or init_from, adapter_path) if s)
-        raise ValueError(f"{source}: the model has a language-model head, not a classifier; train one with "
-                         "gptlab-train task=classify (e.g. experiment=ch06_spam), or give the classification "
-                         "run's adapter_path=")
-    return model.to(device).eval(), meta
-
 
 def read_lines(path: str | Path) -> list[str]:
     """The non-blank lines of a UTF-8 text file (``-`` = stdin), without their line endings."""
@@ -96,16 +59,17 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
     validate_classify_config(cfg, text)
     out = out or sys.stdout
     text = text if text is not None else cfg.text
-    device = resolve_device(cfg.device)
-    model, meta = load_classifier(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, device)
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        model = model.to(torch.bfloat16)
+    if (text is None) == (cfg.input is None):
+        raise ValueError("give exactly one of text=\"...\" or input=<file with one text per line>")
+    clf = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="classifier", device=cfg.device,
+                     precision=cfg.precision)
+    model = clf.model
     n = model.out_head.out_features
-    labels = list(cfg.labels or meta["labels"] or [str(i) for i in range(n)])
+    labels = list(cfg.labels or clf.labels or [str(i) for i in range(n)])
     if len(labels) != n:
         raise ValueError(f"{len(labels)} labels {labels} for a {n}-class head")
-    pooling = cfg.pooling or meta["pooling"] or "last_token"
-    max_length = cfg.max_length or meta["max_length"]
+    pooling = cfg.pooling or clf.pooling or "last_token"
+    max_length = cfg.max_length or clf.max_length
     texts = [str(text)] if text is not None else read_lines(cfg.input)
     probs = predict_texts(model, texts, pooling, max_length, cfg.batch_size,
                           progress=bool(cfg.progress) and cfg.input is not None)
@@ -127,16 +91,17 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
 _RAW_TEXT: list[str] = []
 
 
-def pop_text_argument(argv: list[str]) -> str | None:
-    """Remove ``text=...`` arguments from ``argv``; the last one's value, verbatim (None if none).
+def pop_text_argument(argv: list[str], key: str = "text") -> str | None:
+    """Remove ``<key>=...`` arguments (default ``text=``) from ``argv``; the last one's value,
+    verbatim (None if none).
 
     Hydra's override grammar rejects many characters of ordinary messages (``!``, ``(``, ``,``
     lists, ``${`` interpolations) unless the value is quoted once more inside the shell quotes, so
     the text never goes through it."""
     value = None
     for arg in list(argv[1:]):
-        key, sep, rest = arg.partition("=")
-        if sep and key.lstrip("+") == "text":
+        name, sep, rest = arg.partition("=")
+        if sep and name.lstrip("+") == key:
             argv.remove(arg)
             value = rest
     if value and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -146,12 +111,14 @@ def pop_text_argument(argv: list[str]) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classify")
 def _hydra_main(cfg: DictConfig) -> None:
-    with refuse_bad_input("gptlab-classify"):
+    require_values(cfg, "classify", "gptlab-classify")
+    with user_errors("gptlab-classify"):
         run(cfg, text=_RAW_TEXT[-1] if _RAW_TEXT else None)
 
 
 def main() -> None:
-    """Console entry: ``text=`` taken verbatim, every other argument parsed by Hydra."""
+    """Console entry: this tool's ``--help``; ``text=`` taken verbatim, every other argument parsed by Hydra."""
+    handle_help("classify", "gptlab-classify")
     text = pop_text_argument(sys.argv)
     _RAW_TEXT[:] = [] if text is None else [text]  # only this call's text (main may run twice in a process)
     _hydra_main()

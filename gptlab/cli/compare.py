@@ -2,12 +2,14 @@
 
     gptlab-compare outputs/classify/multiruns/2025-01-01_12-00-00
     gptlab-compare outputs/ --metric val/acc --csv > runs.csv
-    gptlab-compare SWEEP --plot lr.png --x task.lr          # final metric against a hyperparameter
+    gptlab-compare SWEEP --plot lr.png --x task.optimizer.lr          # final metric against a hyperparameter
     gptlab-compare SWEEP --plot curves.png --curves         # the metric's curve of every run
 
 A run is any folder with a ``.hydra/`` inside (searched recursively): its overrides come from
-``.hydra/overrides.yaml``, its metrics from the TensorBoard event files in it (last value of every
-scalar). Jobs that failed in a sweep (a ``FAILED`` file) are listed last, marked ``failed``.
+``.hydra/overrides.yaml``, its final metrics and status from ``metrics.json`` (every run writes one
+when it ends), its curves from the TensorBoard event files and the CSV logger's ``metrics.csv``.
+Runs that did not finish are listed last, marked ``failed`` (an error), ``interrupted`` (Ctrl-C)
+or ``incomplete`` (no ``metrics.json``: killed, or still running).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from gptlab.cli.results import read_result
+
 MAX_HINTS = ("acc", "f1", "precision", "recall", "auc", "score", "bleu", "rouge", "tokens_per_sec", "mfu")
 """A metric whose name contains one of these is better when higher (``--mode auto``)."""
 
@@ -34,13 +38,14 @@ class Run:
     path: Path
     name: str
     overrides: dict[str, str]
-    failed: bool
+    status: str
+    """``ok``, ``failed``, ``interrupted`` or ``incomplete``."""
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
-    def status(self) -> str:
-        return "failed" if self.failed else ("ok" if self.metrics else "no metrics")
+    def failed(self) -> bool:
+        return self.status != "ok"
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -83,11 +88,37 @@ def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(s, v) for s, (_, v) in sorted(points.items())] for tag, points in series.items()}
 
 
-def load_run(path: Path, root: Path) -> Run:
-    curves = read_scalars(path)
+def read_csv_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every series in the CSV logger's ``metrics.csv`` files of the run: ``tag -> [(step, value), ...]``."""
+    series: dict[str, dict[int, float]] = {}
+    for file in run.rglob("metrics.csv"):
+        with file.open(newline="") as f:
+            for row in csv.DictReader(f):
+                step = _as_number(row.get("step"))
+                for tag, value in row.items():
+                    v = _as_number(value)
+                    if tag in ("step", "epoch") or v is None or step is None:
+                        continue
+                    series.setdefault(tag, {})[int(step)] = v
+    return {tag: sorted(points.items()) for tag, points in series.items()}
+
+
+def run_status(path: Path, result: dict[str, Any] | None) -> str:
+    if result is not None and result.get("status"):
+        return str(result["status"])
+    return "failed" if (path / "FAILED").exists() else "incomplete"
+
+
+def load_run(path: Path, root: Path, read_curves: bool = True) -> Run:
+    """A run folder: overrides, status and final metrics (``metrics.json``), and, with
+    ``read_curves``, every scalar series (TensorBoard and CSV logs)."""
+    result = read_result(path)
+    curves = {**read_csv_scalars(path), **read_scalars(path)} if read_curves else {}
+    metrics = {tag: pts[-1][1] for tag, pts in curves.items() if pts}
+    metrics.update({k: v for k, v in ((result or {}).get("metrics") or {}).items() if v is not None})
     name = str(path.relative_to(root)) if path != root else path.name
-    return Run(path=path, name=name, overrides=read_overrides(path), failed=(path / "FAILED").exists(),
-               metrics={tag: pts[-1][1] for tag, pts in curves.items() if pts}, curves=curves)
+    return Run(path=path, name=name, overrides=read_overrides(path), status=run_status(path, result),
+               metrics=metrics, curves=curves)
 
 
 def metric_mode(metric: str, mode: str = "auto") -> str:
@@ -128,11 +159,49 @@ def metric_columns(runs: list[Run], metric: str, metrics: Sequence[str] | None =
 
 
 def _fmt(v: Any) -> str:
+    """Numbers to 4 significant digits (also numeric strings, e.g. an Optuna-sampled lr)."""
     if v is None:
         return ""
+    if isinstance(v, str):
+        number = _as_number(v)
+        if number is None or v.strip().lower() in ("nan", "inf", "-inf") or v.isdigit():
+            return v
+        v = number
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
     return str(v)
+
+
+def config_keys(run: Run) -> list[str]:
+    """Every leaf key of a run's composed config (``.hydra/config.yaml``), dotted."""
+    file = run.path / ".hydra" / "config.yaml"
+    if not file.is_file():
+        return []
+    out: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out.append(prefix[:-1])
+
+    walk(yaml.safe_load(file.read_text()) or {}, "")
+    return out
+
+
+def check_names(runs: list[Run], metric: str, x: str | None, metrics: Sequence[str] | None) -> None:
+    """ValueError for a ``--metric``/``--metrics`` no run has, or an ``--x`` no run's config has,
+    listing the names that exist."""
+    have = sorted({t for r in runs for t in (*r.metrics, *r.curves)})
+    for name in [metric, *(metrics or [])]:
+        if name not in have:
+            raise ValueError(f"no run has the metric {name!r}; metrics: {', '.join(have) or '(none)'}")
+    if x is not None:
+        keys = sorted({k for r in runs for k in (*r.overrides, *config_keys(r))})
+        if x not in keys:
+            shown = [k for k in keys if not k.startswith(("hydra", "paths.", "callbacks.", "logger."))]
+            raise ValueError(f"no run has the hyperparameter {x!r}; keys: {', '.join(shown)}")
 
 
 def table_rows(runs: list[Run], keys: list[str], metrics: list[str]) -> tuple[list[str], list[list[Any]]]:
@@ -262,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated metric columns (default: every val/* and test/* scalar)")
     ap.add_argument("--csv", action="store_true", help="print CSV instead of a markdown table")
     ap.add_argument("--plot", type=Path, default=None, help="save a PNG plot here")
-    ap.add_argument("--x", default=None, help="hyperparameter on the plot's x axis, e.g. task.lr")
+    ap.add_argument("--x", default=None, help="hyperparameter on the plot's x axis, e.g. task.optimizer.lr")
     ap.add_argument("--curves", action="store_true", help="plot the --metric curve of every run instead")
     return ap
 
@@ -276,9 +345,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not paths:
         print(f"gptlab-compare: no runs (folders with .hydra/) under {args.folder}", file=sys.stderr)
         return 1
-    runs = rank_runs([load_run(p, args.folder) for p in paths], args.metric, args.mode)
+    runs = [load_run(p, args.folder) for p in paths]
+    chosen = args.metrics.split(",") if args.metrics else None
+    try:
+        check_names(runs, args.metric, args.x, chosen)
+    except ValueError as e:
+        print(f"gptlab-compare: {e}", file=sys.stderr)
+        return 2
+    runs = rank_runs(runs, args.metric, args.mode)
     keys = varying_keys(runs)
-    metrics = metric_columns(runs, args.metric, args.metrics.split(",") if args.metrics else None)
+    metrics = metric_columns(runs, args.metric, chosen)
     header, rows = table_rows(runs, keys, metrics)
     if args.csv:
         sys.stdout.write(to_csv(header, rows))

@@ -17,9 +17,10 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.validation import refuse_bad_input, validate_export_config
-from gptlab.model.gpt import GPT
-from gptlab.model.pretrained import export_hf, load_pretrained
+from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.inference import load_model
+from gptlab.weights import export_hf
+from gptlab.cli.validation import validate_export_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -34,28 +35,14 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[str(name)]
 
 
-def load_model(ckpt_path: str | None = None, init_from: str | None = None, adapter_path: str | None = None,
-               n_heads: int | None = None) -> GPT:
-    """The language model behind ``ckpt_path`` (a gptlab checkpoint) or ``init_from`` (anything
-    :func:`~gptlab.model.pretrained.load_pretrained` reads), with the LoRA adapter at
-    ``adapter_path`` merged in; on CPU, in eval mode, in the file's dtype. ``n_heads``: for state
-    dicts whose width matches no preset (the head count is not in the tensors)."""
-    if bool(ckpt_path) == bool(init_from):
-        raise ValueError("give exactly one of ckpt_path=... or init_from=...")
-    overrides = {"n_heads": int(n_heads)} if n_heads else {}
-    model = load_pretrained(str(ckpt_path or init_from), dtype=None, **overrides)
-    if adapter_path:
-        from gptlab.model.lora import load_adapter, merge_lora
-
-        merge_lora(load_adapter(model, adapter_path))
-    return model.eval()
-
-
 def run(cfg: DictConfig) -> Path:
     """Load the model ``cfg`` names (``ckpt_path`` or ``init_from``, + ``adapter_path``) and export
     it to ``cfg.out_dir``; returns that folder."""
     validate_export_config(cfg)
-    model = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), cfg.get("n_heads"))
+    n_heads = cfg.get("n_heads")
+    lm = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), expect="lm", device="cpu",
+                    precision="keep", overrides={"n_heads": int(n_heads)} if n_heads else None)
+    model = lm.model
     out = export_hf(model, cfg.out_dir, dtype=parse_dtype(cfg.get("dtype")))
     c = model.config
     print(f"exported {c.name} ({model.num_params():,} parameters, {c.n_layers} layers, emb_dim {c.emb_dim}, "
@@ -65,9 +52,16 @@ def run(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def main(cfg: DictConfig) -> None:
-    with refuse_bad_input("gptlab-export"):
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "export", "gptlab-export")
+    with user_errors("gptlab-export"):
         run(cfg)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("export", "gptlab-export")
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -9,36 +9,11 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.validation import refuse_bad_input, validate_generate_config
+from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.inference import load_model
+from gptlab.cli.validation import validate_generate_config
 from gptlab.model.generation import generate_stream
-from gptlab.model.gpt import GPT
 from gptlab.tokenizer import EOT_ID, get_tokenizer
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model(ckpt_path: str | None = None, init_from: str | None = None, adapter_path: str | None = None,
-               device: str | torch.device = "cpu") -> GPT:
-    """The backbone of a gptlab checkpoint, or pretrained weights, optionally with a LoRA adapter
-    merged in; in eval mode on ``device``."""
-    if bool(ckpt_path) == bool(init_from):
-        raise ValueError("give exactly one of ckpt_path=... or init_from=...")
-    if ckpt_path:
-        from gptlab.tasks.base import load_task
-
-        model = load_task(ckpt_path).model
-    else:
-        model = GPT.from_pretrained(init_from)
-    from gptlab.model.lora import load_adapter, merge_lora
-
-    if adapter_path:
-        load_adapter(model, adapter_path)
-    merge_lora(model)  # LoRA from the adapter or the checkpoint folded in: plain matmuls; no-op without
-    return model.to(device).eval()
 
 
 class StreamDecoder:
@@ -61,15 +36,10 @@ def run(cfg: DictConfig) -> str:
     """Generate from ``cfg``; prints as it goes when ``cfg.stream``; returns the full text."""
     validate_generate_config(cfg)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    model = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, device)
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        model = model.to(torch.bfloat16)
-    if model.out_head.out_features < model.config.vocab_size:
-        raise ValueError("this checkpoint's head is not a language-model head (a classifier?); "
-                         "use gptlab-classify instead")
-    tok = get_tokenizer()
-    ids = torch.tensor(tok.encode(cfg.prompt, allowed_special={"<|endoftext|>"}), device=device)
+    lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
+                    precision=cfg.precision)
+    model = lm.model
+    ids = torch.tensor(lm.tokenizer.encode(cfg.prompt, allowed_special={"<|endoftext|>"}), device=lm.device)
     out = [cfg.prompt]
     if cfg.stream:
         sys.stdout.write(cfg.prompt)
@@ -94,9 +64,16 @@ def run(cfg: DictConfig) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-def main(cfg: DictConfig) -> None:
-    with refuse_bad_input("gptlab-generate"):
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "generate", "gptlab-generate")
+    with user_errors("gptlab-generate"):
         run(cfg)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("generate", "gptlab-generate")
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""``gptlab-judge``: score the responses of an instruction-tuned model with a larger LLM.
+"""``gptlab-judge``: score the responses of an instruction-tuned model with a larger LLM, or
+compare two models' responses pairwise (chapter 8.7: evaluating aligned models).
 
     gptlab-judge responses=outputs/ch07_instruct/runs/<time>/responses.json judge.model=llama3
     gptlab-judge responses=... judge.backend=openai judge.url=http://localhost:8000 judge.model=<name>
+    gptlab-judge responses=<dpo run>/responses.json baseline=<sft run>/responses.json   # pairwise
 
 Per-entry scores go to ``scores.json`` beside the responses (or ``output=``); the average and the
-number of entries without a score are printed. Answers are cached, so a re-run sends no request.
+number of entries without a score are printed. Pairwise: every instruction is judged with the two
+responses in both orders; ``pairwise.json`` gets the per-entry picks and the win/tie/loss counts and
+rates of ``responses`` against ``baseline``. Answers are cached, so a re-run sends no request.
 """
 
 from __future__ import annotations
@@ -18,20 +22,28 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.validation import refuse_bad_input, validate_judge_config
-from gptlab.judge import Judge, JudgeError, load_responses, summarize
+from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.validation import validate_judge_config
+from gptlab.judge import Judge, JudgeError, load_responses, pair_responses, summarize, summarize_pairwise
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Judge ``cfg.responses``; writes the scores file and returns its summary."""
-    validate_judge_config(cfg)
-    responses = Path(cfg.responses)
-    entries = load_responses(responses, cfg.response_key)
+def make_judge(cfg: DictConfig, responses: Path) -> tuple[Judge, Path | None]:
+    """The judge client of ``cfg.judge`` and its cache file (default: beside the responses)."""
     settings = OmegaConf.to_container(cfg.judge, resolve=True)
     cache = settings.pop("cache", None)
     if cache is None:
         cache = responses.parent / "judge_cache.jsonl"
-    judge = Judge(**settings, cache=cache or None)
+    return Judge(**settings, cache=cache or None), cache or None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Judge ``cfg.responses`` (against ``cfg.baseline`` when set); writes the report and returns it."""
+    validate_judge_config(cfg)
+    if cfg.get("baseline"):
+        return run_pairwise(cfg)
+    responses = Path(cfg.responses)
+    entries = load_responses(responses, cfg.response_key)
+    judge, cache = make_judge(cfg, responses)
     print(f"judging {len(entries)} responses from {responses} with {judge.model!r} "
           f"({judge.backend} at {judge.url})", file=sys.stderr)
     scores = judge.score_all(entries, cfg.response_key, progress=cfg.progress)
@@ -50,14 +62,56 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
+def run_pairwise(cfg: DictConfig) -> dict[str, Any]:
+    """Compare ``cfg.responses`` (the candidate) with ``cfg.baseline`` instruction by instruction;
+    writes ``pairwise.json`` (or ``cfg.output``) and returns the report."""
+    responses, baseline = Path(cfg.responses), Path(cfg.baseline)
+    triples = pair_responses(load_responses(baseline, cfg.response_key, require_output=False),
+                             load_responses(responses, cfg.response_key, require_output=False),
+                             cfg.response_key, names=(str(baseline), str(responses)))
+    judge, cache = make_judge(cfg, responses)
+    print(f"comparing {len(triples)} responses from {responses} with {baseline} using {judge.model!r} "
+          f"({judge.backend} at {judge.url}), both orders", file=sys.stderr)
+    verdicts = judge.compare_all(triples, progress=cfg.progress)
+    summary = summarize_pairwise(verdicts)
+    rows = [{"index": i, "instruction": e["instruction"], "input": e.get("input", ""), "baseline_response": b,
+             "candidate_response": c, "outcome": v.outcome, "pick_baseline_first": v.first,
+             "pick_candidate_first": v.second, "judge_answers": v.raw}
+            for i, ((e, b, c), v) in enumerate(zip(triples, verdicts))]
+    report = {"candidate": str(responses), "baseline": str(baseline),
+              "judge": {"backend": judge.backend, "model": judge.model, "url": judge.url},
+              **summary, "requests_sent": judge.requests_sent, "comparisons": rows}
+    output = Path(cfg.output) if cfg.output else responses.parent / "pairwise.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    n = summary["n_judged"]
+
+    def pct(key: str) -> str:
+        return f"{100 * summary[key]:.1f}%" if summary[key] is not None else "n/a"
+
+    print(f"{responses} vs {baseline}: win {summary['win']} ({pct('win_rate')}), tie {summary['tie']} "
+          f"({pct('tie_rate')}), loss {summary['loss']} ({pct('loss_rate')}) of {n} judged "
+          f"({summary['n_failed']} failed); both orders agreed on {pct('consistency')}")
+    print(f"comparisons written to {output} ({judge.requests_sent} requests sent, the rest from the cache "
+          f"{cache or '(off)'})", file=sys.stderr)
+    return report
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="judge")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "judge", "gptlab-judge")
     try:
-        with refuse_bad_input("gptlab-judge"):  # bad settings or files: exit status 2
+        with user_errors("gptlab-judge"):
             run(cfg)
-    except JudgeError as e:  # the server failed: exit status 1
+    except JudgeError as e:
         print(f"gptlab-judge: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("judge", "gptlab-judge")
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -2,19 +2,18 @@
 
     gptlab-train                                   # tiny GPT on the bundled short story, CPU
     gptlab-train experiment=ch05_verdict trainer=gpu
-    gptlab-train -m task.lr=1e-3,3e-4 model.n_layers=2,4
+    gptlab-train -m task.optimizer.lr=1e-3,3e-4 model.n_layers=2,4
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-import subprocess
 import sys
-import tempfile
+import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +22,27 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_original_cwd, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.callbacks import NonFiniteError
 from gptlab.checkpoint_io import CheckpointWriteError
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.hydra_callbacks import FAILED_FILE
-from gptlab.cli.validation import refuse_bad_input, refuse_overwriting_checkpoints, validate_train_config
+from gptlab.cli.ddp import DDPJobScope
+from gptlab.cli.entry import check_plugins, handle_help, require_values, user_error
+from gptlab.cli.hparams import log_hparams, select_hparams
+from gptlab.cli.results import write_result
+from gptlab.cli.runs import announce_end, announce_start
+from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
+from gptlab.errors import InvalidInput
 from gptlab.tokenizer import get_tokenizer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gptlab")
+GROUPS = ("model", "data", "task", "adapter", "trainer", "logger", "callbacks", "experiment", "hparams_search",
+          "hydra/launcher", "debug")
+"""Config groups ``gptlab-train --help`` lists."""
 
 
 def _instantiate_group(node: DictConfig | None) -> list[Any]:
@@ -46,111 +52,35 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested config -> {"a.b": value} with TensorBoard-friendly scalar values."""
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(d, (list, tuple)):
-        out[prefix[:-1]] = str(list(d))
-    else:
-        out[prefix[:-1]] = d if isinstance(d, (int, float, str, bool)) else str(d)
-    return out
+class _DropTips(logging.Filter):
+    """Lightning's advertisements ("Tip: try installing litlogger ...") are not about this run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith("\U0001f4a1 Tip")
 
 
-# Set by Lightning's DDP launcher for the processes it starts; restored after each job, so the next
-# job of a sweep (same process) launches its own processes instead of joining the last job's.
-_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-def ddp_child_command(local_rank: int, config_dir: Path) -> tuple[list[str], str]:
-    """Command line and cwd of DDP process ``local_rank`` of the current Hydra job, whose composed
-    config is ``config_dir/config.yaml``.
-
-    Lightning's own version re-runs ``sys.argv`` with ``hydra.run.dir=<run dir>``: under ``-m`` each
-    child then re-launches the whole sweep (a sweeper samples its own trials, a default sweep folder
-    gets a new timestamp). Instead the child recomposes exactly this job's config and runs it in the
-    job's folder as a single run, without writing a config of its own.
-    """
-    out = Path(HydraConfig.get().runtime.output_dir).resolve()
-    command = [sys.executable, "-m", "gptlab.cli.train", "--config-path", str(config_dir),
-               "--config-name", "config", f"hydra.run.dir='{out}'", "hydra.output_subdir=null",
-               f"hydra.job.name=train_ddp_process_{local_rank}"]
-    return command, get_original_cwd()
-
-
-class DDPJobScope:
-    """Makes Lightning's DDP process launcher work inside Hydra jobs, sweeps included.
-
-    On entry, the launcher builds child commands with :func:`ddp_child_command`. On exit (after the
-    job), the children are waited for (killed after ``timeout`` s, or at once when the job failed),
-    the process group is destroyed and the launcher's environment variables are restored, so the next
-    job in this process starts from scratch. A child that failed fails the job.
-    """
-
-    def __init__(self, cfg: DictConfig, timeout: float = 120.0):
-        self.cfg, self.timeout = cfg, timeout
-        self.trainer: L.Trainer | None = None
-
-    def __enter__(self) -> "DDPJobScope":
-        from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
-        from lightning.pytorch.strategies.launchers import subprocess_script as pl_launcher
-
-        hc = HydraConfig.get()
-        saved = Path(hc.runtime.output_dir) / (hc.output_subdir or "") / "config.yaml"
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        if hc.output_subdir and saved.is_file():
-            config_dir = saved.parent.resolve()
-        else:  # hydra.output_subdir=null: no .hydra/ to read, so the config goes to a temp folder
-            self._tmp = tempfile.TemporaryDirectory(prefix="gptlab-ddp-")
-            config_dir = Path(self._tmp.name)
-            OmegaConf.save(self.cfg, config_dir / "config.yaml")
-        self._modules = (pl_launcher, fabric_launcher)
-        self._originals = [m._hydra_subprocess_cmd for m in self._modules]
-        for m in self._modules:
-            m._hydra_subprocess_cmd = functools.partial(ddp_child_command, config_dir=config_dir)
-        self._env = {k: os.environ.get(k) for k in _DDP_ENV}
-        self._dist_before = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        for m, original in zip(self._modules, self._originals):
-            m._hydra_subprocess_cmd = original
-        procs = list(getattr(getattr(getattr(self.trainer, "strategy", None), "launcher", None), "procs", None) or [])
-        if not procs:
-            if self._tmp is not None:
-                self._tmp.cleanup()
-            return
-        failed = []
-        for rank, proc in enumerate(procs, start=1):
-            try:
-                proc.wait(timeout=self.timeout if exc is None else 5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.returncode:
-                failed.append(f"rank {rank}: exit code {proc.returncode}")
-        # the launcher's watchdog thread kills this process when a child fails; the children are
-        # accounted for now, so it is told there are none left
-        self.trainer.strategy.launcher.procs.clear()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-        if not self._dist_before and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for k, v in self._env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if failed and exc is None:
-            raise RuntimeError(f"DDP processes of this job failed ({', '.join(failed)}); see their "
-                               f"train_ddp_process_<rank>.log in {HydraConfig.get().runtime.output_dir}")
+def route_logs() -> None:
+    """Lightning's messages and Python warnings into the run's log handlers (console and
+    ``train.log``, set up by Hydra), without Lightning's own console handler, its tips, or
+    deprecation notices about Lightning's internals that a user cannot act on."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
     """Instantiate ``cfg.task`` with the model, adapter and init settings of the run."""
     adapter = cfg.get("adapter")
+    reward = cfg.task.get("reward")
+    if isinstance(reward, DictConfig) and "_target_" in reward and "reward" not in extra:
+        # code chosen by the run's own config (task/reward=...), built here: the task node is not
+        # instantiated recursively (its optimizer node stays a plain dict) and never stores it
+        extra["reward"] = instantiate(reward)
     return instantiate(
         cfg.task,
         _convert_="all",  # plain dicts/lists in hparams: checkpoints load with torch.load(weights_only=True)
@@ -166,14 +96,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment described by ``cfg``; returns the final metrics (floats).
 
     Every config value is checked first (:func:`~gptlab.cli.validation.validate_train_config`), and
-    a fresh run refuses a checkpoint folder that holds another run's checkpoints. Loggers are closed
+    a fresh run refuses a checkpoint folder that already holds checkpoints. Loggers are closed
     whatever happens (status ``failed`` on an exception, which is re-raised), so a failing sweep job
-    leaves complete event files and no open writers behind.
+    leaves complete event files and no open writers behind; the run folder gets ``metrics.json``
+    with the status (``ok``/``failed``/``interrupted``) and final metrics.
     """
     validate_train_config(cfg)
     if rank_zero_only.rank == 0:  # DDP processes start after rank 0 has checked (and may have saved)
         refuse_overwriting_checkpoints(checkpoint_folders(cfg), cfg.get("ckpt_path"))
-    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    started = announce_start(out)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
@@ -192,10 +125,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
              100 * n_train / max(1, n_total))
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # the bar's own switch wins over callbacks.progress_bar
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_group(cfg.get("logger"))
     if not loggers and any(isinstance(cb, LearningRateMonitor) for cb in callbacks):
         log.info("logger=none: the learning-rate monitor is left out (it needs a logger)")
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    metrics: dict[str, float] = {}
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         for lg in loggers:
@@ -207,18 +143,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         else:
             metrics = fit_and_test(cfg, trainer, task, datamodule)
         # TensorBoard HPARAMS: the run's hyperparameters next to its real final metrics
-        hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        hparams = select_hparams(OmegaConf.to_container(cfg, resolve=True), choices)
         hparams["params/trainable"] = n_train
         final = {k: v for k, v in metrics.items()
                  if k.startswith(("val/", "test/", "train/")) and math.isfinite(v)}
         log_hparams(loggers, hparams, final, step=trainer.global_step)
-    except BaseException:
+    except BaseException as e:
         for lg in loggers:
             lg.finalize("failed")
+        status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+        if rank_zero_only.rank == 0:  # DDP: the other ranks run in the same folder
+            write_result(out, status, metrics, cfg.get("optimized_metric"), time.perf_counter() - started,
+                         error=f"{type(e).__name__}: {e}")
+            log.info("run %s; folder: %s", status, out.resolve())
         raise
     for lg in loggers:
         lg.finalize("success")
-    log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    if rank_zero_only.rank == 0:
+        write_result(out, "ok", metrics, cfg.get("optimized_metric"), time.perf_counter() - started)
+        announce_end(out, "finished", metrics, started, cfg.get("optimized_metric"))
     return metrics
 
 
@@ -231,55 +175,44 @@ def checkpoint_folders(cfg: DictConfig) -> list[str]:
 
 def fit_and_test(cfg: DictConfig, trainer: L.Trainer, task: L.LightningModule,
                  datamodule: L.LightningDataModule) -> dict[str, float]:
-    """``trainer.fit`` (when ``cfg.train``), then ``trainer.test`` on the best checkpoint by the
-    monitored metric (when ``cfg.test``); the scalar callback metrics after both."""
+    """``trainer.fit`` (when ``cfg.train``; after a validation pass when ``cfg.validate_before_fit``
+    and not resuming), then ``trainer.test`` on the best checkpoint (when ``cfg.test``); the scalar
+    callback metrics after both."""
     if cfg.get("train", True):
+        if cfg.get("validate_before_fit") and not cfg.get("ckpt_path"):
+            trainer.validate(task, datamodule=datamodule)  # logged at step 0: the book's first evaluation
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):
-        best = [cb.best_model_path for cb in trainer.checkpoint_callbacks
-                if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path]
-        ckpt = best[0] if cfg.get("train", True) and best else None
+        # the best checkpoint by path: "best" makes Lightning warn about every ModelCheckpoint it sees
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        ckpt = best if cfg.get("train", True) and best else None
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     return metrics
 
 
-def log_hparams(loggers: list[Any], hparams: dict[str, Any], final: dict[str, float], step: int) -> None:
-    """Hyperparameters to every logger; TensorBoard also gets ``final`` as the session's metrics.
-
-    TensorBoard's HPARAMS tab reads each metric from the scalar series of the same tag, so the final
-    values are written as scalars at the last step (not at step 0, where they would bend the curves
-    back to the start).
-    """
-    for lg in loggers:
-        if isinstance(lg, TensorBoardLogger) and final:
-            lg.log_hyperparams(hparams, metrics=final, step=step)
-        else:
-            lg.log_hyperparams(hparams)
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry; returns ``cfg.optimized_metric`` for sweepers."""
+    route_logs()
+    require_values(cfg, "train", "gptlab-train")
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        with refuse_bad_input("gptlab-train"):
-            metrics = train(cfg)
-    except (Exception, SystemExit) as e:
-        if not multirun:
-            if isinstance(e, (NonFiniteError, CheckpointWriteError)):  # a clear message says it all
-                sys.stderr.write(f"gptlab-train: error: {e}\n")
-                raise SystemExit(1) from None
-            raise
-        # one failing sweep job must not end the sweep: record why and report a NaN metric; the
-        # sweep exits non-zero at the end, listing its failed jobs (cli/hydra_callbacks.py)
-        cause = e.__context__ if isinstance(e, SystemExit) and e.__context__ else e
+        metrics = train(cfg)
+    except Exception as e:
         out = Path(HydraConfig.get().runtime.output_dir)
-        (out / FAILED_FILE).write_text(f"{type(cause).__name__}: {cause}\n\n" + "".join(
-            traceback.format_exception(type(cause), cause, cause.__traceback__)))
-        log.error("job %s failed; the sweep goes on (%s in %s)", HydraConfig.get().job.num, type(cause).__name__,
-                  out / FAILED_FILE)
+        err = user_error(e) or (e if isinstance(e, (NonFiniteError, CheckpointWriteError)) else None)
+        if multirun or not isinstance(err, InvalidInput):  # a refused single run leaves only its log
+            (out / "FAILED").write_text(traceback.format_exc())
+        if not multirun:
+            if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            sys.stderr.write(f"gptlab-train: error: {err}\n")
+            raise SystemExit(2 if isinstance(err, InvalidInput) else 1) from None
+        # one failing sweep job must not end the sweep: record why and report a NaN metric
+        log.error("job %s failed (%s); the sweep goes on (traceback in %s)", HydraConfig.get().job.num,
+                  err or f"{type(e).__name__}: {e}", out / "FAILED")
         return float("nan")
     metric = cfg.get("optimized_metric")
     if not metric:
@@ -288,6 +221,13 @@ def main(cfg: DictConfig) -> float | None:
         log.warning("optimized_metric %r was not logged; available: %s", metric, sorted(metrics))
         return float("nan")  # a sweeper records a failed trial instead of crashing on None
     return metrics[metric]
+
+
+def main() -> None:
+    """Console entry: ``gptlab-train --help`` written from conf/train.yaml; everything else through Hydra."""
+    handle_help("train", "gptlab-train", GROUPS)
+    check_plugins("gptlab-train")
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -22,16 +22,14 @@ import glob
 import math
 import numbers
 import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gptlab.callbacks import ACTIONS as NONFINITE_ACTIONS
-from gptlab.checkpoint_io import load_checkpoint, verify_checkpoint
+from gptlab.checkpoint_io import verify_checkpoint
 from gptlab.data.instruct import PROMPT_STYLES
 from gptlab.errors import ConfigError, InvalidInput
 from gptlab.judge import BACKENDS as JUDGE_BACKENDS
@@ -39,7 +37,8 @@ from gptlab.model.config import GPTConfig
 from gptlab.model.generation import sampling_problems
 from gptlab.model.lora import SCALINGS as LORA_SCALINGS
 from gptlab.model.lora import TARGETS as LORA_TARGETS
-from gptlab.model.pretrained import pretrained_names, resolve_pretrained_name
+from gptlab.weights.formats import pretrained_names, resolve_pretrained_name
+from gptlab.weights.readers import safe_torch_load
 from gptlab.tasks.classify import POOLINGS, TRAINABLE
 
 Check = Callable[[Any], "str | None"]
@@ -370,7 +369,7 @@ def _checkpoint(key: str, path: Any, *, resumable: bool = False) -> list[str]:
     stamp = (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
     try:
         if resumable:
-            ckpt = load_checkpoint(p)
+            ckpt = safe_torch_load(p)  # checksums verified, weights_only=True
             if "optimizer_states" not in ckpt or "loops" not in ckpt:
                 return [f"{key}={str(path)!r}: holds weights only (a best-* checkpoint), not the training state "
                         f"a resume needs; resume from last.ckpt, or start from these weights with init_from="]
@@ -492,16 +491,3 @@ def validate_export_config(cfg: DictConfig) -> None:
 
 def validate_judge_config(cfg: DictConfig) -> None:
     raise_problems(apply_rules(cfg, JUDGE_RULES))
-
-
-# ----------------------------------------------------------------------------- reporting
-@contextmanager
-def refuse_bad_input(tool: str) -> Iterator[None]:
-    """Inside: an :class:`~gptlab.errors.InvalidInput` or ``FileNotFoundError`` becomes
-    ``<tool>: error: <message>`` on stderr and exit status 2, without a traceback."""
-    try:
-        yield
-    except (InvalidInput, FileNotFoundError) as e:
-        sys.stderr.write(f"{tool}: error: {e}\n")
-        sys.stderr.flush()
-        raise SystemExit(2) from None

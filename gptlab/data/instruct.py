@@ -15,7 +15,6 @@ to emit ``<|endoftext|>`` after each response (unless ``allowed_max_length`` tru
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -28,14 +27,14 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from gptlab.data.base import GPTDataModule
-from gptlab.errors import InvalidInput
+from gptlab.data.records import DataFileError, read_json_records
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_INSTRUCTION_DATA = ASSETS / "instruction-data.json"
 REQUIRED_KEYS = ("instruction", "input", "output")
 
 
-class InstructionDataError(InvalidInput):
+class InstructionDataError(DataFileError):
     """A malformed instruction file or entry (the message names the file and the entry index)."""
 
 
@@ -75,12 +74,19 @@ def _phi3_input(entry: Mapping[str, str]) -> str:
     return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get("input") else "")
 
 
+def _raw_input(entry: Mapping[str, str]) -> str:
+    return entry["instruction"] + (f"\n{entry['input']}" if entry.get("input") else "")
+
+
 # Adding a style is one entry here (and then ``data.prompt_style=<name>``).
 PROMPT_STYLES: dict[str, PromptStyle] = {
     # the book's chapter 7 (Stanford Alpaca's template)
     "alpaca": PromptStyle("alpaca", _alpaca_input, "\n\n### Response:\n", "### Instruction:", ("###",)),
     # the book's exercise 7.1 in Phi-3's own spelling (the book's solution writes "<|assistant|>:")
     "phi3": PromptStyle("phi3", _phi3_input, "\n<|assistant|>\n", "<|user|>", ("<|user|>", "<|assistant|>", "<|end|>")),
+    # the instruction verbatim, no template: for prompts that carry their own turn markers
+    # (Anthropic HH: "\n\nHuman: ...\n\nAssistant:")
+    "raw": PromptStyle("raw", _raw_input, "", "", ()),
 }
 
 
@@ -123,36 +129,27 @@ def extract_response(text: str, style: str | PromptStyle = "alpaca") -> str:
 
 # ----------------------------------------------------------------------------- loading
 def load_instruction_data(path: str | Path | None = None) -> list[dict[str, str]]:
-    """Entries of an Alpaca-format JSON file (default: the book's 1,100 entries shipped in
-    ``gptlab/assets``). Raises :class:`InstructionDataError` naming the file, and the entry index or
-    the line/column of a JSON syntax error."""
-    path = Path(path) if path else DEFAULT_INSTRUCTION_DATA
-    if not path.is_file():
-        raise FileNotFoundError(f"instruction data file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InstructionDataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    if not isinstance(data, list):
-        raise InstructionDataError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
-    if not data:
-        raise InstructionDataError(f"{path}: the file holds no entries")
-    for i, entry in enumerate(data):
-        validate_entry(entry, i, path)
-    return data
+    """Entries of an Alpaca-format JSON (or JSON-lines ``.jsonl``) file (default: the book's 1,100
+    entries shipped in ``gptlab/assets``). Raises :class:`InstructionDataError` naming the file, and
+    the entry index or the line/column of a JSON syntax error (or the byte that is not UTF-8)."""
+    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "instruction data", InstructionDataError)
+    for i, entry in enumerate(records.entries):
+        validate_entry(entry, i, records.path, where=records.where(i))
+    return records.entries
 
 
-def validate_entry(entry: Any, index: int, path: str | Path = "<data>") -> None:
+def validate_entry(entry: Any, index: int, path: str | Path = "<data>", where: str | None = None) -> None:
     """Raise :class:`InstructionDataError` unless ``entry`` has string ``instruction``, ``input``
-    and ``output`` fields."""
+    and ``output`` fields. Messages start with ``where`` (default ``"<path>: entry <index>"``)."""
+    where = where or f"{path}: entry {index}"
     if not isinstance(entry, dict):
-        raise InstructionDataError(f"{path}: entry {index} must be an object with keys {list(REQUIRED_KEYS)}, "
+        raise InstructionDataError(f"{where} must be an object with keys {list(REQUIRED_KEYS)}, "
                                    f"got {type(entry).__name__}")
     for key in REQUIRED_KEYS:
         if key not in entry:
-            raise InstructionDataError(f"{path}: entry {index} has no {key!r} key (it has {sorted(entry)})")
+            raise InstructionDataError(f"{where} has no {key!r} key (it has {sorted(entry)})")
         if not isinstance(entry[key], str):
-            raise InstructionDataError(f"{path}: entry {index}: {key!r} must be a string, "
+            raise InstructionDataError(f"{where}: {key!r} must be a string, "
                                        f"got {type(entry[key]).__name__} ({entry[key]!r:.60})")
 
 
@@ -251,15 +248,21 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = EOT_ID,
 class InstructionTestCollate:
     """Test batches: the training fields (for ``test/loss``) plus what generation needs:
     left-padded ``prompt_ids`` / ``prompt_attention_mask``, the entries' ``index`` and the raw
-    ``entries`` (a list of dicts)."""
+    ``entries`` (a list of dicts).
 
-    def __init__(self, dataset: InstructionDataset, max_prompt_length: int | None = None, **collate_kwargs: Any):
+    ``dataset`` needs ``prompt_ids`` and ``entries``; ``collate_fn`` builds the training fields
+    (default :func:`instruction_collate`; preference data passes its own).
+    """
+
+    def __init__(self, dataset: Dataset, max_prompt_length: int | None = None,
+                 collate_fn: Callable[..., dict[str, Any]] = instruction_collate, **collate_kwargs: Any):
         self.dataset = dataset
         self.max_prompt_length = max_prompt_length
+        self.collate_fn = collate_fn
         self.collate_kwargs = collate_kwargs
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = instruction_collate(items, **self.collate_kwargs)
+        out: dict[str, Any] = self.collate_fn(items, **self.collate_kwargs)
         idx = [int(it["index"]) for it in items]
         pad_id = self.collate_kwargs.get("pad_id", EOT_ID)
         out["prompt_ids"], out["prompt_attention_mask"] = left_pad(

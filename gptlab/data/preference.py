@@ -1,13 +1,28 @@
-"""Preference pairs for DPO (book chapter 7 bonus) and reward models: Alpaca-format entries with a
-``chosen`` and a ``rejected`` response (``instruction-data-with-preference.json`` in the book).
+"""Preference pairs for DPO and reward models (the book's chapter 7 DPO bonus and chapter 8).
 
-Each side is tokenized as ``prompt + response`` exactly like :mod:`gptlab.data.instruct`, and
-batched by :func:`instruction_collate` with the prompt masked, so ``chosen_labels`` /
-``rejected_labels`` select the response tokens whose log-probabilities DPO compares.
+Two entry formats, in a JSON list file or a JSON-lines file (``.jsonl``, one entry per line):
+
+* the book's ``instruction-data-with-preference.json`` (shipped in ``gptlab/assets``, the default):
+  ``{"instruction", "input", "output", "chosen", "rejected"}``;
+* plain pairs ``{"prompt", "chosen", "rejected"}`` (Anthropic-HH style or your own): ``prompt`` is
+  the instruction, written with ``prompt_style`` like SFT data (``prompt_style=raw`` uses it verbatim,
+  for prompts that carry their own ``Human:``/``Assistant:`` turns).
+
+An optional numeric ``margin`` per entry (all entries or none) is passed to reward models (TRL's
+``margin`` column). Each side is tokenized as ``prompt + response`` exactly like
+:mod:`gptlab.data.instruct`; the collate pads chosen and rejected to ONE common length (so a task
+can run both through the model in one forward pass) and masks the prompt and the padding in
+``chosen_labels`` / ``rejected_labels``: the positions left are the response tokens whose
+log-probabilities DPO compares.
+
+Book parity (``experiment=ch07_dpo``): the book's DPO mask also scores the response header after
+its leading newlines (``"### Response:\\n"``, ``mask[:len(prompt) + 2] = False``) and does not score
+the end-of-text after the response: ``score_response_header=true score_eos=false``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from functools import partial
@@ -15,90 +30,189 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
 
 from gptlab.data.base import GPTDataModule
-from gptlab.data.instruct import (InstructionDataError, get_prompt_style, instruction_collate, split_entries,
-                                  validate_entry)
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.data.instruct import InstructionTestCollate, get_prompt_style, instruction_collate, split_entries
+from gptlab.data.records import DataFileError, read_json_records
+from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
-PREFERENCE_KEYS = ("chosen", "rejected")
-
-
-def load_preference_data(path: str | Path) -> list[dict[str, str]]:
-    """Entries with string ``instruction``, ``input``, ``output``, ``chosen`` and ``rejected``;
-    errors name the file and the entry index (JSON syntax errors: line and column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference data file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InstructionDataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    if not isinstance(data, list) or not data:
-        raise InstructionDataError(f"{path}: expected a non-empty JSON list of entries")
-    for i, entry in enumerate(data):
-        validate_entry(entry, i, path)
-        for key in PREFERENCE_KEYS:
-            if not isinstance(entry.get(key), str):
-                raise InstructionDataError(f"{path}: entry {i} needs a string {key!r}")
-    return data
+DEFAULT_PREFERENCE_DATA = ASSETS / "instruction-data-with-preference.json"
+PAIR_KEYS = ("chosen", "rejected")
+SPLITS = ("train", "val", "test")
 
 
+class PreferenceDataError(DataFileError):
+    """A malformed preference file or entry (the message names the file and the entry index)."""
+
+
+# ----------------------------------------------------------------------------- loading
+def normalize_pair(entry: Any, where: str) -> dict[str, Any]:
+    """One entry as ``{"instruction", "input", "chosen", "rejected", ...}`` (other keys kept);
+    a ``{"prompt", ...}`` entry gets ``instruction=prompt, input=""``. ``where`` starts messages."""
+    if not isinstance(entry, dict):
+        raise PreferenceDataError(f"{where} must be an object with 'chosen', 'rejected' and 'prompt' "
+                                  f"(or 'instruction' + 'input'), got {type(entry).__name__}")
+    for key in PAIR_KEYS:
+        if not isinstance(entry.get(key), str):
+            got = type(entry[key]).__name__ if key in entry else "nothing"
+            raise PreferenceDataError(f"{where} needs a string {key!r}, got {got} (keys: {sorted(entry)})")
+        if not entry[key].strip():
+            raise PreferenceDataError(f"{where}: {key!r} is empty")
+    out = dict(entry)
+    if "prompt" in entry:
+        if not isinstance(entry["prompt"], str):
+            raise PreferenceDataError(f"{where}: 'prompt' must be a string, got {type(entry['prompt']).__name__}")
+        out.setdefault("instruction", entry["prompt"])
+        out.setdefault("input", "")
+    elif not isinstance(entry.get("instruction"), str):
+        raise PreferenceDataError(f"{where} needs a string 'prompt' (or 'instruction'), keys: {sorted(entry)}")
+    for key in ("instruction", "input", "output"):
+        if key in out and not isinstance(out[key], str):
+            raise PreferenceDataError(f"{where}: {key!r} must be a string, got {type(out[key]).__name__}")
+    out.setdefault("input", "")
+    if "margin" in out and (isinstance(out["margin"], bool) or not isinstance(out["margin"], (int, float))):
+        raise PreferenceDataError(f"{where}: 'margin' must be a number, got {out['margin']!r:.60}")
+    return out
+
+
+def load_preference_data(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Normalised entries (see :func:`normalize_pair`) of a preference file (default: the book's
+    1,100 pairs). Errors name the file and the entry index (JSON lines: and the line)."""
+    records = read_json_records(path or DEFAULT_PREFERENCE_DATA, "preference data", PreferenceDataError)
+    entries = [normalize_pair(e, records.where(i)) for i, e in enumerate(records.entries)]
+    with_margin = [i for i, e in enumerate(entries) if "margin" in e]
+    if with_margin and len(with_margin) != len(entries):
+        missing = next(i for i, e in enumerate(entries) if "margin" not in e)
+        raise PreferenceDataError(f"{records.where(missing)} has no 'margin' while entry {with_margin[0]} has one: "
+                                  "give every entry a margin or none")
+    return entries
+
+
+# ----------------------------------------------------------------------------- dataset + collate
 class PreferenceDataset(Dataset):
-    """Item ``i``: ``{"chosen": {"input_ids", "prompt_length"}, "rejected": {...}, "index": i}``."""
+    """Pairs tokenized once. Item ``i``: ``{"chosen": {"input_ids", "prompt_length"}, "rejected":
+    {...}, "index": i}`` (+ ``"margin"``), where ``prompt_length`` counts the leading tokens that are
+    not scored (the prompt; with ``score_response_header`` the prompt minus its response header
+    after the header's leading newlines). ``prompt_ids`` hold the whole generation prompt."""
 
-    def __init__(self, entries: Sequence[Mapping[str, str]], tokenizer: Any = None, prompt_style: str = "alpaca"):
+    def __init__(self, entries: Sequence[Mapping[str, Any]], tokenizer: Any = None, prompt_style: str = "alpaca",
+                 score_response_header: bool = False):
         self.entries = list(entries)
-        style = get_prompt_style(prompt_style)
+        self.style = get_prompt_style(prompt_style)
         tok = tokenizer or get_tokenizer()
-        self.prompt_ids = tok.encode_ordinary_batch([style.prompt(e) for e in self.entries])
-        self.response_ids = {k: tok.encode_ordinary_batch([e[k] for e in self.entries]) for k in PREFERENCE_KEYS}
+        # ordinary encoding: a literal "<|endoftext|>" in the data is text, never the special id
+        self.prompt_ids = tok.encode_ordinary_batch([self.style.prompt(e) for e in self.entries])
+        self.response_ids = {k: tok.encode_ordinary_batch([e[k] for e in self.entries]) for k in PAIR_KEYS}
+        self.scored_from = [len(p) for p in self.prompt_ids]
+        if score_response_header:
+            header = self.style.response_header
+            newlines = len(header) - len(header.lstrip("\n"))  # each one a token of its own in GPT-2 BPE
+            inputs = tok.encode_ordinary_batch([self.style.format_input(e) for e in self.entries])
+            for i, (inp, prompt) in enumerate(zip(inputs, self.prompt_ids)):
+                if prompt[: len(inp)] != inp:
+                    raise PreferenceDataError(f"entry {i}: its prompt does not tokenize as instruction + header, "
+                                              "so the header cannot be scored; use score_response_header=false")
+            self.scored_from = [len(inp) + newlines for inp in inputs]
+        self.has_margin = bool(self.entries) and "margin" in self.entries[0]
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.prompt_ids[i]
-        item: dict[str, Any] = {k: {"input_ids": p + self.response_ids[k][i], "prompt_length": len(p)}
-                                for k in PREFERENCE_KEYS}
+        item: dict[str, Any] = {k: {"input_ids": p + self.response_ids[k][i], "prompt_length": self.scored_from[i]}
+                                for k in PAIR_KEYS}
         item["index"] = i
+        if self.has_margin:
+            item["margin"] = float(self.entries[i]["margin"])
         return item
+
+    def fingerprint(self) -> str:
+        """sha256 of what the collate turns into log-probabilities: every pair's token ids and
+        scored start. Cached reference log-probs are reused only for the same fingerprint."""
+        h = hashlib.sha256()
+        for i in range(len(self)):
+            h.update(json.dumps([self.prompt_ids[i], self.scored_from[i], self.response_ids["chosen"][i],
+                                 self.response_ids["rejected"][i]]).encode())
+        return h.hexdigest()
 
 
 def preference_collate(batch: Sequence[Mapping[str, Any]], pad_id: int = EOT_ID, ignore_index: int = -100,
-                       allowed_max_length: int | None = None, mask_prompt: bool = True) -> dict[str, torch.Tensor]:
-    """``chosen_input_ids``, ``chosen_labels``, ``chosen_attention_mask`` and the same for
-    ``rejected_``: each side batched by :func:`instruction_collate` (prompt masked by default)."""
-    out: dict[str, torch.Tensor] = {}
-    for side in PREFERENCE_KEYS:
-        part = instruction_collate([item[side] for item in batch], pad_id, ignore_index, allowed_max_length,
-                                   mask_prompt)
-        out.update({f"{side}_{k}": v for k, v in part.items()})
+                       allowed_max_length: int | None = None, mask_prompt: bool = True,
+                       score_eos: bool = True) -> dict[str, torch.Tensor]:
+    """Batch pairs: ``chosen_input_ids``, ``chosen_labels``, ``chosen_attention_mask`` and the same
+    for ``rejected_``, all (B, T) with ONE T for both sides, plus ``index`` (B,) (and ``margin``
+    (B,) float when the items carry one).
+
+    Both sides go through :func:`instruction_collate` as one 2B-row batch (chosen rows first):
+    padded with ``pad_id`` to the longest + 1, labels shifted, padding and (``mask_prompt``) the
+    first ``prompt_length`` tokens ignored. The end-of-text target after each response is scored
+    unless ``score_eos`` is false; ``allowed_max_length`` truncates.
+    """
+    if not batch:
+        raise ValueError("preference_collate got an empty batch")
+    B = len(batch)
+    both = instruction_collate([item[side] for side in PAIR_KEYS for item in batch], pad_id, ignore_index,
+                               None, mask_prompt)
+    labels = both["labels"]
+    if not score_eos:
+        # the end-of-text target of a sequence of length n sits at label position n - 1
+        lengths = both["attention_mask"].sum(dim=1)
+        labels[torch.arange(2 * B), lengths - 1] = ignore_index
+    if allowed_max_length is not None:
+        both = {k: v[:, :allowed_max_length].contiguous() for k, v in both.items()}
+    out = {f"{side}_{k}": v[i * B:(i + 1) * B] for k, v in both.items() for i, side in enumerate(PAIR_KEYS)}
+    out["index"] = torch.tensor([int(item["index"]) for item in batch])
+    if "margin" in batch[0]:
+        out["margin"] = torch.tensor([float(item["margin"]) for item in batch])
     return out
 
 
+# ----------------------------------------------------------------------------- data module
 class PreferenceDataModule(GPTDataModule):
-    """Preference pairs split like the book (85% train, 10% test, 5% val, in file order).
+    """Preference pairs, split like the book (first 85% train, next 10% test, last 5% validate:
+    935 / 110 / 55 of the book's 1,100).
 
-    Args mirror :class:`~gptlab.data.instruct.InstructionDataModule`; ``path`` is required
-    (e.g. the book's ``instruction-data-with-preference.json``).
+    Args:
+        tokenizer: a tiktoken encoding (default: GPT-2).
+        path: JSON / JSON-lines file of pairs (see the module docstring); None = the book's file.
+        prompt_style: ``alpaca`` | ``phi3`` | ``raw`` (:data:`gptlab.data.instruct.PROMPT_STYLES`);
+            use the style the SFT model was trained with.
+        train_ratio, test_ratio, shuffle_before_split, split_seed, max_entries: as
+            :class:`~gptlab.data.instruct.InstructionDataModule`.
+        mask_prompt: score only the responses (the book's ``mask_prompt_tokens=True``).
+        score_response_header: also score the response header after its leading newlines (the book).
+        score_eos: score the end-of-text after each response (TRL appends EOS; the book does not).
+        allowed_max_length: truncate batches to this many positions (the book: 1024).
+        batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings.
+        max_prompt_length: test-time generation prompts keep only their last N tokens.
     """
 
-    def __init__(self, path: str, tokenizer: Any = None, prompt_style: str = "alpaca", train_ratio: float = 0.85,
-                 test_ratio: float = 0.10, shuffle_before_split: bool = False, split_seed: int = 123,
-                 max_entries: int | None = None, mask_prompt: bool = True, allowed_max_length: int | None = None,
-                 pad_id: int = EOT_ID, ignore_index: int = -100, batch_size: int = 8,
-                 val_batch_size: int | None = None, num_workers: int = 0, shuffle: bool = True,
-                 drop_last: bool = True):
+    def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
+                 train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
+                 split_seed: int = 123, max_entries: int | None = None, mask_prompt: bool = True,
+                 score_response_header: bool = False, score_eos: bool = True,
+                 allowed_max_length: int | None = None, pad_id: int = EOT_ID, ignore_index: int = -100,
+                 batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
+                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
+                 max_prompt_length: int | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
-        get_prompt_style(prompt_style)
-        self.path, self.tokenizer, self.prompt_style = path, tokenizer or get_tokenizer(), prompt_style
+        get_prompt_style(prompt_style)  # fail fast on a typo
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
+        self.tokenizer = tokenizer or get_tokenizer()
+        self.path, self.prompt_style, self.score_response_header = path, prompt_style, score_response_header
         self.train_ratio, self.test_ratio = train_ratio, test_ratio
         self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
-        self.collate = partial(preference_collate, pad_id=pad_id, ignore_index=ignore_index,
-                               allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
+        self.max_prompt_length = max_prompt_length
+        self.collate_kwargs = dict(pad_id=pad_id, ignore_index=ignore_index, allowed_max_length=allowed_max_length,
+                                   mask_prompt=mask_prompt, score_eos=score_eos)
+        self.train_set: PreferenceDataset | None = None
+        self.val_set: PreferenceDataset | None = None
+        self.test_set: PreferenceDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -108,9 +222,48 @@ class PreferenceDataModule(GPTDataModule):
             random.Random(self.split_seed).shuffle(entries)
         if self.max_entries:
             entries = entries[: self.max_entries]
-        train, val, test = split_entries(entries, self.train_ratio, self.test_ratio)
+        parts = split_entries(entries, self.train_ratio, self.test_ratio)
         self.train_set, self.val_set, self.test_set = (
-            PreferenceDataset(part, self.tokenizer, self.prompt_style) for part in (train, val, test))
+            PreferenceDataset(part, self.tokenizer, self.prompt_style, self.score_response_header) for part in parts)
+        rank_zero_info(f"preference data {self.path or DEFAULT_PREFERENCE_DATA}: {len(parts[0])} train / "
+                       f"{len(parts[1])} val / {len(parts[2])} test pairs, prompt style {self.prompt_style!r}")
+        limit = self.collate_kwargs["allowed_max_length"]
+        if limit is not None:
+            # the first scored label sits at position prompt_length - 1
+            cut = sum(p - 1 >= limit for ds in (self.train_set, self.val_set, self.test_set) for p in ds.scored_from)
+            if cut:
+                rank_zero_warn(f"{cut} preference pairs have prompts of {limit}+ tokens: allowed_max_length={limit} "
+                               "cuts their responses away entirely, so they add nothing to the loss")
 
-    def collate_fn(self, stage: str) -> partial:
-        return self.collate
+    def dataset(self, split: str) -> PreferenceDataset:
+        """The ``train`` / ``val`` / ``test`` dataset (after :meth:`setup`)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid choices: {list(SPLITS)}")
+        self.setup()
+        return {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+
+    @property
+    def test_entries(self) -> list[dict[str, Any]]:
+        return self.dataset("test").entries
+
+    def fingerprint(self, split: str) -> str:
+        """:meth:`PreferenceDataset.fingerprint` of ``split`` combined with the collate settings."""
+        settings = json.dumps(self.collate_kwargs, sort_keys=True)
+        return hashlib.sha256((self.dataset(split).fingerprint() + settings).encode()).hexdigest()
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, True, partial(preference_collate, **self.collate_kwargs))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.ordered_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        collate = InstructionTestCollate(self.test_set, self.max_prompt_length, collate_fn=preference_collate,
+                                         **self.collate_kwargs)
+        return self._loader(self.test_set, self.val_batch_size, False, collate)
+
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """Every pair of ``split`` in order, no shuffling, no dropped batch (evaluation, and
+        precomputing reference log-probabilities)."""
+        collate = partial(preference_collate, **self.collate_kwargs)
+        return self._loader(self.dataset(split), self.val_batch_size, False, collate)

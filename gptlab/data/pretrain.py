@@ -5,6 +5,11 @@ Small texts (the bundled short story) are tokenized in memory, exactly like the 
 progress bar, into a ``uint16`` token file that is memory-mapped afterwards: windows are read straight
 from disk in every dataloader worker, nothing is loaded whole and nothing is tokenized twice.
 
+A literal ``<|endoftext|>`` in the text is the end-of-text token (id 50256), as the book's
+``GPTDatasetV1`` encodes with ``allowed_special={"<|endoftext|>"}``, and the files of a folder are
+joined with it (the book's Gutenberg pretraining script joins its books the same way);
+``endoftext_token=False`` reads it as plain text (7 ordinary tokens).
+
 Token files are cached beside the source (``<file>.gpt2.bin``; for a folder
 ``<folder>/.gptlab.gpt2.bin``) with a ``.json`` sidecar describing the sources they came from (size and
 modification time). When the source folder is read-only they go to ``cache_dir`` (default
@@ -32,6 +37,7 @@ from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_TEXT = ASSETS / "the-verdict.txt"
+EOT_TEXT = "<|endoftext|>"
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
 AUTO_MEMMAP_BYTES = 8 * 2**20  # memmap="auto": corpora above 8 MiB are memory-mapped
 
@@ -118,12 +124,21 @@ def split_for_bpe(text: str, chunk_chars: int = 1 << 18) -> list[str]:
     return pieces
 
 
+def encode(text: str, tokenizer=None, endoftext_token: bool = True) -> list[int]:
+    """Token ids of ``text``: a literal ``<|endoftext|>`` is id 50256 (``endoftext_token``, the
+    book's ``allowed_special={"<|endoftext|>"}``) or plain text; no other special token exists."""
+    enc = tokenizer or get_tokenizer()
+    return enc.encode(text, allowed_special={EOT_TEXT}) if endoftext_token else enc.encode_ordinary(text)
+
+
 def tokenize_texts(texts: Sequence[str], tokenizer=None, *, eot_between: bool = True, num_threads: int | None = None,
-                   progress: bool = True, desc: str = "tokenizing") -> Iterator[np.ndarray]:
+                   progress: bool = True, desc: str = "tokenizing",
+                   endoftext_token: bool = True) -> Iterator[np.ndarray]:
     """Yield ``uint16`` token arrays for ``texts`` in order, ``<|endoftext|>`` between documents.
 
-    Each text is split with :func:`split_for_bpe` and encoded with ``encode_ordinary_batch`` (Rust,
-    ``num_threads`` threads), under a tqdm progress bar counting characters.
+    Each text is split with :func:`split_for_bpe` and batch-encoded (Rust, ``num_threads`` threads),
+    under a tqdm progress bar counting characters; ``endoftext_token`` as in :func:`encode` (the
+    cuts never fall inside ``<|endoftext|>``, which holds no space).
     """
     from tqdm.auto import tqdm
 
@@ -138,13 +153,16 @@ def tokenize_texts(texts: Sequence[str], tokenizer=None, *, eot_between: bool = 
             chunks = split_for_bpe(text)
             for b in range(0, len(chunks), 4 * num_threads):
                 batch = chunks[b:b + 4 * num_threads]
-                for ids in enc.encode_ordinary_batch(batch, num_threads=num_threads):
+                encoded = (enc.encode_batch(batch, num_threads=num_threads, allowed_special={EOT_TEXT})
+                           if endoftext_token else enc.encode_ordinary_batch(batch, num_threads=num_threads))
+                for ids in encoded:
                     yield np.asarray(ids, dtype=TOKEN_DTYPE)
                 bar.update(sum(len(c) for c in batch))
 
 
-def _source_signature(files: Sequence[Path], strip_gutenberg: bool) -> dict[str, Any]:
+def _source_signature(files: Sequence[Path], strip_gutenberg: bool, endoftext_token: bool = True) -> dict[str, Any]:
     return {"tokenizer": "gpt2", "dtype": "uint16", "eot_between_files": True, "strip_gutenberg": bool(strip_gutenberg),
+            "endoftext_token": bool(endoftext_token),
             "sources": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
@@ -153,10 +171,11 @@ def default_cache_dir() -> Path:
 
 
 def token_file_path(files: Sequence[Path], cache_dir: str | os.PathLike | None = None,
-                    strip_gutenberg: bool = False) -> Path:
+                    strip_gutenberg: bool = False, endoftext_token: bool = True) -> Path:
     """Where the token file of ``files`` lives: beside the source when that folder is writable (and
-    ``cache_dir`` is not given), else in ``cache_dir`` under a name hashed from the sources."""
-    suffix = ".nohdr" if strip_gutenberg else ""
+    ``cache_dir`` is not given), else in ``cache_dir`` under a name hashed from the sources. Each
+    reading (``strip_gutenberg``, ``endoftext_token``) has its own file."""
+    suffix = (".nohdr" if strip_gutenberg else "") + ("" if endoftext_token else ".eottext")
     if cache_dir is None:
         if len(files) == 1:
             beside = files[0].with_name(files[0].name + f"{suffix}.gpt2.bin")
@@ -173,17 +192,18 @@ def token_file_path(files: Sequence[Path], cache_dir: str | os.PathLike | None =
 
 def build_token_file(files: Sequence[Path], out: Path | None = None, *, cache_dir=None, strip_gutenberg: bool = False,
                      tokenizer=None, num_threads: int | None = None, progress: bool = True,
-                     force: bool = False) -> Path:
+                     force: bool = False, endoftext_token: bool = True) -> Path:
     """Tokenize ``files`` once into a ``uint16`` token file (with a ``.json`` sidecar) and return its
-    path; an up-to-date file (same sources, sizes and mtimes) is reused as it is.
+    path; an up-to-date file (same sources, sizes, mtimes and settings) is reused as it is.
+    Files are joined with ``<|endoftext|>``; ``endoftext_token`` as in :func:`encode`.
 
     The file is written under a temporary name and renamed at the end, so an interrupted run never
     leaves a truncated cache behind.
     """
     files = [Path(f) for f in files]
-    out = Path(out) if out else token_file_path(files, cache_dir, strip_gutenberg)
+    out = Path(out) if out else token_file_path(files, cache_dir, strip_gutenberg, endoftext_token)
     meta_path = out.with_suffix(out.suffix + ".json")
-    sig = _source_signature(files, strip_gutenberg)
+    sig = _source_signature(files, strip_gutenberg, endoftext_token)
     if not force and out.exists() and meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
@@ -205,7 +225,7 @@ def build_token_file(files: Sequence[Path], out: Path | None = None, *, cache_di
             texts = (read_text(f, strip_gutenberg) for f in files)
             # read lazily, one document at a time: memory stays at one book, not the corpus
             for i, (f, text) in enumerate(zip(files, texts)):
-                for arr in tokenize_texts([text], tokenizer, num_threads=num_threads,
+                for arr in tokenize_texts([text], tokenizer, num_threads=num_threads, endoftext_token=endoftext_token,
                                           progress=progress and len(files) == 1, desc=f"tokenizing {f.name}"):
                     arr.tofile(fh)
                     n += arr.size
@@ -301,6 +321,8 @@ class PretrainDataModule(GPTDataModule):
             ``False`` tokenizes in memory; ``"auto"`` memory-maps corpora above 8 MiB.
         cache_dir: where token files go (default: beside the source, or ``~/.cache/gptlab/tokens``).
         strip_gutenberg: drop Project Gutenberg licence headers/trailers from every file.
+        endoftext_token: a literal ``<|endoftext|>`` in the text is the end-of-text token (id 50256,
+            the book's ``GPTDatasetV1``); False = plain text. Files are always joined with the token.
         tokenizer: a ``tiktoken.Encoding`` (default: the bundled GPT-2 BPE).
     """
 
@@ -308,7 +330,7 @@ class PretrainDataModule(GPTDataModule):
                  stride: int | None = None, batch_size: int = 8, val_batch_size: int | None = None,
                  num_workers: int = 0, shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
                  memmap: bool | str = "auto", cache_dir: str | None = None, strip_gutenberg: bool = False,
-                 tokenizer=None):
+                 endoftext_token: bool = True, tokenizer=None):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         if not 0.0 < train_ratio <= 1.0:
@@ -318,6 +340,7 @@ class PretrainDataModule(GPTDataModule):
         self.path, self.train_ratio = path, float(train_ratio)
         self.max_length, self.stride = int(max_length), int(stride or max_length)
         self.memmap, self.cache_dir, self.strip_gutenberg = memmap, cache_dir, strip_gutenberg
+        self.endoftext_token = bool(endoftext_token)
         self.tokenizer = tokenizer or get_tokenizer()
 
     # ------------------------------------------------------------------ preparing
@@ -334,7 +357,7 @@ class PretrainDataModule(GPTDataModule):
         files = self._files()
         if self._use_memmap(files):
             build_token_file(files, cache_dir=self.cache_dir, strip_gutenberg=self.strip_gutenberg,
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, endoftext_token=self.endoftext_token)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -342,12 +365,14 @@ class PretrainDataModule(GPTDataModule):
         files = self._files()
         if self._use_memmap(files):
             path = build_token_file(files, cache_dir=self.cache_dir, strip_gutenberg=self.strip_gutenberg,
-                                    tokenizer=self.tokenizer, progress=False)
+                                    tokenizer=self.tokenizer, progress=False, endoftext_token=self.endoftext_token)
             n = os.path.getsize(path) // 2
             k = int(self.train_ratio * n)
             train, val = TokenArray(path=path, stop=k), TokenArray(path=path, start=k)
         else:
-            enc = self.tokenizer.encode_ordinary
+            def enc(text: str) -> list[int]:
+                return encode(text, self.tokenizer, self.endoftext_token)
+
             if len(files) == 1:
                 text = read_text(files[0], self.strip_gutenberg)
                 k = int(self.train_ratio * len(text))  # the book splits the raw text by characters

@@ -1,17 +1,20 @@
 """Text classification data (book chapter 6): the SMS Spam Collection, or any labelled text file.
 
-Pipeline, as in the book: read every ``label<TAB>text`` line -> balance the classes by undersampling
+Pipeline, as in the book: read the ``label<TAB>text`` rows -> balance the classes by undersampling
 the majority -> shuffle (seeded) and split 70 / 10 / 20 -> tokenize once -> pad with
 ``<|endoftext|>`` to the longest training sequence (or a configured ``max_length``, truncating).
 
 The SMS Spam Collection v.1 (UCI #228; Almeida, Gomez Hidalgo, Yamakami, DocEng'11; CC BY 4.0) ships
 in ``gptlab/assets/sms_spam_collection/`` (see ``gptlab/assets/NOTICE.md``), so the default needs no
-network: 5,574 messages, 4,827 ham and 747 spam.
+network: 5,574 lines, which the book's reader makes 5,572 messages, 4,825 ham and 747 spam.
 
-Why not ``csv``/``pandas`` for the TSV: the file has messages with unbalanced double quotes, and a
-quote-aware reader silently joins the following lines into one field (``pd.read_csv(sep="\\t")``
-gives the book's 5,572 rows, 4,825 ham). Here each line is split on its first tab, so every
-message is one example; a line without a tab is an error that names the file and the line.
+Quoting: the book reads the file with ``pd.read_csv(sep="\\t", header=None)``, whose default
+CSV quoting strips the double quotes around 43 messages and, where a message opens a quote it
+never closes, joins the following lines into that field (3 lines become 1 message). The default
+``quoting="minimal"`` reads the file the same way, with the standard library's ``csv`` module, so
+the balanced sample and the 1,045 / 149 / 300 split are the book's row for row. ``quoting="none"``
+splits every line on its first tab and keeps quotes as text (5,574 messages, 4,827 ham), for
+files whose quotes are literal.
 
 Batches: ``{"input_ids": (B, T) long, "attention_mask": (B, T) long (1 = real token),
 "label": (B,) long}``, right-padded. With causal attention the pads after the last real token do
@@ -38,6 +41,8 @@ from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 DEFAULT_SPAM_FILE = ASSETS / "sms_spam_collection" / "SMSSpamCollection"
 SPAM_LABELS = ("ham", "spam")
 FORMATS = ("auto", "tsv", "csv")
+QUOTINGS = ("minimal", "none")
+"""``minimal``: CSV-style double quotes (pandas' and ``csv``'s default, the book); ``none``: quotes are text."""
 
 
 class TextClassificationDataError(InvalidInput):
@@ -46,39 +51,53 @@ class TextClassificationDataError(InvalidInput):
 
 # ----------------------------------------------------------------------------- reading
 def read_labeled_texts(path: str | Path | None = None, format: str = "auto", text_column: str = "text",
-                       label_column: str = "label", header: bool = False,
-                       encoding: str = "utf-8") -> list[tuple[str, str]]:
+                       label_column: str = "label", header: bool = False, encoding: str = "utf-8",
+                       quoting: str = "minimal") -> list[tuple[str, str]]:
     """``(label, text)`` pairs of a labelled text file, in file order.
 
     ``format``:
-      * ``tsv``: one example per line, ``label<TAB>text``, split on the first tab (the text may hold
-        more tabs and any quotes); blank lines are skipped; ``header=True`` skips the first line.
+      * ``tsv``: ``label<TAB>text`` rows, no header (``header=True`` skips the first row); blank
+        lines are skipped.
       * ``csv``: RFC-4180 CSV (quoted fields may span lines) with a header row naming the
         ``label_column`` and ``text_column``.
       * ``auto``: ``csv`` for a ``.csv`` file, else ``tsv``.
+    ``quoting`` (see :data:`QUOTINGS`): ``minimal`` reads double-quoted fields the CSV way
+    (a field that starts with ``"`` ends at the next lone ``"``, ``""`` inside it is one ``"``,
+    and it may span lines), as ``pd.read_csv(sep="\\t")`` does
+    in the book, so a TSV row must have exactly two fields; ``none`` takes quotes as text: every
+    TSV line is one example, split on its first tab (the text may hold more tabs).
     ``path`` None = the SMS Spam Collection shipped with gptlab.
 
-    Raises :class:`TextClassificationDataError` naming ``file:line`` for a malformed line.
+    Raises :class:`TextClassificationDataError` naming ``file:line`` for a malformed row.
     """
     path = Path(path) if path else DEFAULT_SPAM_FILE
     if not path.is_file():
         raise FileNotFoundError(f"text classification file not found: {path}")
     if format not in FORMATS:
         raise ValueError(f"unknown data format {format!r}; valid choices: {list(FORMATS)}")
+    if quoting not in QUOTINGS:
+        raise ValueError(f"unknown data.quoting {quoting!r}; valid choices: {list(QUOTINGS)}")
     if format == "auto":
         format = "csv" if path.suffix.lower() == ".csv" else "tsv"
     try:
-        rows = _read_csv(path, text_column, label_column, encoding) if format == "csv" else \
-            _read_tsv(path, header, encoding)
+        if format == "csv":
+            rows = _read_csv(path, text_column, label_column, encoding, quoting)
+        elif quoting == "none":
+            rows = _read_tsv_lines(path, header, encoding)
+        else:
+            rows = _read_tsv_quoted(path, header, encoding)
     except UnicodeDecodeError as e:
         raise TextClassificationDataError(f"{path}: not valid {encoding} text ({e.reason} at byte {e.start}); "
                                           f"set data.encoding") from e
+    except csv.Error as e:
+        raise TextClassificationDataError(f"{path}: {e}") from e
     if not rows:
         raise TextClassificationDataError(f"{path}: the file holds no examples")
     return rows
 
 
-def _read_tsv(path: Path, header: bool, encoding: str) -> list[tuple[str, str]]:
+def _read_tsv_lines(path: Path, header: bool, encoding: str) -> list[tuple[str, str]]:
+    """quoting=none: each line is ``label<TAB>text``, split on the first tab."""
     rows = []
     with path.open(encoding=encoding, newline="") as f:
         for lineno, line in enumerate(f, start=1):
@@ -93,10 +112,29 @@ def _read_tsv(path: Path, header: bool, encoding: str) -> list[tuple[str, str]]:
     return rows
 
 
-def _read_csv(path: Path, text_column: str, label_column: str, encoding: str) -> list[tuple[str, str]]:
+def _read_tsv_quoted(path: Path, header: bool, encoding: str) -> list[tuple[str, str]]:
+    """quoting=minimal: tab-delimited CSV, as ``pd.read_csv(sep="\\t", header=None)``."""
     rows = []
     with path.open(encoding=encoding, newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csv.reader(f, delimiter="\t", quotechar='"', doublequote=True, quoting=csv.QUOTE_MINIMAL)
+        for i, fields in enumerate(reader):
+            if (header and i == 0) or not any(v.strip() for v in fields):
+                continue
+            if len(fields) != 2 or not fields[0].strip():
+                got = f"{len(fields)} field(s)" if len(fields) != 2 else "an empty label"
+                raise TextClassificationDataError(
+                    f"{path}:{reader.line_num}: expected 'label<TAB>text' (2 fields), got {got}: "
+                    f"{chr(9).join(fields)[:60]!r}; quote a text that holds tabs, or set data.quoting=none "
+                    f"to split every line on its first tab")
+            rows.append((fields[0].strip(), fields[1]))
+    return rows
+
+
+def _read_csv(path: Path, text_column: str, label_column: str, encoding: str,
+              quoting: str = "minimal") -> list[tuple[str, str]]:
+    rows = []
+    with path.open(encoding=encoding, newline="") as f:
+        reader = csv.DictReader(f, quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL)
         columns = reader.fieldnames or []
         for col, key in ((label_column, "label_column"), (text_column, "text_column")):
             if col not in columns:
@@ -231,7 +269,8 @@ class TextClassificationDataModule(GPTDataModule):
     Args:
         tokenizer: a tiktoken encoding (default: GPT-2).
         path: the data file; None = the SMS Spam Collection shipped with gptlab.
-        format, text_column, label_column, header, encoding: how to read it (:func:`read_labeled_texts`).
+        format, text_column, label_column, header, encoding, quoting: how to read it
+            (:func:`read_labeled_texts`; ``quoting="minimal"`` reads the book's 5,572 rows).
         labels: class names in id order (``[ham, spam]``); None = the sorted distinct labels.
         balance: undersample every class to the smallest one (seeded by ``split_seed``).
         train_ratio, val_ratio: split after a seeded shuffle; the rest is the test set.
@@ -247,7 +286,8 @@ class TextClassificationDataModule(GPTDataModule):
 
     def __init__(self, tokenizer: Any = None, path: str | None = None, format: str = "auto",
                  text_column: str = "text", label_column: str = "label", header: bool = False,
-                 encoding: str = "utf-8", labels: Sequence[str] | None = SPAM_LABELS, balance: bool = True,
+                 encoding: str = "utf-8", quoting: str = "minimal", labels: Sequence[str] | None = SPAM_LABELS,
+                 balance: bool = True,
                  train_ratio: float = 0.7, val_ratio: float = 0.1, shuffle_before_split: bool = True,
                  split_seed: int = 123, max_examples: int | None = None, max_length: int | None = None,
                  pad_to_max_length: bool = True, pad_id: int = EOT_ID, batch_size: int = 8,
@@ -257,15 +297,18 @@ class TextClassificationDataModule(GPTDataModule):
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         if format not in FORMATS:
             raise ValueError(f"unknown data format {format!r}; valid choices: {list(FORMATS)}")
+        if quoting not in QUOTINGS:
+            raise ValueError(f"unknown data.quoting {quoting!r}; valid choices: {list(QUOTINGS)}")
         split_indices(10, train_ratio, val_ratio)  # fail fast on bad ratios
         self.tokenizer = tokenizer or get_tokenizer()
         self.path = path
         self.read_kwargs = dict(format=format, text_column=text_column, label_column=label_column,
-                                header=header, encoding=encoding)
+                                header=header, encoding=encoding, quoting=quoting)
         self.label_names: list[str] | None = list(labels) if labels else None
         self.balance, self.train_ratio, self.val_ratio = balance, train_ratio, val_ratio
         self.shuffle_before_split, self.split_seed, self.max_examples = shuffle_before_split, split_seed, max_examples
         self.configured_max_length, self.pad_to_max_length, self.pad_id = max_length, pad_to_max_length, pad_id
+        self.split_rows: dict[str, np.ndarray] = {}
 
     @property
     def num_classes(self) -> int:
@@ -289,11 +332,13 @@ class TextClassificationDataModule(GPTDataModule):
         texts, ids = [texts[i] for i in keep], [ids[i] for i in keep]
         if self.max_examples:  # a seeded subset for quick runs: shuffle first so every class stays in
             order = np.random.RandomState(self.split_seed).permutation(len(ids))[: self.max_examples]
-            texts, ids = [texts[i] for i in order], [ids[i] for i in order]
+            texts, ids, keep = [texts[i] for i in order], [ids[i] for i in order], keep[order]
         parts = split_indices(len(ids), self.train_ratio, self.val_ratio, self.shuffle_before_split, self.split_seed)
         if len(parts[0]) == 0:
             raise ValueError(f"{path}: {len(ids)} examples leave no training data (train_ratio={self.train_ratio})")
         train_t, val_t, test_t = ([texts[i] for i in p] for p in parts)
+        # which rows of the file (0-based, in reading order) each split holds: the book's DataFrame index
+        self.split_rows = dict(zip(("train", "val", "test"), (keep[p] for p in parts)))
         train_y, val_y, test_y = ([ids[i] for i in p] for p in parts)
         self.train_set = TextClassificationDataset(train_t, train_y, self.tokenizer, self.configured_max_length,
                                                    self.pad_id)
@@ -330,4 +375,4 @@ class SpamDataModule(TextClassificationDataModule):
 
 __all__ = ["TextClassificationDataModule", "SpamDataModule", "TextClassificationDataset",
            "TextClassificationDataError", "classification_collate", "read_labeled_texts", "encode_labels",
-           "balance_classes", "split_indices", "DEFAULT_SPAM_FILE", "SPAM_LABELS"]
+           "balance_classes", "split_indices", "DEFAULT_SPAM_FILE", "SPAM_LABELS", "QUOTINGS"]

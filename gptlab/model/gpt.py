@@ -3,7 +3,7 @@
 One module for every task. Attention runs through ``F.scaled_dot_product_attention`` (flash /
 memory-efficient kernels where the device has them); a :class:`KVCache` makes decoding O(T) per token.
 Parameter names are short and stable so GPT-2 checkpoints map onto them by a small table
-(``gptlab/model/pretrained.py``).
+(``gptlab/weights/formats.py``).
 """
 
 from __future__ import annotations
@@ -162,14 +162,6 @@ class GPT(nn.Module):
     def from_name(cls, name: str, **overrides) -> "GPT":
         """A randomly initialised model of a preset shape (see :meth:`GPTConfig.from_name`)."""
         return cls(GPTConfig.from_name(name, **overrides))
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **overrides) -> "GPT":
-        """OpenAI GPT-2 weights (``gpt2-small`` ... ``gpt2-xl``), a Hugging Face folder/safetensors
-        file, or a state dict in the book's naming. See ``gptlab.model.pretrained``."""
-        from gptlab.model.pretrained import load_pretrained
-
-        return load_pretrained(name_or_path, **overrides)
 
     def hidden_states(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
                       position_ids: torch.Tensor | None = None,

@@ -20,13 +20,17 @@ import fnmatch
 import json
 import logging
 import math
+import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +284,32 @@ def remove_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block ``model`` computes its base function: every LoRA update is switched off
+    (scale 0; an update merged into a weight is taken out first and put back after). Without LoRA
+    layers nothing changes. The base model for free, e.g. the DPO/PPO reference model without a
+    second copy in memory (PEFT's ``disable_adapter``)::
+
+        with torch.no_grad(), disable_lora(policy):
+            ref_logits = policy(input_ids)
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer for layer in layers if layer.merged]
+    scales = [layer.scale for layer in layers]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.scale = 0.0
+    try:
+        yield model
+    finally:
+        for layer, scale in zip(layers, scales):
+            layer.scale = scale
+        for layer in merged:
+            layer.merge()
+
+
 # --------------------------------------------------------------------------- adapter files
 def _is_lora_key(key: str) -> bool:
     return ".lora_A" in key or ".lora_B" in key
@@ -304,7 +334,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for layer in merged:
         layer.unmerge()
     try:
-        state = model.state_dict()
+        # the live tensors, not a copy of the whole model (nor a dequantized copy of a QLoRA base)
+        state = model.state_dict(keep_vars=True)
         keep = {k for k in state if _is_lora_key(k)}
         keep |= {k for k in state for p in config["train_extra"] if _matches(k, p)}
         keep |= set(_task_head_keys(model, state))
@@ -314,28 +345,36 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             layer.merge()
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file``, then the permissions any new file gets (``0666 & ~umask``):
+    safetensors creates its files readable by the owner only, which hides them from group members
+    sharing a run folder."""
+    path = Path(path)
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
 def save_adapter(model: nn.Module, path: str | Path, config: Mapping[str, Any] | None = None) -> Path:
     """Write :func:`lora_state_dict` to a safetensors file; the LoRA settings (rank, alpha, targets,
     scaling, ...) and any extra ``config`` entries (e.g. ``init_from``) go into its metadata.
     Returns the path."""
-    from safetensors.torch import save_file
-
     if getattr(model, "lora_config", None) is None:
         raise ValueError("this model has no LoRA applied: nothing to save as an adapter")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_config = {**dict(config or {}), **model.lora_config}  # the model's own LoRA settings win
     tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "gptlab_adapter": ADAPTER_FORMAT,
+    save_safetensors(tensors, path, metadata={"format": "pt", "gptlab_adapter": ADAPTER_FORMAT,
                                             "config": json.dumps(meta_config, default=str)})
     return path
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and the config stored in an adapter file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
@@ -344,6 +383,18 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if meta.get("gptlab_adapter") != ADAPTER_FORMAT or "config" not in meta:
         raise ValueError(f"{path} is not a gptlab LoRA adapter (no '{ADAPTER_FORMAT}' metadata)")
     return load_file(str(path)), json.loads(meta["config"])
+
+
+def adopt_adapter_head(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Give ``model`` a new ``out_head`` of the adapter's shape when the adapter brings a head of
+    another shape (a classifier adapter on a plain pretrained model); otherwise leave it."""
+    head_w = tensors.get("out_head.weight")
+    head = getattr(model, "out_head", None)
+    if head_w is not None and head is not None and tuple(head_w.shape) != tuple(head.weight.shape):
+        log.info("adapter %s brings a %s head; replacing the model's %s head", path,
+                 tuple(head_w.shape), tuple(head.weight.shape))
+        model.out_head = nn.Linear(head_w.shape[1], head_w.shape[0], bias="out_head.bias" in tensors,
+                                   device=head.weight.device, dtype=head.weight.dtype)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -355,13 +406,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     settings = {k: config[k] for k in APPLY_KEYS if k in config}
     current = getattr(model, "lora_config", None)
     if current is None:
-        head_w = tensors.get("out_head.weight")
-        head = getattr(model, "out_head", None)
-        if head_w is not None and head is not None and tuple(head_w.shape) != tuple(head.weight.shape):
-            log.info("adapter %s brings a %s head; replacing the model's %s head", path,
-                     tuple(head_w.shape), tuple(head.weight.shape))
-            model.out_head = nn.Linear(head_w.shape[1], head_w.shape[0], bias="out_head.bias" in tensors,
-                                       device=head.weight.device, dtype=head.weight.dtype)
+        adopt_adapter_head(model, tensors, path)
         apply_lora(model, **settings)
     else:
         differ = {k: (current.get(k), v) for k, v in settings.items() if _norm(current.get(k)) != _norm(v)}
@@ -369,7 +414,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             raise ValueError(f"{path}: adapter settings differ from the LoRA already on the model "
                              f"(model, file): {differ}")
         unmerge_lora(model)
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)  # the live tensors: no copy (nor dequantized QLoRA base)
     for key, value in tensors.items():
         if key not in own:
             raise ValueError(f"{path}: adapter key {key!r} has no counterpart in the model")
@@ -388,5 +433,5 @@ def _norm(value: Any) -> Any:
 
 
 __all__ = ["LoRALinear", "TARGETS", "SCALINGS", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora",
-           "lora_state_dict", "save_adapter", "load_adapter", "read_adapter", "lora_layers", "has_lora",
-           "trainable_parameters", "lora_scale"]
+           "disable_lora", "lora_state_dict", "save_safetensors", "save_adapter", "load_adapter", "read_adapter",
+           "adopt_adapter_head", "lora_layers", "has_lora", "trainable_parameters", "lora_scale"]

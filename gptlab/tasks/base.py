@@ -1,39 +1,47 @@
-"""What every task shares: build (or load) the backbone, adapters, freezing, AdamW + LR schedule,
-gradient clipping, optional ``torch.compile``, and reloading a task from a checkpoint."""
+"""What every task shares: build (or load) the backbone, adapters, freezing, the optimizer node and
+LR schedule (built by :mod:`gptlab.tasks.optim`), gradient clipping, tokens seen, optional
+``torch.compile``, and what a checkpoint records about the task (reloading one:
+:func:`gptlab.tasks.registry.load_task`)."""
 
 from __future__ import annotations
 
-import importlib
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
 import torch
-import torch.nn as nn
 import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from gptlab.checkpoint_io import load_checkpoint
 from gptlab.errors import ConfigError
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
+from gptlab.model.lora import save_adapter
+from gptlab.tasks.adapters import apply_adapter
+from gptlab.tasks.checkpoint import load_backbone
+from gptlab.tasks.optim import (WEIGHT_DECAY_ON, build_lr_scheduler, build_optimizer, lr_schedule_config,
+                                optimizer_config, parameter_groups)
+
+# hyperparameters of checkpoints written before the optimizer became a node -> their new place
+_LEGACY_OPTIMIZER_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "eps": "eps",
+                          "fused_adamw": "fused"}
+_LEGACY_SCHEDULE_KEYS = {"lr_schedule": "name", "warmup_steps": "warmup_steps", "min_lr": "min_lr"}
 
 
-def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """LR multiplier at ``step``: linear warmup from 0 over ``warmup_steps``, then ``schedule``:
-    ``constant``, ``cosine`` (to ``min_lr_ratio``) or ``linear`` (to ``min_lr_ratio``)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "cosine":
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return min_lr_ratio + (1 - min_lr_ratio) * (1.0 - progress)
-    raise ValueError(f"unknown lr schedule {schedule!r}; valid choices: ['constant', 'cosine', 'linear']")
+def _fold_legacy_keys(kwargs: dict[str, Any], optimizer: Mapping[str, Any] | None,
+                      lr_schedule: Mapping[str, Any] | str | None) -> tuple[dict[str, Any] | None, Any]:
+    """Move the flat optimizer keys of older checkpoints' hyperparameters (``lr``, ``betas``,
+    ``lr_schedule="cosine"``, ...) out of ``kwargs`` into the ``optimizer`` / ``lr_schedule`` nodes."""
+    legacy_opt = {new: kwargs.pop(old) for old, new in _LEGACY_OPTIMIZER_KEYS.items() if old in kwargs}
+    legacy_sched = {new: kwargs.pop(old) for old, new in _LEGACY_SCHEDULE_KEYS.items() if old in kwargs}
+    if isinstance(lr_schedule, str):  # lr_schedule="cosine" was the schedule's name
+        legacy_sched["name"], lr_schedule = lr_schedule, None
+    if legacy_opt:
+        optimizer = {**dict(optimizer or {}), **legacy_opt}
+    if legacy_sched:
+        lr_schedule = {**dict(lr_schedule or {}), **legacy_sched}
+    return optimizer, lr_schedule
 
 
 class GPTTask(L.LightningModule):
@@ -45,25 +53,45 @@ class GPTTask(L.LightningModule):
         init_from: start from pretrained weights: ``gpt2-small|gpt2-medium|gpt2-large|gpt2-xl``, a
             Hugging Face folder, a book-style state dict or a gptlab checkpoint.
         adapter: adapter settings (``adapter=lora``: ``name``, ``rank``, ``alpha``, ...) or None.
-        lr, weight_decay, betas, eps: AdamW; decay applies to weight matrices only.
-        lr_schedule: ``constant``, ``cosine`` or ``linear``, after ``warmup_steps`` of linear warmup
-            (an int, or a float < 1 read as a fraction of all steps); decays to ``min_lr``.
+        optimizer: the optimizer node (``task.optimizer``): ``_target_`` (a ``torch.optim`` class,
+            default ``torch.optim.AdamW``), ``_partial_: true`` and its arguments (``lr``, ``betas``,
+            ``eps``, ``weight_decay``, ``fused``: null = fused on CUDA); None or a node without
+            ``_target_`` = AdamW (:data:`gptlab.tasks.optim.DEFAULT_OPTIMIZER`, updated by the node).
+            Kept as a plain dict; built in :meth:`configure_optimizers`.
+        lr_schedule: ``name`` (``constant``, ``cosine``, ``linear``) after ``warmup_steps`` of linear
+            warmup (an int, or a float < 1 read as a fraction of all steps), decaying to ``min_lr``.
+        weight_decay_on: ``matrices`` (linear-layer weight matrices only) or ``all`` (every
+            trainable parameter, the book); see :data:`gptlab.tasks.optim.WEIGHT_DECAY_ON`.
         grad_clip: clip the global gradient norm to this (None/0 = off). Done here rather than by
             the Trainer so fused AdamW keeps working under bf16-mixed.
-        fused_adamw: None = fused kernel whenever the parameters are on CUDA.
         compile: wrap the training/eval step in ``torch.compile``.
+
+    Subclasses set ``task_name`` (their name in :data:`gptlab.tasks.registry.TASKS`, recorded in
+    checkpoints and adapter files) and ``kind`` (what the model predicts: ``lm`` or ``classifier``;
+    the inference loader checks it).
     """
 
+    task_name: str = ""
+    kind: str = "lm"
+
     def __init__(self, model: Mapping[str, Any] | None = None, init_from: str | None = None,
-                 adapter: Mapping[str, Any] | None = None, lr: float = 4e-4, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, lr_schedule: str = "cosine",
-                 warmup_steps: float = 0, min_lr: float = 0.0, grad_clip: float | None = 1.0,
-                 fused_adamw: bool | None = None, compile: bool = False, **kwargs: Any):
+                 adapter: Mapping[str, Any] | None = None, optimizer: Mapping[str, Any] | None = None,
+                 lr_schedule: Mapping[str, Any] | None = None, weight_decay_on: str = "matrices",
+                 grad_clip: float | None = 1.0, compile: bool = False, **kwargs: Any):
         super().__init__()
+        optimizer, lr_schedule = _fold_legacy_keys(kwargs, optimizer, lr_schedule)
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unknown argument(s) {sorted(kwargs)}")
+        # validated now, built in configure_optimizers; stored complete, as plain containers
+        optimizer, lr_schedule = optimizer_config(optimizer), lr_schedule_config(lr_schedule)
+        if weight_decay_on not in WEIGHT_DECAY_ON:
+            raise ValueError(f"unknown task.weight_decay_on {weight_decay_on!r}; "
+                             f"valid choices: {list(WEIGHT_DECAY_ON)}")
         # hparams go to the logger once, at the end, together with the final metrics (cli/train.py)
         self.save_hyperparameters(logger=False)
+        self.hparams.optimizer, self.hparams.lr_schedule = optimizer, lr_schedule
+        self.tokens_seen = 0  # input tokens trained on (pads included, as the book counts), all ranks
+        self.examples_seen = 0
         self.model = self.build_backbone()
         self.configure_backbone()
         if adapter:
@@ -78,23 +106,18 @@ class GPTTask(L.LightningModule):
             # only the fields a user may change on a pretrained model; its shape comes from the weights
             keep = ("drop_rate", "context_length", "activation_checkpointing")
             overrides = {k: model_cfg[k] for k in keep if k in model_cfg}
-            return GPT.from_pretrained(self.hparams.init_from, **overrides)
+            return load_backbone(self.hparams.init_from, **overrides)
         return GPT(GPTConfig.from_dict(model_cfg))
 
     def configure_backbone(self) -> None:
         """Hook for task-specific surgery before adapters (swap the head, freeze layers)."""
 
     def apply_adapter(self, adapter: dict[str, Any]) -> None:
-        """Apply the ``adapter`` config group (``adapter=lora``) to the backbone, after
+        """Apply the ``adapter`` config group (``adapter=lora``, ``adapter=qlora``) to the backbone, after
         :meth:`configure_backbone`: the same for every task, no task-specific code."""
-        name = adapter.pop("name", "lora")
-        if name != "lora":
-            raise ValueError(f"unknown adapter {name!r}; valid choices: ['lora']")
-        from gptlab.model.lora import apply_lora
-
-        apply_lora(self.model, **adapter)
+        label = apply_adapter(self.model, adapter)
         n_train, n_total = self.trainable_parameter_count(), self.model.num_params()
-        rank_zero_info(f"LoRA (rank {adapter.get('rank')}): {n_train:,} trainable parameters "
+        rank_zero_info(f"{label} (rank {adapter.get('rank')}): {n_train:,} trainable parameters "
                        f"({100 * n_train / max(1, n_total):.2f}% of {n_total:,})")
 
     def adapter_path(self) -> Path:
@@ -107,15 +130,19 @@ class GPTTask(L.LightningModule):
         """Write the LoRA adapter (LoRA weights, ``train_extra`` weights, a task head, and the
         settings) to ``path`` (default :meth:`adapter_path`); None when the model has no LoRA.
         ``gptlab.model.lora.load_adapter(base_model, path)`` gives this model back exactly."""
-        from gptlab.model.lora import save_adapter
-
         if getattr(self.model, "lora_config", None) is None:
             return None
         return save_adapter(self.model, path or self.adapter_path(), self.adapter_metadata())
 
     def adapter_metadata(self) -> dict[str, Any]:
-        """Settings stored in an adapter file besides LoRA's own; tasks add what prediction needs."""
-        return {"init_from": self.hparams.init_from, "task": f"{type(self).__module__}.{type(self).__qualname__}"}
+        """Settings stored in an adapter file besides LoRA's own: the base it applies to, the task
+        and kind (checked by the inference loader) and :meth:`prediction_metadata`."""
+        return {"init_from": self.hparams.init_from, "task": self.task_name, "kind": self.kind,
+                **self.prediction_metadata()}
+
+    def prediction_metadata(self) -> dict[str, Any]:
+        """What inference needs besides the weights (class names, prompt style, ...); tasks add theirs."""
+        return {}
 
     def on_fit_end(self) -> None:
         # the adapter of the final weights, kilobytes to megabytes, beside the full checkpoints
@@ -137,36 +164,37 @@ class GPTTask(L.LightningModule):
             self._compiled_loss = torch.compile(self.compute_loss)
         return self._compiled_loss(batch)
 
+    def log_progress(self, batch: dict[str, torch.Tensor]) -> None:
+        """Count this training batch and log ``train/tokens_seen`` (input tokens, pads included, as
+        the book's ``input_batch.numel()``) and ``train/examples_seen``, summed over all ranks: the
+        x-axes of the book's loss plots. Both survive a resume (kept in the checkpoint)."""
+        ids = batch["input_ids"]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.tokens_seen += ids.numel() * world
+        self.examples_seen += ids.size(0) * world
+        self.log_dict({"train/tokens_seen": float(self.tokens_seen), "train/examples_seen": float(self.examples_seen)},
+                      on_step=True, on_epoch=False)
+
+    def on_fit_start(self) -> None:
+        # trainer.validate before fit (validate_before_fit) updates the metrics under inference mode,
+        # which fit's own (no-grad) validation may not touch again: start fit with fresh states
+        for metric in self.modules():
+            if isinstance(metric, torchmetrics.Metric):
+                metric.reset()
+        self.check_resumed_schedule()
+
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: weight decay on matrices of Linear layers only; biases, norms and
-        embeddings (and a head tied to them) are not decayed."""
-        no_decay_ids = {id(p) for m in self.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm))
-                        for p in m.parameters(recurse=False)}
-        decay, no_decay, seen = [], [], set()
-        for p in self.parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (decay if p.dim() >= 2 and id(p) not in no_decay_ids else no_decay).append(p)
-        # named groups: LearningRateMonitor logs lr-AdamW/decay and lr-AdamW/no_decay
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay, "name": "decay"},
-                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        """Optimizer groups of the trainable parameters, by ``weight_decay_on``: weight decay on
+        linear-layer matrices only (``decay`` / ``no_decay`` groups), or on every parameter."""
+        hp = self.hparams
+        return parameter_groups(self, hp.optimizer.get("weight_decay", 0.0), hp.weight_decay_on)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        groups = self.parameter_groups()
-        params = [p for g in groups for p in g["params"]]
-        fused = hp.fused_adamw
-        if fused is None:
-            fused = bool(params) and all(p.is_cuda for p in params)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        optimizer = build_optimizer(hp.optimizer, self.parameter_groups())
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        warmup = hp.warmup_steps
-        warmup = int(warmup * total) if 0 < warmup < 1 else int(warmup)
-        min_ratio = hp.min_lr / hp.lr if hp.lr else 0.0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, total, warmup, hp.lr_schedule, min_ratio))
+        scheduler = build_lr_scheduler(optimizer, hp.lr_schedule, hp.optimizer["lr"], total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -179,18 +207,21 @@ class GPTTask(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gptlab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # plain strings and dicts only: a checkpoint never names code to import (gptlab.tasks.checkpoint)
+        checkpoint["gptlab_task"] = self.task_name
+        checkpoint["gptlab_kind"] = self.kind
         checkpoint["gptlab_model_config"] = self.model.config.to_dict()
+        checkpoint["gptlab_progress"] = {"tokens_seen": self.tokens_seen, "examples_seen": self.examples_seen}
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             # the length the LR schedule was laid out for: a resume must not change it (see below)
             checkpoint["gptlab_schedule_steps"] = int(self.trainer.estimated_stepping_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        progress = checkpoint.get("gptlab_progress") or {}
+        self.tokens_seen = int(progress.get("tokens_seen", 0))
+        self.examples_seen = int(progress.get("examples_seen", 0))
         self._resumed_schedule_steps = checkpoint.get("gptlab_schedule_steps")
         self._resumed_step = checkpoint.get("global_step")
-
-    def on_fit_start(self) -> None:
-        self.check_resumed_schedule()
 
     def on_train_start(self) -> None:
         self.check_resumed_schedule()  # strategies that restore the checkpoint after on_fit_start (FSDP)
@@ -204,14 +235,15 @@ class GPTTask(L.LightningModule):
             return
         self._resumed_schedule_steps = None
         total = int(self.trainer.estimated_stepping_batches)
-        schedule, warmup = self.hparams.get("lr_schedule"), self.hparams.get("warmup_steps") or 0
-        if total == saved or (schedule == "constant" and not 0 < warmup < 1):
+        schedule = self.hparams.lr_schedule
+        name, warmup = schedule["name"], schedule.get("warmup_steps") or 0
+        if total == saved or (name == "constant" and not 0 < warmup < 1):
             return
         raise ConfigError(
-            f"the checkpoint's LR schedule ({schedule}, warmup_steps={warmup}) spans {saved} optimizer steps, "
+            f"the checkpoint's LR schedule ({name}, warmup_steps={warmup}) spans {saved} optimizer steps, "
             f"this run's would span {total}: the learning rate would jump at step {self._resumed_step}. "
             f"Resume with the original trainer.max_steps / max_epochs, data and batch size (see the run's "
-            f".hydra/config.yaml), or train with task.lr_schedule=constant and warmup_steps in steps")
+            f".hydra/config.yaml), or train with task.lr_schedule.name=constant and warmup_steps in steps")
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters() if p.requires_grad}.values())
@@ -228,6 +260,7 @@ class LanguageModelTask(GPTTask):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss_fn(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log_progress(batch)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -242,26 +275,3 @@ class LanguageModelTask(GPTTask):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
-
-
-def load_task(ckpt_path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> GPTTask:
-    """Rebuild the task saved in a gptlab checkpoint (its class is recorded in the file).
-
-    The pretrained ``init_from`` weights are not fetched again: the checkpoint holds every weight,
-    so the backbone is built from the stored config instead.
-    """
-    ckpt = load_checkpoint(ckpt_path)  # checksums verified, weights_only=True
-    path = ckpt.get("gptlab_task")
-    if path is None:
-        raise ValueError(f"{ckpt_path} is not a gptlab checkpoint (no 'gptlab_task' entry)")
-    module, _, name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    hp = dict(ckpt.get("hyper_parameters", {}))
-    if hp.get("init_from"):
-        hp["model"] = {**ckpt["gptlab_model_config"], **{k: v for k, v in (hp.get("model") or {}).items()
-                                                         if k in ("drop_rate", "activation_checkpointing")}}
-        hp["init_from"] = None
-    hp.update(overrides)
-    task = cls(**hp)
-    task.load_state_dict(ckpt["state_dict"])
-    return task.to(map_location)

@@ -1,6 +1,7 @@
 """Sequence classification (book chapter 6; with ``adapter=lora`` appendix E): the GPT backbone
 with its language-model head swapped for a ``num_classes`` linear layer, read at the last real
-token of every (right-padded) text.
+token of every (right-padded) text (``pooling="last_token"``), or at the last position as the book
+does (``last_position``, the ``ch06_*``/``appE_*`` presets).
 
 Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` and
 ``test/f1``; at the end of the test stage the confusion matrix goes to TensorBoard as a figure
@@ -99,7 +100,7 @@ class ClassificationTask(GPTTask):
         num_classes: size of the new head; None = ``len(labels)``.
         labels: class names in id order (``[ham, spam]``), kept in the checkpoint for
             ``gptlab-classify``; None = taken from the data module at fit time.
-        pooling: ``last_token`` | ``last_position`` | ``mean`` (see :data:`POOLINGS`).
+        pooling: ``last_token`` | ``last_position`` (the book) | ``mean`` (see :data:`POOLINGS`).
         trainable: ``head`` | ``last_block`` | ``last_n_blocks`` | ``all`` (see :data:`TRAINABLE`).
             With ``adapter=lora`` the adapter decides instead: LoRA weights (+ ``train_extra``) train.
         trainable_blocks: k for ``last_n_blocks``.
@@ -108,8 +109,11 @@ class ClassificationTask(GPTTask):
         f1_average: ``auto`` (binary F1 of class 1 for two classes, else macro), ``binary``,
             ``macro``, ``micro`` or ``weighted``.
         confusion_matrix_file: JSON file in the run folder (a ``.txt`` table is written beside it).
-        **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, lr, ...).
+        **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, optimizer, ...).
     """
+
+    task_name = "classify"
+    kind = "classifier"
 
     def __init__(self, num_classes: int | None = None, labels: Sequence[str] | None = None,
                  pooling: str = "last_token", trainable: str = "last_block", trainable_blocks: int = 1,
@@ -217,6 +221,7 @@ class ClassificationTask(GPTTask):
         self.train_acc(logits.argmax(dim=-1), batch["label"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_progress(batch)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -295,12 +300,12 @@ class ClassificationTask(GPTTask):
         finally:
             self.train(was_training)
 
-    def adapter_metadata(self) -> dict[str, Any]:
-        """:meth:`GPTTask.adapter_metadata` plus what prediction needs (labels, pooling, max_length),
-        so ``gptlab-classify init_from=... adapter_path=...`` works without the checkpoint."""
+    def prediction_metadata(self) -> dict[str, Any]:
+        """What ``gptlab-classify`` needs (labels, pooling, max_length), also in adapter files, so
+        ``gptlab-classify init_from=... adapter_path=...`` works without the checkpoint."""
         hp = self.hparams
-        return {**super().adapter_metadata(), "labels": self.label_names, "num_classes": self.num_classes,
-                "pooling": hp.pooling, "max_length": hp.max_length}
+        return {"labels": self.label_names, "num_classes": self.num_classes, "pooling": hp.pooling,
+                "max_length": hp.max_length}
 
 
 def confusion_matrix_image(matrix: torch.Tensor, labels: Sequence[str]) -> Any:

@@ -14,12 +14,23 @@ from gptlab.tokenizer import EOT_ID, get_tokenizer
 class PretrainTask(LanguageModelTask):
     """Language-model pretraining on ``{"input_ids", "labels"}`` batches.
 
-    Logs ``train/loss``, ``val/loss`` and ``val/ppl``; after each validation it continues
-    ``sample_prompt`` and logs the text to TensorBoard (``samples``).
+    Logs ``train/loss``, ``train/tokens_seen``, ``val/loss`` and ``val/ppl``; after each validation
+    it continues ``sample_prompt`` and logs the text to TensorBoard (``samples``).
+
+    Args:
+        sample_prompt: the text continued after every validation (None = no samples).
+        sample_max_new_tokens, sample_temperature, sample_top_k: its generation settings.
+        sample_stop_at_eos: stop before ``<|endoftext|>`` (the book's ``generate(eos_id=50256)``;
+            the text never shows the token); False = always ``sample_max_new_tokens`` tokens, as the
+            book's chapter-5 ``generate_text_simple``.
+        **kwargs: :class:`GPTTask` arguments (model, init_from, optimizer, ...).
     """
 
+    task_name = "pretrain"
+
     def __init__(self, sample_prompt: str | None = "Every effort moves you", sample_max_new_tokens: int = 40,
-                 sample_temperature: float = 0.0, sample_top_k: int | None = None, **kwargs: Any):
+                 sample_temperature: float = 0.0, sample_top_k: int | None = None, sample_stop_at_eos: bool = True,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.last_sample: str | None = None
 
@@ -37,10 +48,13 @@ class PretrainTask(LanguageModelTask):
         """Continue ``sample_prompt`` with the current weights; log and return the text."""
         tok = get_tokenizer()
         ids = torch.tensor(tok.encode(self.hparams.sample_prompt), device=self.device)
+        stop = self.hparams.sample_stop_at_eos
         out = generate(self.model, ids, self.hparams.sample_max_new_tokens,
                        temperature=self.hparams.sample_temperature, top_k=self.hparams.sample_top_k,
-                       eos_id=EOT_ID)
-        text = tok.decode(out.tolist())
+                       eos_id=EOT_ID if stop else None).tolist()
+        if stop and EOT_ID in out[len(ids):]:  # generate() keeps the end-of-text token; the book stops before it
+            out = out[:len(ids) + out[len(ids):].index(EOT_ID)]
+        text = tok.decode(out)
         self.last_sample = text
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_text"):

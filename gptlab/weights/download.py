@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -147,6 +148,26 @@ def download(url: str, dest: str | os.PathLike[str], sha256: str | None = None, 
     return dest
 
 
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds (no request
+    is sent): a quick answer before a download client spends its retries on a machine without network."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def offline_files_message(files: list[tuple[str, Path]], reason: str) -> str:
+    """Every file still missing, with its URL and where to put it by hand."""
+    lines = [f"cannot download ({reason}). Put these files in place by hand, fetched on a machine with network:"]
+    lines += [f"    {url}\n      -> {dest}" for url, dest in files]
+    lines.append(f"(the cache root is ${CACHE_ENV} or ~/.cache/gptlab; or pass the folder holding them as init_from=)")
+    return "\n".join(lines)
+
+
 def hf_url(repo_id: str, filename: str, revision: str = "main") -> str:
     """The direct-download URL of one file of a Hugging Face Hub repository."""
     return f"{HF_ENDPOINT.rstrip('/')}/{repo_id}/resolve/{revision}/{filename}"
@@ -179,6 +200,11 @@ def fetch_hf_model(repo_id: str, files: tuple[str, ...] = HF_MODEL_FILES, revisi
     missing = [f for f in files if not (folder / f).is_file()]
     if not missing:
         return folder
+    wanted = [(hf_url(repo_id, name, revision), folder / name) for name in missing]
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not reachable(HF_ENDPOINT):
+        # fail at once, naming every file, instead of after a download client's retries
+        why = "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else f"{HF_ENDPOINT} is not reachable"
+        raise DownloadError(offline_files_message(wanted, why))
     hub = _hub_download() if use_hub in (None, True) else None
     if use_hub and hub is None:
         raise ImportError("use_hub=True needs huggingface_hub: pip install huggingface_hub")
@@ -198,4 +224,4 @@ def fetch_hf_model(repo_id: str, files: tuple[str, ...] = HF_MODEL_FILES, revisi
 
 
 __all__ = ["DownloadError", "cache_dir", "download", "fetch_hf_model", "hf_model_dir", "hf_url",
-           "offline_message", "resolve_dest", "sha256sum"]
+           "offline_message", "offline_files_message", "reachable", "resolve_dest", "sha256sum"]

@@ -1,0 +1,68 @@
+"""``gptlab-respond``: a model's answers to the instructions of a data split, written as
+``responses.json`` (the file the test stage of ``gptlab-train ... test=true`` writes), so any two
+models can be compared with ``gptlab-judge ... baseline=`` or ``gptlab-reward ... baseline=``.
+
+    gptlab-respond ckpt_path=<sft run>/checkpoints/last.ckpt data=preference output=sft.json max_new_tokens=48
+    gptlab-respond ckpt_path=<dpo run>/checkpoints/last.ckpt data=preference output=dpo.json max_new_tokens=48
+    gptlab-respond init_from=gpt2-medium adapter_path=<lora run>/checkpoints/adapter.safetensors data=instruct split=val output=...
+
+The entries come from ``data`` (``data=instruct`` or ``data=preference``, split as in training);
+generation is batched and greedy by default, with the settings of the training test stage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gptlab.cli import CONFIG_DIR
+from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.inference import load_model
+from gptlab.tasks.instruct import answer_entries
+
+SPLITS = ("train", "val", "test")
+
+
+def run(cfg: DictConfig) -> Path:
+    """Answer every entry of ``cfg.split`` of ``cfg.data`` with the model; returns the file written."""
+    if cfg.split not in SPLITS:
+        raise ValueError(f"split={cfg.split!r}; valid choices: {list(SPLITS)}")
+    lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
+                    precision=cfg.precision)
+    style = cfg.prompt_style or lm.prompt_style or cfg.data.get("prompt_style") or "alpaca"
+    dm = instantiate(OmegaConf.to_container(cfg.data, resolve=True), tokenizer=lm.tokenizer, _convert_="all")
+    dm.setup()
+    entries = getattr(dm, f"{cfg.split}_set").entries
+    print(f"answering {len(entries)} {cfg.split} instructions of {cfg.data._target_} with {lm.source} "
+          f"(prompt style {style!r}, {cfg.max_new_tokens} new tokens)", file=sys.stderr)
+    with lm.autocast():
+        answers = answer_entries(lm.model, entries, style, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                 cfg.batch_size, cfg.max_prompt_length, progress=cfg.progress)
+    path = Path(cfg.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{**e, "model_response": a} for e, a in zip(entries, answers)]
+    path.write_text(json.dumps(rows, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"{len(rows)} responses written to {path}", file=sys.stderr)
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="respond")
+def _hydra_main(cfg: DictConfig) -> None:
+    require_values(cfg, "respond", "gptlab-respond")
+    with user_errors("gptlab-respond"):
+        run(cfg)
+
+
+def main() -> None:
+    """Console entry: this tool's ``--help``; everything else through Hydra."""
+    handle_help("respond", "gptlab-respond", ["data"])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

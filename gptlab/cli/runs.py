@@ -1,0 +1,91 @@
+"""Where a run's results go, and what the console says about them.
+
+* At the start and the end of every run the log (console and ``train.log``) names the run folder.
+* Every run leaves ``metrics.json`` in its folder (:mod:`gptlab.cli.results`); the sweep summary
+  and ``gptlab-compare`` read it.
+* A sweep (``-m``) names its folder when it starts and ends with a table of its jobs (overrides,
+  the optimised metric, status), best first, and the ``tensorboard`` / ``gptlab-compare`` commands
+  for it (:class:`SweepSummary`, a Hydra callback). If a job failed, the sweep exits with status 1
+  after all jobs ran, naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from gptlab.cli.compare import find_runs, load_run, metric_mode, rank_runs, to_markdown, varying_keys
+from gptlab.cli.results import read_result
+
+log = logging.getLogger("gptlab")
+
+def duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
+
+
+def announce_start(folder: str | Path) -> float:
+    """Log the run folder; returns the start time for :func:`announce_end`."""
+    log.info("run folder: %s", Path(folder).resolve())
+    return time.perf_counter()
+
+
+def announce_end(folder: str | Path, status: str, metrics: Mapping[str, float], started: float,
+                 optimized_metric: str | None = None) -> None:
+    """Log how the run ended, its main metrics, and where to look next."""
+    folder = Path(folder).resolve()
+    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/")) and math.isfinite(v)}
+    if optimized_metric in metrics and optimized_metric not in shown:
+        shown = {optimized_metric: metrics[optimized_metric], **shown}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in shown.items()) or "no validation metrics"
+    log.info("run %s after %s: %s", status, duration(time.perf_counter() - started), summary)
+    log.info("results in %s (checkpoints/, tensorboard/, train.log, metrics.json); "
+             "view: tensorboard --logdir %s", folder, folder)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: names the sweep folder, then prints a table of its jobs best first and fails
+    the command (exit status 1) when any job failed."""
+
+    def __init__(self, max_rows: int = 50):
+        self.max_rows = max_rows
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        log.info("sweep folder: %s", Path(config.hydra.sweep.dir).resolve())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.sweep.dir).resolve()
+        metric = config.get("optimized_metric") or "val/loss"
+        print(summary_table(folder, metric, self.max_rows), flush=True)
+        failed = [p for p in find_runs(folder) if (read_result(p) or {}).get("status") != "ok"]
+        print(f"\nsweep folder: {folder}\n  tensorboard --logdir {folder}\n  gptlab-compare {folder}", flush=True)
+        if failed:
+            names = ", ".join(str(p.relative_to(folder)) for p in failed)
+            print(f"{len(failed)} job(s) did not finish: {names} (see FAILED / train.log in each)", flush=True)
+            raise SystemExit(1)
+
+
+def summary_table(folder: Path, metric: str, max_rows: int = 50) -> str:
+    """Markdown table of the jobs under ``folder``: overrides, ``metric``, status; best first."""
+    runs = [load_run(p, folder, read_curves=False) for p in find_runs(folder)]
+    if not runs:
+        return f"no jobs found under {folder}"
+    ranked = rank_runs(runs, metric, "auto")
+    keys = varying_keys(ranked)
+    header = ["#", "job", *keys, metric, "status"]
+    rows = [[i + 1, r.name, *(r.overrides.get(k, "") for k in keys), r.metrics.get(metric), r.status]
+            for i, r in enumerate(ranked[:max_rows])]
+    best = metric_mode(metric)
+    title = f"{len(runs)} job(s), best first by {metric} ({best})"
+    more = f"\n... {len(runs) - max_rows} more: gptlab-compare {folder}" if len(runs) > max_rows else ""
+    return f"{title}\n{to_markdown(header, rows)}{more}"
+
+
+__all__ = ["announce_start", "announce_end", "SweepSummary", "summary_table", "duration"]

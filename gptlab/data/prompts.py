@@ -1,0 +1,181 @@
+"""Prompts for RLHF (``task=ppo``): the policy writes the responses itself, so the data is prompts only.
+
+Any JSON list file or JSON-lines file (``.jsonl``, one entry per line) whose entries are
+
+* Alpaca-style ``{"instruction", "input", ...}`` objects: the book's instruction data (the default,
+  shipped in ``gptlab/assets``) or its preference data (``chosen``/``rejected`` are ignored);
+* ``{"prompt": ...}`` objects (``prompt`` is the instruction);
+* plain strings (each is the instruction).
+
+Every prompt is written in ``prompt_style`` exactly as SFT and reward-model data are (so a policy
+and a reward model trained on gptlab's instruction/preference data see the prompts they learned),
+tokenized once, and batched left-padded for batched KV-cache generation.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from gptlab.data.instruct import DEFAULT_INSTRUCTION_DATA, get_prompt_style, left_pad, split_entries
+from gptlab.data.records import DataFileError, read_json_records
+from gptlab.tokenizer import EOT_ID, get_tokenizer
+
+
+class PromptDataError(DataFileError):
+    """A malformed prompt file or entry (the message names the file and the entry)."""
+
+
+def normalize_prompt(entry: Any, where: str) -> dict[str, Any]:
+    """One entry as ``{"instruction", "input", ...}`` (other keys kept): a string, or an object with
+    a string ``prompt`` or ``instruction`` (and an optional string ``input``)."""
+    if isinstance(entry, str):
+        entry = {"instruction": entry, "input": ""}
+    if not isinstance(entry, dict):
+        raise PromptDataError(f"{where} must be a string or an object with 'prompt' (or 'instruction' + 'input'), "
+                              f"got {type(entry).__name__}")
+    out = dict(entry)
+    if "prompt" in entry and "instruction" not in entry:
+        out["instruction"], out["input"] = entry["prompt"], entry.get("input", "")
+    if not isinstance(out.get("instruction"), str):
+        got = type(out["instruction"]).__name__ if "instruction" in out else "nothing"
+        raise PromptDataError(f"{where} needs a string 'prompt' or 'instruction', got {got} (keys: {sorted(entry)})")
+    out.setdefault("input", "")
+    if not isinstance(out["input"], str):
+        raise PromptDataError(f"{where}: 'input' must be a string, got {type(out['input']).__name__}")
+    if not (out["instruction"].strip() or out["input"].strip()):
+        raise PromptDataError(f"{where}: the prompt is empty")
+    return out
+
+
+def load_prompts(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Normalised entries (:func:`normalize_prompt`) of a prompt file (default: the book's 1,100
+    instruction entries). Errors name the file and the entry (JSON lines: and the line)."""
+    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "prompt data", PromptDataError)
+    return [normalize_prompt(e, records.where(i)) for i, e in enumerate(records.entries)]
+
+
+class PromptDataset(Dataset):
+    """Prompts tokenized once: ``prompts[i]`` is the text the model is given (the entry in the
+    prompt style, response header included), ``prompt_ids[i]`` its ids. Item ``i`` is ``{"index": i}``:
+    the collate reads the rest from the dataset."""
+
+    def __init__(self, entries: Sequence[Mapping[str, Any]], tokenizer: Any = None, prompt_style: str = "alpaca"):
+        self.entries = list(entries)
+        style = get_prompt_style(prompt_style)
+        tok = tokenizer or get_tokenizer()
+        self.prompts = [style.prompt(e) for e in self.entries]
+        # ordinary encoding: a literal "<|endoftext|>" in a prompt is text, never the special id
+        self.prompt_ids = tok.encode_ordinary_batch(self.prompts)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, int]:
+        return {"index": i}
+
+
+class PromptCollate:
+    """Batches of prompts for generation: left-padded ``prompt_ids`` and ``prompt_attention_mask``
+    (B, P) (1 = real token), ``index`` (B,), and the raw ``entries`` and ``prompts`` (texts) as lists.
+    The same fields as instruction test batches, so test-stage answering works on either.
+    ``max_prompt_length`` keeps the last N tokens of a longer prompt (its response header survives)."""
+
+    def __init__(self, dataset: PromptDataset, max_prompt_length: int | None = None, pad_id: int = EOT_ID):
+        self.dataset, self.max_prompt_length, self.pad_id = dataset, max_prompt_length, pad_id
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        idx = [int(it["index"]) for it in items]
+        ds = self.dataset
+        ids, mask = left_pad([ds.prompt_ids[i] for i in idx], self.pad_id, self.max_prompt_length)
+        return {"prompt_ids": ids, "prompt_attention_mask": mask, "index": torch.tensor(idx),
+                "entries": [ds.entries[i] for i in idx], "prompts": [ds.prompts[i] for i in idx]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts split like the book's instruction data (first 85% train, next 10% test, the rest
+    validation, which PPO does not use); every training batch is one PPO iteration's prompts.
+
+    Args:
+        tokenizer: a tiktoken encoding (default: GPT-2).
+        path: JSON / JSON-lines prompt file (module docstring); None = the book's instruction data.
+        prompt_style: ``alpaca`` | ``phi3`` | ``raw``: the style the SFT model (and the reward model) learned.
+        train_ratio, test_ratio, shuffle_before_split, split_seed, max_entries: as
+            :class:`~gptlab.data.instruct.InstructionDataModule`.
+        max_prompt_length: keep the last N tokens of longer prompts (None = all; the task checks that
+            prompt + response fit the context).
+        batch_size: prompts per PPO iteration (rollout batch size); ``val_batch_size`` for the test stage.
+        num_workers, shuffle, drop_last, pin_memory: DataLoader settings.
+    """
+
+    def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
+                 train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
+                 split_seed: int = 123, max_entries: int | None = None, max_prompt_length: int | None = None,
+                 pad_id: int = EOT_ID, batch_size: int = 16, val_batch_size: int | None = None, num_workers: int = 0,
+                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True):
+        super().__init__()
+        get_prompt_style(prompt_style)  # fail fast on a typo
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
+        if max_prompt_length is not None and max_prompt_length < 1:
+            raise ValueError(f"data.max_prompt_length={max_prompt_length} must be >= 1 (or null)")
+        self.tokenizer = tokenizer or get_tokenizer()
+        self.path, self.prompt_style = path, prompt_style
+        self.train_ratio, self.test_ratio = train_ratio, test_ratio
+        self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
+        self.max_prompt_length, self.pad_id = max_prompt_length, pad_id
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.shuffle, self.drop_last = num_workers, shuffle, drop_last
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.train_set: PromptDataset | None = None
+        self.val_set: PromptDataset | None = None
+        self.test_set: PromptDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        entries = load_prompts(self.path)
+        if self.shuffle_before_split:
+            random.Random(self.split_seed).shuffle(entries)
+        if self.max_entries:
+            entries = entries[: self.max_entries]
+        parts = split_entries(entries, self.train_ratio, self.test_ratio)
+        self.train_set, self.val_set, self.test_set = (
+            PromptDataset(part, self.tokenizer, self.prompt_style) for part in parts)
+        rank_zero_info(f"prompts {self.path or DEFAULT_INSTRUCTION_DATA}: {len(parts[0])} train / {len(parts[2])} "
+                       f"test prompts, prompt style {self.prompt_style!r}")
+        if len(self.train_set) < self.batch_size and self.drop_last:
+            raise ValueError(f"{len(self.train_set)} training prompts do not fill one batch of data.batch_size="
+                             f"{self.batch_size} (drop_last=true); lower the batch size or add prompts")
+        if self.max_prompt_length is not None:
+            cut = sum(len(p) > self.max_prompt_length for ds in (self.train_set, self.test_set) for p in ds.prompt_ids)
+            if cut:
+                rank_zero_warn(f"{cut} prompts are longer than max_prompt_length={self.max_prompt_length} tokens; "
+                               "they keep their last tokens")
+
+    @property
+    def test_entries(self) -> list[dict[str, Any]]:
+        self.setup()
+        return self.test_set.entries
+
+    def _loader(self, ds: PromptDataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=train and self.shuffle,
+                          drop_last=train and self.drop_last, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, collate_fn=PromptCollate(ds, self.max_prompt_length, self.pad_id),
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.val_batch_size, False)
+
+
+__all__ = ["PromptDataError", "normalize_prompt", "load_prompts", "PromptDataset", "PromptCollate",
+           "PromptDataModule"]

@@ -1,0 +1,140 @@
+"""Reward functions for RLHF (``task=ppo``): a trained reward model, or rules written in Python.
+
+``task.reward`` is any Hydra ``_target_`` that builds a callable; PPO calls it once per rollout batch
+with keyword arguments (TRL's reward-function convention, plus the ids)::
+
+    reward(prompts=[str], completions=[str], prompt_ids=[[int]], completion_ids=[[int]], entries=[dict])
+        -> B scores (a list of floats or a (B,) tensor)
+
+``prompts`` are the texts the policy was given (prompt style applied), ``completions`` the decoded
+responses without the end-of-text token, ``entries`` the data entries the prompts came from (e.g. a
+reference ``output`` for a rule to compare with). Accept ``**kwargs`` for what you do not use::
+
+    # my_rewards.py
+    def brevity(completions, **kwargs):
+        return [-len(c) / 100 for c in completions]
+
+    gptlab-train task=ppo ... task.reward._target_=my_rewards.brevity +task.reward._partial_=true
+
+The config node is built by Hydra when the run starts, from the run's own config; a checkpoint
+never records it (``gptlab.tasks.registry.load_task`` rebuilds a PPO policy without its reward).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from gptlab.inference import load_model
+from gptlab.tasks.reward import reward_scores
+from gptlab.tokenizer import get_tokenizer
+
+
+class RewardFunction(Protocol):
+    """What ``task.reward`` must be: called with keyword arguments, returns one score per response."""
+
+    def __call__(self, *, prompts: list[str], completions: list[str], prompt_ids: list[list[int]],
+                 completion_ids: list[list[int]], entries: list[dict[str, Any]]) -> Sequence[float] | torch.Tensor:
+        ...
+
+
+class TokenCountReward:
+    """``weight`` per occurrence of one token in the response: the simplest rule-based reward (a
+    test of whether PPO learns at all). ``token``: a token id, or a string that is exactly one
+    GPT-2 token (e.g. ``" the"``)."""
+
+    def __init__(self, token: int | str, weight: float = 1.0):
+        if isinstance(token, str):
+            ids = get_tokenizer().encode_ordinary(token)
+            if len(ids) != 1:
+                raise ValueError(f"TokenCountReward token={token!r} is {len(ids)} GPT-2 tokens {ids}; give a string "
+                                 "that is exactly one token, or its id")
+            token = ids[0]
+        self.token_id, self.weight = int(token), float(weight)
+
+    def __call__(self, *, completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
+        return [self.weight * ids.count(self.token_id) for ids in completion_ids]
+
+
+class RegexCountReward:
+    """``weight`` per match of the regular expression ``pattern`` in the response text, counting
+    at most ``max_count`` matches (None = all); e.g. ``pattern: "(?i)\\bplease\\b"``."""
+
+    def __init__(self, pattern: str, weight: float = 1.0, max_count: int | None = None):
+        try:
+            self.pattern = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"RegexCountReward pattern={pattern!r} is not a regular expression: {e}") from None
+        self.weight, self.max_count = float(weight), max_count
+
+    def __call__(self, *, completions: list[str], **kwargs: Any) -> list[float]:
+        counts = [len(self.pattern.findall(text)) for text in completions]
+        if self.max_count is not None:
+            counts = [min(c, self.max_count) for c in counts]
+        return [self.weight * c for c in counts]
+
+
+class RewardModel:
+    """A trained reward model (``task=reward_model``) as a reward function: each response is scored
+    at the last token of ``prompt ids + response ids`` (no end-of-text), exactly as the reward model
+    was trained on preference pairs. Loaded by the one inference loader
+    (:func:`gptlab.inference.load_model` with ``expect="reward"``), so a language model or a
+    classifier given here is a clear error.
+
+    Args:
+        ckpt_path: the reward model's checkpoint; or
+        init_from + adapter_path: its base weights and its LoRA adapter file (which holds the head).
+        precision: ``32`` | ``bf16`` | ``bf16-mixed`` | ``auto`` (as the loader's).
+        batch_size: sequences per forward pass (None = the whole rollout batch at once).
+        max_length: keep the first N tokens of each sequence (None = the reward model's context).
+
+    The model is loaded on the CPU; PPO moves it to the policy's device (:meth:`to`). Its recorded
+    ``prompt_style`` is checked against the prompts' style by the task.
+    """
+
+    def __init__(self, ckpt_path: str | Path | None = None, init_from: str | Path | None = None,
+                 adapter_path: str | Path | None = None, precision: str = "32", batch_size: int | None = None,
+                 max_length: int | None = None):
+        if ckpt_path is None and init_from is None:
+            raise ValueError("the reward model needs ckpt_path=<a task=reward_model checkpoint> "
+                             "(task.reward.ckpt_path=..., or reward_checkpoint=... with experiment=ch08_ppo / "
+                             "ch08_ppo_scratch), or init_from=<its base> with adapter_path=<its adapter file>")
+        self.loaded = load_model(ckpt_path=ckpt_path, init_from=init_from, adapter_path=adapter_path,
+                                 expect="reward", precision=precision)
+        self.model = self.loaded.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.prompt_style = self.loaded.prompt_style
+        self.batch_size = batch_size
+        context = self.model.config.context_length
+        self.max_length = min(max_length or context, context)
+
+    def to(self, device: torch.device | str) -> "RewardModel":
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, *, prompt_ids: list[list[int]], completion_ids: list[list[int]], **kwargs: Any) -> torch.Tensor:
+        rows = [torch.tensor((p + c)[: self.max_length], dtype=torch.long) for p, c in zip(prompt_ids, completion_ids)]
+        step = self.batch_size or max(1, len(rows))
+        scores = []
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            # right padding with id 0: causal attention keeps it out of the last real token's score
+            ids = pad_sequence(part, batch_first=True, padding_value=0).to(self.device)  # (b, T)
+            lengths = torch.tensor([len(r) for r in part], device=self.device)
+            mask = (torch.arange(ids.size(1), device=self.device)[None, :] < lengths[:, None]).long()
+            with self.loaded.autocast():
+                scores.append(reward_scores(self.model, ids, mask).float())
+        return torch.cat(scores)
+
+
+__all__ = ["RewardFunction", "TokenCountReward", "RegexCountReward", "RewardModel"]

@@ -1,0 +1,149 @@
+"""The optimizer and the learning-rate schedule of every task, built from plain config nodes.
+
+``task.optimizer`` is a Hydra-style node (``conf/task/optimizer/adamw.yaml``)::
+
+    _target_: torch.optim.AdamW
+    _partial_: true
+    lr: 5.0e-5
+    betas: [0.9, 0.999]
+    ...
+
+It stays a plain dict in the task's hyperparameters (checkpoints load with
+``torch.load(weights_only=True)``; a ``functools.partial`` would not) and becomes an optimizer only in
+``configure_optimizers``, through :func:`build_optimizer`. ``_target_`` may name any optimizer class
+of ``torch.optim`` and nothing else: a node read back from a checkpoint never imports or calls a name
+of its choosing.
+
+``task.lr_schedule`` (``conf/task/lr_schedule/warmup_decay.yaml``): ``name`` (``constant``,
+``cosine``, ``linear``), ``warmup_steps`` and ``min_lr``; stepped every optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 4e-4,
+                                     "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "fused": None}
+"""The optimizer of a task built in Python without one (the YAML nodes set their own values)."""
+DEFAULT_LR_SCHEDULE: dict[str, Any] = {"name": "cosine", "warmup_steps": 0, "min_lr": 0.0}
+LR_SCHEDULES = ("constant", "cosine", "linear")
+WEIGHT_DECAY_ON = ("matrices", "all")
+"""Which trainable parameters get the optimizer's ``weight_decay``: ``matrices`` the weight matrices
+of linear layers only (biases, norms, embeddings and a head tied to them get 0: gptlab's default, as
+GPT-2/nanoGPT); ``all`` every one (the book's ``AdamW(model.parameters(), weight_decay=0.1)``)."""
+
+
+def optimizer_class(target: str) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim`` optimizer class ``target`` names (``torch.optim.AdamW``); anything else
+    raises, naming the valid choices."""
+    module, _, name = str(target).rpartition(".")
+    cls = getattr(torch.optim, name, None) if module == "torch.optim" else None
+    if not _is_optimizer_class(cls):
+        valid = sorted(f"torch.optim.{n}" for n, c in vars(torch.optim).items() if _is_optimizer_class(c))
+        raise ValueError(f"task.optimizer._target_={target!r} is not an optimizer of torch.optim; "
+                         f"valid choices: {valid}")
+    return cls
+
+
+def _is_optimizer_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
+
+
+def optimizer_config(node: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A complete optimizer node: ``None`` = :data:`DEFAULT_OPTIMIZER`; a node without ``_target_``
+    = those AdamW settings updated by it; a node with ``_target_`` is taken as it is. Raises for an
+    unknown ``_target_`` or ``_partial_: false`` (the parameters are given in ``configure_optimizers``)."""
+    node = dict(node or {})
+    if "_target_" not in node:
+        node = {**DEFAULT_OPTIMIZER, **node}
+    optimizer_class(node["_target_"])
+    if not node.get("_partial_", True):
+        raise ValueError("task.optimizer._partial_ must be true: the task passes the parameter groups itself")
+    if "lr" not in node:
+        raise ValueError(f"task.optimizer has no lr: {node}")
+    return node
+
+
+def lr_schedule_config(node: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A complete LR-schedule node (:data:`DEFAULT_LR_SCHEDULE` updated by ``node``), validated."""
+    node = {**DEFAULT_LR_SCHEDULE, **dict(node or {})}
+    unknown = sorted(set(node) - set(DEFAULT_LR_SCHEDULE))
+    if unknown:
+        raise ValueError(f"task.lr_schedule has unknown key(s) {unknown}; valid keys: {sorted(DEFAULT_LR_SCHEDULE)}")
+    if node["name"] not in LR_SCHEDULES:
+        raise ValueError(f"unknown task.lr_schedule.name {node['name']!r}; valid choices: {list(LR_SCHEDULES)}")
+    if node["warmup_steps"] < 0:
+        raise ValueError(f"task.lr_schedule.warmup_steps must be >= 0, got {node['warmup_steps']}")
+    return node
+
+
+def parameter_groups(module: nn.Module, weight_decay: float, weight_decay_on: str = "matrices") -> list[dict[str, Any]]:
+    """Optimizer groups of ``module``'s trainable parameters (each once, tied weights included).
+
+    ``weight_decay_on`` (:data:`WEIGHT_DECAY_ON`): ``matrices`` gives a ``decay`` group (weight
+    matrices of linear layers, ``weight_decay``) and a ``no_decay`` group (biases, norms, embeddings
+    and a head tied to them, 0); ``all`` gives one ``decay`` group of every parameter. The names
+    make ``LearningRateMonitor`` log ``lr-AdamW/decay`` (and ``lr-AdamW/no_decay``).
+    """
+    if weight_decay_on not in WEIGHT_DECAY_ON:
+        raise ValueError(f"unknown task.weight_decay_on {weight_decay_on!r}; valid choices: {list(WEIGHT_DECAY_ON)}")
+    params = list({id(p): p for p in module.parameters() if p.requires_grad}.values())
+    if weight_decay_on == "all":
+        return [{"params": params, "weight_decay": weight_decay, "name": "decay"}]
+    no_decay_ids = {id(p) for m in module.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm))
+                    for p in m.parameters(recurse=False)}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in no_decay_ids]
+    decay_ids = {id(p) for p in decay}
+    no_decay = [p for p in params if id(p) not in decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(node: Mapping[str, Any], groups: Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer ``node`` describes (see :func:`optimizer_config`) over parameter ``groups``.
+
+    Lists become tuples (``betas``). ``fused: null`` means the fused kernel when every parameter is
+    on CUDA (Adam/AdamW/SGD), else the default implementation.
+    """
+    node = optimizer_config(node)
+    cls = optimizer_class(node["_target_"])
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in node.items() if not k.startswith("_")}
+    groups = list(groups)
+    if "fused" in kwargs and kwargs["fused"] is None:
+        del kwargs["fused"]
+        params = [p for g in groups for p in g["params"]]
+        if cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD) and params and all(p.is_cuda for p in params):
+            kwargs["fused"] = True
+    return cls(groups, **kwargs)
+
+
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """LR multiplier at ``step``: linear warmup from 0 over ``warmup_steps``, then ``schedule``:
+    ``constant``, ``cosine`` (to ``min_lr_ratio``) or ``linear`` (to ``min_lr_ratio``)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return min_lr_ratio + (1 - min_lr_ratio) * (1.0 - progress)
+    raise ValueError(f"unknown lr schedule {schedule!r}; valid choices: {list(LR_SCHEDULES)}")
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any], lr: float,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step ``LambdaLR`` for ``schedule`` (see :func:`lr_schedule_config`); ``warmup_steps``
+    below 1 is a fraction of ``total_steps``; the decay ends at ``min_lr`` (absolute, relative to
+    the peak ``lr``)."""
+    schedule = lr_schedule_config(schedule)
+    warmup = schedule["warmup_steps"]
+    warmup = int(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
+    min_ratio = schedule["min_lr"] / lr if lr else 0.0
+    name = schedule["name"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, warmup, name, min_ratio))

@@ -1,0 +1,487 @@
+"""RLHF with PPO and a KL penalty (the book's chapter 8.5; Ziegler et al. 2019, Ouyang et al. 2022).
+
+Each training batch of prompts is one PPO *iteration*:
+
+1. **rollout**: the policy answers the (left-padded) prompts with batched KV-cache generation
+   (temperature / top-k / top-p, stop at end-of-text, at most ``max_new_tokens``);
+2. **score**: the reward function (``task.reward``: a reward model checkpoint through
+   :class:`gptlab.rewards.RewardModel`, or any Python function given as a Hydra ``_target_``)
+   gives each response a score;
+3. **evaluate**: one forward pass each gives the per-token log-probs of the policy (π_old), of the
+   reference (the starting model: the policy with its LoRA switched off, or a frozen copy), and
+   the values;
+4. **reward**: r_t = −β·KL_t on every response token, plus the score on the last one; β is fixed
+   or follows an adaptive controller towards ``kl_target``;
+5. **advantages**: GAE(γ, λ), whitened over the batch's response tokens;
+6. **update**: ``ppo_epochs`` passes over ``num_mini_batches`` shuffled minibatches, each one
+   optimizer step on the clipped policy loss + ``vf_coef`` × the clipped value loss −
+   ``entropy_coef`` × entropy (manual optimisation).
+
+**Value head.** A scalar head (D → 1, zero-initialised as OpenAI's) on the policy's own final
+hidden states, not a separate value model: the same forward pass gives log-probs and values, so a
+minibatch costs one backbone pass instead of two and memory holds one set of weights (with
+``adapter=lora`` the only new trainable weights are the adapters and this head). The price is that
+value gradients reach the shared backbone; ``vf_coef`` (0.1, as TRL and torchtune) keeps them small,
+and a zero-initialised head sends none at all until it has learned something. TRL and torchtune
+use a second model initialised from the reward model, which starts with better value estimates but
+doubles the weights trained.
+
+Metrics, per iteration, with TRL's names: ``objective/kl`` (Σ_t KL_t per response, mean),
+``objective/entropy`` (Σ_t −log π), ``objective/non_score_reward`` (−β Σ_t KL_t),
+``objective/scores``, ``objective/rlhf_reward`` (score + non-score reward), ``objective/kl_coef``
+(β); ``policy/approxkl``, ``policy/clipfrac``, ``policy/entropy`` (mean per-token entropy),
+``loss/policy``, ``val/value_loss``, ``val/clipfrac``, ``val/ratio``, ``val/num_eos_tokens``
+(TRL's ``val/`` group is the *value function*; PPO has no validation stage); and
+``response/mean_length`` and ``time/{generation,scoring,update}_s``. Every
+``log_samples_every_n`` iterations a prompt / response / score table goes to TensorBoard (text).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_warn
+
+from gptlab.data.instruct import extract_response, get_prompt_style
+from gptlab.model.lora import disable_lora, remove_lora
+from gptlab.tasks.base import GPTTask
+from gptlab.tasks.dpo import eval_mode, switch_off_dropout
+from gptlab.tasks.instruct import ResponseGenerationMixin
+from gptlab.tasks.rlhf import (KL_ESTIMATORS, KLController, clipped_policy_loss, clipped_value_loss, gae, kl_estimate,
+                               masked_mean, masked_whiten, response_mask, token_rewards)
+from gptlab.tasks.rollout import (GENERATION_CACHES, PhaseTimer, PolicyOutput, Rollout, chunked, pack_sequences,
+                                  response_forward, sample_responses)
+from gptlab.tokenizer import EOT_ID, get_tokenizer
+
+REFERENCES = ("auto", "copy", "adapters_off")
+
+
+class PPOTask(ResponseGenerationMixin, GPTTask):
+    """PPO on batches of prompts (:class:`gptlab.data.prompts.PromptDataModule`: left-padded
+    ``prompt_ids`` / ``prompt_attention_mask``, ``index``, ``entries``, ``prompts``).
+
+    Start it from the SFT model (``init_from`` a gptlab checkpoint or pretrained weights).
+
+    Args:
+        reward: the reward function (:mod:`gptlab.rewards`): built by Hydra from ``task.reward``
+            (a ``_target_``); required to train, not stored in checkpoints.
+        max_new_tokens, temperature, top_k, top_p: rollout sampling (temperature > 0; top-k/top-p
+            sample from a narrower distribution than the π whose log-probs PPO uses, as in TRL).
+        stop_token_id: a response ends at (and includes) this token; None = always ``max_new_tokens``.
+        generation_cache: ``dynamic`` | ``static`` | ``compiled`` (:data:`GENERATION_CACHES`).
+        kl_coef: β, the weight of the per-token KL penalty (the initial β when adaptive).
+        kl_target, kl_horizon: adapt β towards this mean KL per response (None = fixed β).
+        kl_estimator: ``k1`` | ``k2`` | ``k3`` (:data:`gptlab.tasks.rlhf.KL_ESTIMATORS`).
+        missing_eos_penalty: subtracted from the score of a response that never stopped (TRL).
+        whiten_rewards: whiten the per-token rewards before GAE (TRL's option, off).
+        gamma, lam: GAE's discount γ and λ.
+        whiten_advantages: whiten advantages over the batch's response tokens (on in TRL and torchtune).
+        ppo_epochs, num_mini_batches: passes over the rollout, and optimizer steps per pass.
+        clip_range, clip_range_value: PPO's ε for the ratio and for the value change (None = no value clipping).
+        vf_coef, entropy_coef: weights of the value loss and of the entropy bonus.
+        reference: ``auto`` (``adapters_off`` with an adapter, else ``copy``) | ``copy`` (a frozen copy
+            of the starting policy) | ``adapters_off`` (the policy with LoRA switched off: no copy).
+        disable_dropout: switch dropout off (TRL): the ratio is exactly 1 at the first minibatch.
+        log_samples_every_n, log_samples: a TensorBoard text table of this many samples every N iterations.
+        test_temperature: sampling temperature of the test-stage answers (0 = greedy).
+        prompt_style, generate_on_test, responses_file, log_examples: the test stage (answers to the
+            test prompts in ``responses.json``, with their scores), as
+            :class:`~gptlab.tasks.instruct.InstructionTask`.
+        **kwargs: :class:`GPTTask` arguments (model, init_from, adapter, optimizer, grad_clip, ...).
+    """
+
+    task_name = "ppo"
+    kind = "lm"
+
+    def __init__(self, reward: Callable[..., Any] | None = None, max_new_tokens: int = 64, temperature: float = 0.7,
+                 top_k: int | None = None, top_p: float | None = None, stop_token_id: int | None = EOT_ID,
+                 generation_cache: str = "dynamic", kl_coef: float = 0.05, kl_target: float | None = None,
+                 kl_horizon: float = 10000, kl_estimator: str = "k1", missing_eos_penalty: float | None = None,
+                 whiten_rewards: bool = False, gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool = True,
+                 ppo_epochs: int = 4, num_mini_batches: int = 1, clip_range: float = 0.2,
+                 clip_range_value: float | None = 0.2, vf_coef: float = 0.1, entropy_coef: float = 0.0,
+                 reference: str = "auto", disable_dropout: bool = True, log_samples_every_n: int = 10,
+                 log_samples: int = 4, test_temperature: float = 0.0, prompt_style: str = "alpaca",
+                 generate_on_test: bool = True, responses_file: str = "responses.json", log_examples: int = 3,
+                 **kwargs: Any):
+        # validate before the (possibly large) backbone is built
+        if reward is not None and (isinstance(reward, Mapping) or not callable(reward)):
+            raise TypeError(f"task.reward must be a callable built from a _target_ (gptlab.rewards), got "
+                            f"{type(reward).__name__}; a plain function needs _partial_: true")
+        _check_settings(max_new_tokens=max_new_tokens, temperature=temperature, generation_cache=generation_cache,
+                        kl_estimator=kl_estimator, gamma=gamma, lam=lam, ppo_epochs=ppo_epochs,
+                        num_mini_batches=num_mini_batches, clip_range=clip_range, reference=reference,
+                        adapter=kwargs.get("adapter"))
+        get_prompt_style(prompt_style)
+        kl_controller = KLController(kl_coef, kl_target, kl_horizon)  # validates kl_coef, kl_target, kl_horizon
+        # the reward is code built from the run's config: never stored with the hyperparameters (nor
+        # deep-copied by save_hyperparameters, which reads this frame's arguments)
+        reward_fn, reward = reward, None
+        super().__init__(**kwargs)
+        self.hparams.pop("reward", None)
+        self._kl = kl_controller
+        if disable_dropout:
+            switch_off_dropout(self.model)
+        D = self.model.config.emb_dim
+        self.value_head = nn.Linear(D, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.automatic_optimization = False
+        # not submodules: kept out of state_dict and parameters(); the reference copy moves with the
+        # task (_apply), the reward function to the task's device when fitting or testing starts
+        self.reward_fn = reward_fn
+        self.reference_model: nn.Module | None = None
+        self._policy_is_reference = True  # until the first optimizer step or a restored checkpoint
+        self._warned_crop = False
+        self._compiled_forward: Callable[..., PolicyOutput] | None = None
+        self.reset_responses()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("reference_model", "reward_fn"):  # bypass nn.Module registration on purpose
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "PPOTask":
+        # .to(device) / precision plugins reach the hidden reference copy too
+        super()._apply(fn, *args, **kwargs)
+        if self.__dict__.get("reference_model") is not None:
+            self.reference_model._apply(fn, *args, **kwargs)
+        return self
+
+    def prediction_metadata(self) -> dict[str, Any]:
+        """The prompt style, so the tuned model is prompted the way it was trained (``gptlab-chat``)."""
+        return {"prompt_style": self.hparams.prompt_style}
+
+    @property
+    def kl_coef(self) -> float:
+        """β now (changes after every iteration when adaptive)."""
+        return self._kl.value
+
+    @property
+    def reference_mode(self) -> str:
+        """``copy`` or ``adapters_off`` (``auto`` resolved)."""
+        mode = self.hparams.reference
+        if mode == "auto":
+            return "adapters_off" if self.hparams.adapter else "copy"
+        return mode
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.hparams.ppo_epochs * self.hparams.num_mini_batches
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.reward_fn is None:
+            raise ValueError("task=ppo needs a reward: a reward model (task.reward.ckpt_path=<reward model "
+                             "checkpoint>, or reward_checkpoint=... with experiment=ch08_ppo*; its class: "
+                             "task.reward._target_=gptlab.rewards.RewardModel), or a rule (task/reward=token_count "
+                             "task.reward.token=..., task/reward=regex, or your own function's _target_)")
+        style = getattr(self.reward_fn, "prompt_style", None)
+        if style and style != self.hparams.prompt_style:
+            raise ValueError(f"the reward model was trained on prompt_style={style!r} prompts but task.prompt_style="
+                             f"{self.hparams.prompt_style!r}; set data.prompt_style={style} (the policy and the reward "
+                             "model must see the same prompts)")
+        # before a checkpoint is restored, so the copy holds the STARTING weights, never trained ones
+        if self.reference_mode == "copy" and self.reference_model is None:
+            self.reference_model = self.build_reference_copy()
+
+    def build_reference_copy(self) -> nn.Module:
+        """A frozen eval-mode copy of the policy as it is now, without LoRA layers."""
+        ref = copy.deepcopy(self.model)
+        if getattr(ref, "lora_config", None) is not None:
+            remove_lora(ref)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref.eval()
+
+    def _move_reward(self) -> None:
+        if hasattr(self.reward_fn, "to"):
+            self.reward_fn.to(self.device)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._move_reward()
+
+    def on_test_start(self) -> None:
+        self._move_reward()
+
+    # ----------------------------------------------------------------- rollout
+    def crop_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the last ``context_length − max_new_tokens`` prompt positions, so prompt + response fit."""
+        keep = self.model.config.context_length - self.hparams.max_new_tokens
+        if prompt_ids.size(1) <= keep:
+            return prompt_ids, prompt_mask
+        if not self._warned_crop:
+            rank_zero_warn(f"prompts of {prompt_ids.size(1)} tokens + max_new_tokens={self.hparams.max_new_tokens} "
+                           f"exceed context_length={self.model.config.context_length}: prompts keep their last "
+                           f"{keep} tokens (set data.max_prompt_length to choose)")
+            self._warned_crop = True
+        return prompt_ids[:, -keep:], prompt_mask[:, -keep:]
+
+    def sample(self, batch: Mapping[str, Any], temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor]:
+        """``(prompt_ids, prompt_mask, responses, mask)`` for a batch of prompts."""
+        hp = self.hparams
+        prompt_ids, prompt_mask = self.crop_prompts(batch["prompt_ids"], batch["prompt_attention_mask"])
+        responses = sample_responses(self.model, prompt_ids, prompt_mask, hp.max_new_tokens, temperature,
+                                     hp.top_k, hp.top_p, hp.stop_token_id, hp.generation_cache)
+        return prompt_ids, prompt_mask, responses, response_mask(responses, hp.stop_token_id)
+
+    def score(self, batch: Mapping[str, Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+              responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[str], list[str]]:
+        """The reward function's scores (B,) float32 on the policy's device, the prompts and the
+        decoded completions (without the stop token)."""
+        tok = get_tokenizer()
+        stop = self.hparams.stop_token_id
+        lengths = mask.sum(dim=1).tolist()
+        ends_with_stop = (responses.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1) == stop) \
+            if stop is not None else torch.zeros(len(lengths), dtype=torch.bool, device=responses.device)
+        rows = responses.tolist()
+        completion_ids = [r[: n - int(s)] for r, n, s in zip(rows, lengths, ends_with_stop.tolist())]
+        prompt_rows = prompt_ids.tolist()
+        prompt_lists = [p[len(p) - int(m):] for p, m in zip(prompt_rows, prompt_mask.sum(dim=1).tolist())]
+        completions = [tok.decode(ids) for ids in completion_ids]
+        prompts = list(batch.get("prompts") or [tok.decode(p) for p in prompt_lists])
+        entries = list(batch.get("entries") or [{} for _ in rows])
+        scores = self.reward_fn(prompts=prompts, completions=completions, prompt_ids=prompt_lists,
+                                completion_ids=completion_ids, entries=entries)
+        scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device).reshape(-1)
+        if scores.numel() != len(rows):
+            raise ValueError(f"the reward function returned {scores.numel()} scores for {len(rows)} responses")
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"the reward function returned non-finite scores: {scores.tolist()}")
+        if self.hparams.missing_eos_penalty and stop is not None:
+            scores = scores - self.hparams.missing_eos_penalty * (~ends_with_stop).float()
+        return scores, prompts, completions
+
+    def reference_forward(self, sequences: torch.Tensor, positions: torch.Tensor, responses: torch.Tensor
+                          ) -> PolicyOutput:
+        """Log-probs of the responses under the reference model (no gradients, eval mode)."""
+        t = self.hparams.temperature
+        if self.reference_mode == "adapters_off":
+            with eval_mode(self.model), disable_lora(self.model):
+                return response_forward(self.model, sequences, positions, responses, t)
+        if self.reference_model is None:  # used outside a Trainer
+            if not self._policy_is_reference:
+                raise RuntimeError("the reference copy was never built and the policy has been trained")
+            self.reference_model = self.build_reference_copy().to(self.device)
+        return response_forward(self.reference_model, sequences, positions, responses, t)
+
+    @torch.no_grad()
+    def make_rollout(self, batch: Mapping[str, Any]) -> tuple[Rollout, dict[str, float]]:
+        """Steps 1-5 of an iteration (module docstring); returns the rollout and its timings (s)."""
+        hp = self.hparams
+        timer = PhaseTimer(self.device)
+        prompt_ids, prompt_mask, responses, mask = self.sample(batch, hp.temperature)
+        timer.lap("generation_s")
+        scores, prompts, completions = self.score(batch, prompt_ids, prompt_mask, responses, mask)
+        sequences, positions = pack_sequences(prompt_ids, prompt_mask, responses)
+        chunk = _minibatch_size(len(responses), hp.num_mini_batches)
+        with eval_mode(self.model):
+            policy = chunked(self.policy_forward, len(responses), chunk, sequences, positions, responses)
+        ref = chunked(self.reference_forward, len(responses), chunk, sequences, positions, responses)
+        timer.lap("scoring_s")
+        kl = kl_estimate(policy.logprobs, ref.logprobs, hp.kl_estimator)
+        rewards, non_score = token_rewards(kl, scores, mask, self.kl_coef)
+        if hp.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, policy.values, mask, hp.gamma, hp.lam)
+        if hp.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        rollout = Rollout(sequences=sequences, positions=positions, responses=responses, mask=mask,
+                          logprobs=policy.logprobs, ref_logprobs=ref.logprobs, values=policy.values, scores=scores,
+                          kl=kl, rewards=rewards, non_score_rewards=non_score, advantages=advantages, returns=returns,
+                          prompts=prompts, completions=completions)
+        return rollout, timer.laps
+
+    def policy_forward(self, sequences: torch.Tensor, positions: torch.Tensor, responses: torch.Tensor,
+                       with_entropy: bool = False) -> PolicyOutput:
+        """Log-probs, values (and entropy) of the responses under the current policy; through
+        ``torch.compile`` (dynamic shapes: lengths change every iteration) when ``compile=true``."""
+        forward = response_forward
+        if self.hparams.compile:
+            if self._compiled_forward is None:
+                self._compiled_forward = torch.compile(response_forward, dynamic=True)
+            forward = self._compiled_forward
+        return forward(self.model, sequences, positions, responses, self.hparams.temperature, self.value_head,
+                       with_entropy, entropy_grad=with_entropy and bool(self.hparams.entropy_coef))
+
+    # ----------------------------------------------------------------- update
+    def ppo_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Step 6: ``ppo_epochs`` × ``num_mini_batches`` optimizer steps; the means of their stats."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        stats: dict[str, list[torch.Tensor]] = {}
+        n = len(rollout)
+        for _ in range(hp.ppo_epochs):
+            for idx in torch.randperm(n, device=rollout.sequences.device).tensor_split(hp.num_mini_batches):
+                if idx.numel() == 0:
+                    continue
+                mask = rollout.mask[idx]
+                out = self.policy_forward(rollout.sequences[idx], rollout.positions[idx], rollout.responses[idx],
+                                          with_entropy=True)
+                pg_loss, pg = clipped_policy_loss(out.logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask,
+                                                  hp.clip_range)
+                vf_loss, vf_clipfrac = clipped_value_loss(out.values, rollout.values[idx], rollout.returns[idx], mask,
+                                                          hp.clip_range_value)
+                entropy = masked_mean(out.entropy, mask)
+                loss = pg_loss + hp.vf_coef * vf_loss
+                if hp.entropy_coef:
+                    loss = loss - hp.entropy_coef * entropy
+                optimizer.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                if hp.grad_clip:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+                optimizer.step()
+                self._policy_is_reference = False
+                for name, value in (("policy/approxkl", pg.approxkl), ("policy/clipfrac", pg.clipfrac),
+                                    ("policy/entropy", entropy), ("loss/policy", pg_loss), ("val/value_loss", vf_loss),
+                                    ("val/clipfrac", vf_clipfrac), ("val/ratio", pg.ratio), ("loss/total", loss)):
+                    stats.setdefault(name, []).append(value.detach().float())
+        return {name: torch.stack(values).mean() for name, values in stats.items()}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        iteration = self.global_step // self.steps_per_iteration
+        rollout, timings = self.make_rollout(batch)
+        start = time.perf_counter()
+        update = self.ppo_update(rollout)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()  # once per iteration: the LR schedule spans trainer.estimated_stepping_batches iterations
+        timings["update_s"] = PhaseTimer.elapsed(self.device, start)
+        metrics = self.rollout_metrics(rollout)
+        self._kl.update(float(metrics["objective/kl"]), len(rollout))
+        metrics.update(update)
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        B = len(rollout)
+        for name, value in metrics.items():
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=B,
+                     prog_bar=name in ("objective/scores", "objective/kl"))
+        every = self.hparams.log_samples_every_n
+        if every and iteration % every == 0:
+            self.log_sample_table(rollout, iteration)
+
+    def rollout_metrics(self, rollout: Rollout) -> dict[str, torch.Tensor | float]:
+        """TRL's ``objective/*`` metrics of a rollout (means over its responses), the response
+        length and how many responses stopped."""
+        mask = rollout.mask
+        kl = torch.where(mask, rollout.kl, 0.0).sum(dim=1)
+        non_score = rollout.non_score_rewards.sum(dim=1)
+        stop = self.hparams.stop_token_id
+        ended = (rollout.responses == stop).any(dim=1) if stop is not None else torch.zeros_like(kl, dtype=torch.bool)
+        return {"objective/kl": kl.mean(), "objective/entropy": torch.where(mask, -rollout.logprobs, 0.0).sum(1).mean(),
+                "objective/non_score_reward": non_score.mean(), "objective/scores": rollout.scores.mean(),
+                "objective/rlhf_reward": (rollout.scores + non_score).mean(),
+                "objective/kl_coef": self.kl_coef, "response/mean_length": mask.sum(1).float().mean(),
+                "val/num_eos_tokens": ended.sum().float()}
+
+    def log_sample_table(self, rollout: Rollout, iteration: int) -> None:
+        """A markdown table of the first ``log_samples`` prompts, responses and scores to every
+        logger that takes text (TensorBoard: the TEXT tab, tag ``samples``)."""
+        n = self.hparams.log_samples
+        writers = [lg.experiment for lg in self.loggers if hasattr(getattr(lg, "experiment", None), "add_text")]
+        if not n or not writers or not self.trainer.is_global_zero:
+            return
+        rows = ["| prompt | response | score | KL |", "|---|---|---:|---:|"]
+        kl = torch.where(rollout.mask, rollout.kl, 0.0).sum(dim=1).tolist()
+        for i in range(min(n, len(rollout))):
+            rows.append(f"| {_cell(rollout.prompts[i])} | {_cell(rollout.completions[i])} | "
+                        f"{float(rollout.scores[i]):.3f} | {kl[i]:.3f} |")
+        for writer in writers:
+            writer.add_text("samples", "\n".join(rows), global_step=iteration)
+
+    # ----------------------------------------------------------------- test: answers + scores
+    def on_test_epoch_start(self) -> None:
+        self.reset_responses()
+
+    @torch.no_grad()
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        prompt_ids, prompt_mask, responses, mask = self.sample(batch, self.hparams.test_temperature)
+        B = responses.size(0)
+        self.log("test/response_length", mask.sum(1).float().mean(), batch_size=B)
+        if self.reward_fn is not None:
+            scores, _, completions = self.score(batch, prompt_ids, prompt_mask, responses, mask)
+            self.log("test/scores", scores.mean(), batch_size=B)
+            scores = scores.tolist()
+        else:
+            tok = get_tokenizer()
+            completions = [tok.decode(r[:n]) for r, n in zip(responses.tolist(), mask.sum(1).tolist())]
+            scores = [None] * B
+        if self.hparams.generate_on_test and "entries" in batch:
+            for i, entry, text, s in zip(batch["index"].tolist(), batch["entries"], completions, scores):
+                # cut like every other test stage (gptlab-reward / gptlab-judge compare them); "reward"
+                # is the score of the whole completion, the one PPO optimised
+                answer = extract_response(text, self.hparams.prompt_style)
+                self._responses.append((i, {**entry, "model_response": answer,
+                                            **({"reward": s} if s is not None else {})}))
+
+    def on_test_epoch_end(self) -> None:
+        if self.hparams.generate_on_test:
+            self.flush_responses()
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ppo_kl_coef"] = self.kl_coef
+        if self.reference_model is not None and not self.hparams.init_from:
+            # a reference built from scratch cannot be rebuilt from init_from on resume
+            checkpoint["ppo_reference_state"] = self.reference_model.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._policy_is_reference = False
+        if "ppo_kl_coef" in checkpoint:
+            self._kl.value = float(checkpoint["ppo_kl_coef"])
+        state = checkpoint.get("ppo_reference_state")
+        if state is not None and self.reference_mode == "copy":
+            if self.reference_model is None:
+                self.reference_model = self.build_reference_copy()
+            self.reference_model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_settings(*, max_new_tokens: int, temperature: float, generation_cache: str, kl_estimator: str,
+                    gamma: float, lam: float, ppo_epochs: int, num_mini_batches: int, clip_range: float,
+                    reference: str, adapter: Any) -> None:
+    """Raise ValueError naming the ``task.*`` key of the first invalid setting."""
+    checks = [
+        (max_new_tokens >= 1, f"task.max_new_tokens={max_new_tokens} must be >= 1"),
+        (temperature is not None and temperature > 0,
+         f"task.temperature={temperature} must be > 0: PPO learns from sampled responses (greedy decoding "
+         "explores nothing); use test_temperature=0 for greedy test answers"),
+        (generation_cache in GENERATION_CACHES,
+         f"unknown task.generation_cache {generation_cache!r}; valid choices: {list(GENERATION_CACHES)}"),
+        (kl_estimator in KL_ESTIMATORS,
+         f"unknown task.kl_estimator {kl_estimator!r}; valid choices: {list(KL_ESTIMATORS)}"),
+        (0 <= gamma <= 1 and 0 <= lam <= 1, f"task.gamma={gamma} and task.lam={lam} must be in [0, 1]"),
+        (ppo_epochs >= 1 and num_mini_batches >= 1,
+         f"task.ppo_epochs={ppo_epochs} and task.num_mini_batches={num_mini_batches} must be >= 1"),
+        (clip_range > 0, f"task.clip_range={clip_range} must be > 0"),
+        (reference in REFERENCES, f"unknown task.reference {reference!r}; valid choices: {list(REFERENCES)}"),
+        (reference != "adapters_off" or bool(adapter),
+         "task.reference=adapters_off needs an adapter (adapter=lora): without one the policy has nothing to "
+         "switch off; use reference=copy"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _minibatch_size(n: int, num_mini_batches: int) -> int:
+    return max(1, -(-n // num_mini_batches))
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    """``text`` as one markdown table cell: pipes escaped, newlines shown as ↵, cut at ``limit``."""
+    text = text if len(text) <= limit else text[:limit] + " …"
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", " ↵ ")
+
+
+__all__ = ["PPOTask", "REFERENCES"]
