@@ -13,14 +13,15 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.cli.validation import refuse_bad_input, refuse_overwriting_checkpoints, validate_train_config
+from gptlab.cli.entry import user_errors
+from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
 
 class ValidateTrainConfig(Callback):
     """Refuses a bad single-run config with one message and exit status 2, before anything is built
     or written."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with refuse_bad_input("gptlab-train"):
+        with user_errors("gptlab-train"):
             validate_train_config(config)
             run_dir = OmegaConf.select(config, "hydra.run.dir")
             if run_dir:

@@ -6,13 +6,13 @@ between keys (``data.max_length <= model.context_length``) or files (does ``ckpt
 intact); and each config group option (six data modules, three tasks) would need a schema repeating
 the keys its class already declares. Here one table per tool maps a dotted key to a check; keys a
 config does not have are skipped, so the same table serves every group option, and a key that moves
-(``task.lr`` -> ``task.optimizer.lr``) is one more line. The pass reads the composed config, builds
+is one line to change. The pass reads the composed config, builds
 nothing, and reports every bad value at once, each as ``key=value: expected <what is allowed>``.
 
 ``gptlab-train`` runs it from a Hydra callback before the run folder is created (nothing is written
 for a refused run) and again in ``train()`` for callers that skip Hydra; the inference tools run it
-first thing in their ``run()``. :func:`refuse_bad_input` turns the error into one line on stderr and
-exit status 2.
+first thing in their ``run()``. :func:`gptlab.cli.entry.user_errors` turns the error into one line
+on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from gptlab.model.lora import TARGETS as LORA_TARGETS
 from gptlab.weights.formats import pretrained_names, resolve_pretrained_name
 from gptlab.weights.readers import safe_torch_load
 from gptlab.tasks.classify import POOLINGS, TRAINABLE
+from gptlab.tasks.optim import LR_SCHEDULES, WEIGHT_DECAY_ON, optimizer_class
 
 Check = Callable[[Any], "str | None"]
 """A check returns None for a valid value, else what would be allowed (``"an integer >= 1"``)."""
@@ -214,16 +215,24 @@ def accelerator(v: Any) -> str | None:
 
 
 # ----------------------------------------------------------------------------- tables
-# optimizer keys may sit on the task (task.lr) or in an optimizer node (task.optimizer.lr)
-_OPTIMIZER = {"lr": number(gt=0), "weight_decay": number(ge=0), "eps": number(gt=0)}
+
+def optimizer_target(v: Any) -> str | None:
+    """``task.optimizer._target_``: an optimizer class of ``torch.optim``."""
+    try:
+        optimizer_class(str(v))
+    except ValueError:
+        return "an optimizer of torch.optim (e.g. torch.optim.AdamW, torch.optim.SGD)"
+    return None
+
 
 TRAIN_RULES: dict[str, Check] = {
     "seed": integer(), "compile": boolean(), "train": boolean(), "test": boolean(), "task_name": text(),
     "float32_matmul_precision": choice("highest", "high", "medium", optional=True),
-    **{f"task.{node}{k}": check for node in ("", "optimizer.") for k, check in _OPTIMIZER.items()},
-    "task.lr_schedule": choice("constant", "cosine", "linear"), "task.warmup_steps": warmup,
-    "task.min_lr": number(ge=0), "task.grad_clip": number(ge=0, optional=True),
-    "task.fused_adamw": boolean(optional=True),
+    "task.optimizer._target_": optimizer_target, "task.optimizer.lr": number(gt=0),
+    "task.optimizer.weight_decay": number(ge=0), "task.optimizer.eps": number(gt=0),
+    "task.optimizer.fused": boolean(optional=True), "task.weight_decay_on": choice(*WEIGHT_DECAY_ON),
+    "task.lr_schedule.name": choice(*LR_SCHEDULES), "task.lr_schedule.warmup_steps": warmup,
+    "task.lr_schedule.min_lr": number(ge=0), "task.grad_clip": number(ge=0, optional=True),
     "task.sample_prompt": text(nonempty=False, optional=True),
     "task.pooling": choice(*POOLINGS), "task.trainable": choice(*TRAINABLE),
     "task.trainable_blocks": integer(ge=1), "task.num_classes": integer(ge=2, optional=True),
@@ -231,7 +240,13 @@ TRAIN_RULES: dict[str, Check] = {
     "task.f1_average": choice("auto", "binary", "macro", "micro", "weighted"),
     "task.prompt_style": choice(*PROMPT_STYLES), "task.generate_on_test": boolean(),
     "task.log_examples": integer(ge=0), "task.responses_file": text(),
-    "adapter.name": choice("lora"), "adapter.rank": integer(ge=1), "adapter.alpha": number(gt=0),
+    "task.beta": number(gt=0), "task.loss_type": choice("sigmoid", "ipo", "hinge"),
+    "task.label_smoothing": number(ge=0, lt=0.5), "task.logp_reduction": choice("sum", "mean"),
+    "task.kl_coef": number(ge=0), "task.ppo_epochs": integer(ge=1), "task.num_mini_batches": integer(ge=1),
+    "task.clip_range": number(gt=0), "task.gamma": number(ge=0, le=1), "task.lam": number(ge=0, le=1),
+    "adapter.name": choice("lora", "qlora"), "adapter.block_size": integer(ge=1),
+    "adapter.scaler_block_size": integer(ge=1),
+    "adapter.compute_dtype": choice("auto", "float32", "bfloat16", "float16"), "adapter.rank": integer(ge=1), "adapter.alpha": number(gt=0),
     "adapter.dropout": number(ge=0, lt=1), "adapter.scaling": choice(*LORA_SCALINGS),
     "adapter.targets": strings(LORA_TARGETS, nonempty=True), "adapter.train_extra": strings(),
     "data.path": existing_paths, "data.batch_size": integer(ge=1), "data.val_batch_size": integer(ge=1, optional=True),
@@ -423,10 +438,10 @@ def validate_train_config(cfg: DictConfig) -> None:
                                 "top_k": "task.sample_top_k"})
     problems += _sampling(cfg, {"max_new_tokens": "task.max_new_tokens", "temperature": "task.temperature",
                                 "top_k": "task.top_k", "top_p": "task.top_p"})
-    for node in ("task.", "task.optimizer."):
-        lr, min_lr = _get(cfg, node + "lr"), _get(cfg, "task.min_lr")
-        if _is_number(lr) and _is_number(min_lr) and lr > 0 and min_lr > lr:
-            problems.append(f"task.min_lr={min_lr}: expected at most the peak {node}lr={lr} (the schedule decays to it)")
+    lr, min_lr = _get(cfg, "task.optimizer.lr"), _get(cfg, "task.lr_schedule.min_lr")
+    if _is_number(lr) and _is_number(min_lr) and lr > 0 and min_lr > lr:
+        problems.append(f"task.lr_schedule.min_lr={min_lr}: expected at most the peak task.optimizer.lr={lr} "
+                        "(the schedule decays to it)")
     if _get(cfg, "trainer.max_steps") == -1 and _get(cfg, "trainer.max_epochs") in (-1, None):
         problems.append("trainer.max_steps=-1 with trainer.max_epochs=-1: expected a limit on one of them "
                         "(the LR schedule is laid out over the run's length)")

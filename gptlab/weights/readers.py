@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -124,6 +123,13 @@ class MappingReader:
 Reader = SafetensorsReader | MappingReader
 
 
+def _starts_like_zip(path: Path) -> bool:
+    """Whether ``path`` begins like a zip archive (a truncated one included) or is empty."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head in (b"PK\x03\x04", b"")
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """Read a ``.pt``/``.pth``/``.bin``/``.ckpt`` file with ``torch.load(weights_only=True)``,
     memory-mapped where the format allows (a legacy non-zip file is read whole).
@@ -135,7 +141,7 @@ def safe_torch_load(path: str | Path) -> Any:
     :class:`~gptlab.checkpoint_io.CorruptCheckpointError` naming it, instead of loading garbage.
     """
     path = Path(path)
-    if zipfile.is_zipfile(path):  # what torch.save writes: every record's CRC-32 is checked first
+    if _starts_like_zip(path):  # what torch.save writes: every record's CRC-32 is checked first
         verify_checkpoint(path)
     try:
         try:
