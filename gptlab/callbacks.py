@@ -304,7 +304,7 @@ class NonFiniteGuard(L.Callback):
             rank_zero_warn(f"{what}: optimizer step skipped ({self.skipped} so far)")
             return
         hint = (f"{self._consecutive} steps in a row were skipped" if self.action == "skip" else
-                "lower task.lr, set task.grad_clip, or skip such steps with callbacks.nonfinite_guard.action=skip")
+                "lower task.optimizer.lr, set task.grad_clip, or skip such steps with callbacks.nonfinite_guard.action=skip")
         raise NonFiniteError(f"{what}; training stopped and the last good checkpoint was left as it was ({hint})")
 
     @staticmethod

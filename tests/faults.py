@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import lightning as L
 import torch
 
 from gptlab.checkpoint_io import AtomicCheckpointIO
@@ -69,3 +70,17 @@ def corrupt_tensor_bytes(path: str | Path, n: int = 4096) -> None:
         n = min(n, info.file_size // 2)
         f.seek(start + (info.file_size - n) // 2)
         f.write(b"\xff" * n)
+
+
+
+class StallAtStep(L.Callback):
+    """Creates ``marker`` and sleeps when optimizer step ``step`` is about to start: the moment to
+    ``kill -9`` a run in the middle of training (not during a save)."""
+
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            self.marker.write_text(str(self.step))
+            time.sleep(600)
