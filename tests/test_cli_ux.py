@@ -141,7 +141,7 @@ def test_a_run_into_a_folder_with_checkpoints_refuses_to_overwrite_them(finished
     run, _ = finished_run
     res = run_cli(["gptlab.cli.train", *TINY_RUN, "trainer.max_steps=1", f"hydra.run.dir={run}"], cwd=tmp_path,
                   env={"HYDRA_FULL_ERROR": "0"})
-    assert res.returncode == 1 and "already holds" in res.stdout and "ckpt_path=" in res.stdout
+    assert res.returncode == 2 and "already holds" in res.stderr and "ckpt_path=" in res.stderr
     assert "Traceback" not in res.stderr
 
 

@@ -95,7 +95,7 @@ def test_both_ranks_end_with_the_same_weights_as_the_checkpoint(ddp_sweep):
         # different data on each rank (DistributedSampler), yet identical weights: gradients were averaged
         assert r0["first_batch"] != r1["first_batch"]
         assert r0["weights"] == r1["weights"]
-        ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["global_step"] == 4
         assert weights_hash(ckpt["state_dict"]) == r0["weights"]
 

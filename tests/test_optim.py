@@ -146,7 +146,8 @@ def fit(task: L.LightningModule, root, steps: int, ckpt_path=None) -> L.Trainer:
 
 
 def test_checkpoints_keep_the_node_as_a_plain_dict_and_resume_tokens_seen(tmp_path):
-    task = PretrainTask(model=TINY, optimizer={"lr": 1e-3}, sample_prompt=None)
+    # a constant schedule: resuming with more steps is allowed (a decaying one would be refused)
+    task = PretrainTask(model=TINY, optimizer={"lr": 1e-3}, lr_schedule={"name": "constant"}, sample_prompt=None)
     trainer = fit(task, tmp_path, 3)
     assert task.tokens_seen == 3 * 4 * 16 and task.examples_seen == 12
     path = tmp_path / "a.ckpt"
@@ -154,7 +155,7 @@ def test_checkpoints_keep_the_node_as_a_plain_dict_and_resume_tokens_seen(tmp_pa
     ckpt = torch.load(path, weights_only=True)  # nothing but plain containers and tensors
     assert ckpt["hyper_parameters"]["optimizer"] == {**DEFAULT_OPTIMIZER, "lr": 1e-3}
     assert ckpt["gptlab_progress"] == {"tokens_seen": 192, "examples_seen": 12}
-    resumed = PretrainTask(model=TINY, optimizer={"lr": 1e-3}, sample_prompt=None)
+    resumed = PretrainTask(model=TINY, optimizer={"lr": 1e-3}, lr_schedule={"name": "constant"}, sample_prompt=None)
     fit(resumed, tmp_path, 5, ckpt_path=path)
     assert resumed.tokens_seen == 5 * 4 * 16
     assert resumed.trainer.optimizers[0].param_groups[0]["name"] == "decay"

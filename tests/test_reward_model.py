@@ -81,7 +81,7 @@ def test_lora_trains_and_saves_the_head_and_an_sft_checkpoint_can_be_the_start(p
     sft = InstructionTask(model=TINY)
     tr = trainer(tmp_path / "sft", max_steps=1, enable_checkpointing=True,
                  callbacks=[ModelCheckpoint(dirpath=tmp_path / "sft", save_last=True)])
-    tr.fit(sft, datamodule=InstructionDataModule(max_entries=20, batch_size=4))
+    tr.fit(sft, datamodule=InstructionDataModule(max_entries=20, batch_size=4, allowed_max_length=64))
     task = RewardModelTask(model=TINY, init_from=str(sft_ckpt), adapter=LORA, lr=3e-3)
     assert torch.equal(task.model.blocks[0].mlp.fc.weight, sft.model.blocks[0].mlp.fc.weight)
     assert "lora_A" not in dict(task.model.out_head.named_parameters())  # LoRA stays off the scalar head

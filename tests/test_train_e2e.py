@@ -48,10 +48,11 @@ def test_a_run_writes_config_tensorboard_and_checkpoints_and_learns(tmp_path):
 @pytest.mark.slow
 def test_resume_from_last_ckpt_continues_from_the_saved_step(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    train(tmp_path, first, "trainer.max_steps=6")
-    assert torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
-    train(tmp_path, second, "trainer.max_steps=10", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
-    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+    constant = "task.lr_schedule={name:constant,warmup_steps:0}"  # more steps on resume: a constant LR stays continuous
+    train(tmp_path, first, "trainer.max_steps=6", constant)
+    assert torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    train(tmp_path, second, "trainer.max_steps=10", constant, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     steps = [s for s, _ in scalars(second, "train/loss_step")]
     assert steps and min(steps) >= 6  # no step was trained twice
 

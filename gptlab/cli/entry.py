@@ -178,7 +178,7 @@ def user_errors(prog: str) -> Iterator[None]:
         yield
     except Exception as e:  # noqa: BLE001 - sorted below
         err = user_error(e)
-        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if err is None or (os.environ.get("HYDRA_FULL_ERROR") == "1" and not isinstance(err, InvalidInput)):
             raise
         sys.stderr.write(f"{prog}: error: {err}\n")
         # 2: input refused before any work (as argparse does for bad arguments); 1: the work failed

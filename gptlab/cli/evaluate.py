@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.entry import handle_help, require_values, user_errors
 from gptlab.data.pretrain import resolve_sources
+from gptlab.errors import ConfigError
 from gptlab.inference import LoadedModel, load_model, resolve_device, resolve_precision
 from gptlab.cli.validation import validate_eval_config
 from gptlab.tokenizer import get_tokenizer
@@ -72,7 +73,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         if data_cfg.get("stride") is None:
             data_cfg["stride"] = context
     if data_cfg["max_length"] > context:
-        raise ValueError(f"data.max_length={data_cfg['max_length']} exceeds the model's context length "
+        raise ConfigError(f"data.max_length={data_cfg['max_length']} exceeds the model's context length "
                          f"{context}; set model.context_length=<= {context}")
     if "all" in splits:
         data_cfg["train_ratio"] = 1.0

@@ -206,7 +206,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if multirun or not isinstance(err, InvalidInput):  # a refused single run leaves only its log
             (out / "FAILED").write_text(traceback.format_exc())
         if not multirun:
-            if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if err is None or (os.environ.get("HYDRA_FULL_ERROR") == "1" and not isinstance(err, InvalidInput)):
                 raise
             sys.stderr.write(f"gptlab-train: error: {err}\n")
             raise SystemExit(2 if isinstance(err, InvalidInput) else 1) from None

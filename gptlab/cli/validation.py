@@ -291,7 +291,7 @@ CLASSIFY_RULES: dict[str, Check] = {**_SOURCE, "input": existing_file(dash_is_st
                                     "pooling": choice(*POOLINGS, optional=True), "progress": boolean()}
 EVAL_RULES: dict[str, Check] = {**_SOURCE, "splits": strings(("train", "val", "all"), nonempty=True),
                                 "max_batches": integer(ge=1, optional=True), "output": text(optional=True),
-                                "progress": boolean(), "model.context_length": integer(ge=1),
+                                "progress": boolean(), "model.context_length": integer(ge=1, optional=True),
                                 **{k: v for k, v in TRAIN_RULES.items() if k.startswith("data.")}}
 EXPORT_RULES: dict[str, Check] = {"ckpt_path": text(optional=True), "init_from": text(optional=True),
                                   "adapter_path": existing_file(), "n_heads": integer(ge=1, optional=True),
