@@ -69,6 +69,8 @@ CASES = [
     ("train", ["task=dpo", "data=preference", "task.loss_type=kto"], "task.loss_type='kto'"),
     ("train", ["task=reward_model", "data=preference", "data.batch_size=0"], "data.batch_size=0"),
     ("train", ["adapter=qlora", "adapter.block_size=0"], "adapter.block_size=0"),
+    ("train", ["task.lr=1e-3"], "unknown key task.lr; task has: "),  # moved to task.optimizer.lr
+    ("train", ["task=dpo", "data=preference", "task.betaa=0.2"], "unknown key task.betaa; task has: "),
     # --- gptlab-train: files
     ("train", ["ckpt_path={files}/missing.ckpt"], "{files}/missing.ckpt"),
     ("train", ["ckpt_path={files}/corrupt.ckpt"], "{files}/corrupt.ckpt is corrupted"),
@@ -91,6 +93,7 @@ CASES = [
     ("generate", ["ckpt_path={files}/good.ckpt", "adapter_path={files}/missing.safetensors"], "adapter_path="),
     pytest.param("generate", ["init_from=gpt2-small", "device=cuda"], "device='cuda'", marks=NO_CUDA),
     ("generate", ["init_from=gpt2-small", "precision=fp8"], "precision='fp8'"),
+    ("generate", ["init_from=gpt2-small", "tempreature=0.5"], "unknown key tempreature; the config has: "),
     # --- gptlab-chat
     ("chat", ["ckpt_path={files}/good.ckpt", "temperature=-0.5"], "temperature=-0.5"),
     ("chat", ["ckpt_path={files}/good.ckpt", "prompt_style=chatml"], "prompt_style='chatml'"),

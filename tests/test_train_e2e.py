@@ -74,8 +74,9 @@ def test_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
 def test_wrong_key_fails_with_hydras_message(tmp_path):
     res = run_cli(["gptlab.cli.train", "task.lrr=1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
                   env={"HYDRA_FULL_ERROR": "0"})
-    assert res.returncode != 0
+    assert res.returncode == 2
     assert "Could not override 'task.lrr'" in res.stderr
+    assert "unknown key task.lrr; task has: " in res.stderr and "optimizer" in res.stderr  # where to look
     assert "Traceback" not in res.stderr
 
 

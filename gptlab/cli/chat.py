@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.cli.generate import StreamDecoder
 from gptlab.cli.validation import validate_chat_config
 from gptlab.data.instruct import PromptStyle, get_prompt_style
@@ -170,7 +170,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry: this tool's ``--help``; everything else through Hydra."""
     handle_help("chat", "gptlab-chat")
-    _hydra_main()
+    call_hydra(_hydra_main, "chat", "gptlab-chat")
 
 
 if __name__ == "__main__":

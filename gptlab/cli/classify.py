@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.inference import load_model
 from gptlab.cli.validation import validate_classify_config
 from gptlab.tasks.classify import predict_texts
@@ -121,7 +121,7 @@ def main() -> None:
     handle_help("classify", "gptlab-classify")
     text = pop_text_argument(sys.argv)
     _RAW_TEXT[:] = [] if text is None else [text]  # only this call's text (main may run twice in a process)
-    _hydra_main()
+    call_hydra(_hydra_main, "classify", "gptlab-classify")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -185,5 +187,46 @@ def user_errors(prog: str) -> Iterator[None]:
         raise SystemExit(2 if isinstance(err, InvalidInput) else 1) from None
 
 
-__all__ = ["check_plugins", "PLUGINS", "render", "handle_help", "require_values", "read_keys", "header", "groups", "user_errors",
-           "user_error", "USER_ERRORS"]
+
+def unknown_keys(config_name: str, argv: Sequence[str]) -> list[tuple[str, str, list[str]]]:
+    """The plain ``key=value`` overrides on ``argv`` whose key the composed config does not have:
+    ``(key, its parent node, the keys that node has)`` each. Composes the config with the command's
+    group choices (``task=dpo``) but none of its values, so it works where Hydra itself refused."""
+    overrides = [a for a in argv[1:] if "=" in a and not a.startswith(("-", "+", "~", "hydra."))]
+    groups = [a for a in overrides if (Path(CONFIG_DIR) / a.split("=", 1)[0]).is_dir()]  # task=dpo, ...
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name, overrides=groups)
+    except Exception:  # noqa: BLE001 - a bad group choice: Hydra's own message lists the options
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    found = []
+    for key in (a.split("=", 1)[0] for a in overrides if a not in groups):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf not in node:
+            found.append((key, parent or "the config", sorted(str(k) for k in node.keys() if not str(k).startswith("_"))))
+    return found
+
+
+def call_hydra(hydra_main: Callable[[], Any], config_name: str, prog: str, argv: list[str] | None = None) -> None:
+    """Run a ``@hydra.main`` function; when Hydra refuses the command line before the tool runs
+    because a key does not exist, add one line per such key naming the keys that are there, and exit
+    with status 2 (refused input)."""
+    try:
+        hydra_main()
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        bad = unknown_keys(config_name, sys.argv if argv is None else argv)
+        for key, parent, keys in bad:
+            sys.stderr.write(f"{prog}: error: unknown key {key}; {parent} has: {', '.join(keys)} "
+                             f"(add a new key with +{key}=...)\n")
+        if bad:
+            raise SystemExit(2) from None
+        raise
+
+__all__ = ["check_plugins", "PLUGINS", "render", "handle_help", "require_values", "read_keys", "header", "groups",
+           "user_errors", "unknown_keys", "call_hydra", "user_error", "USER_ERRORS"]

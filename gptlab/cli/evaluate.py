@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.data.pretrain import resolve_sources
 from gptlab.errors import ConfigError
 from gptlab.inference import LoadedModel, load_model, resolve_device, resolve_precision
@@ -107,7 +107,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry: this tool's ``--help``; everything else through Hydra."""
     handle_help("eval", "gptlab-eval", ["data"])
-    _hydra_main()
+    call_hydra(_hydra_main, "eval", "gptlab-eval")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.inference import load_model
 from gptlab.weights import export_hf
 from gptlab.cli.validation import validate_export_config
@@ -61,7 +61,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry: this tool's ``--help``; everything else through Hydra."""
     handle_help("export", "gptlab-export")
-    _hydra_main()
+    call_hydra(_hydra_main, "export", "gptlab-export")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.inference import load_model
 from gptlab.cli.validation import validate_generate_config
 from gptlab.model.generation import generate_stream
@@ -73,7 +73,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry: this tool's ``--help``; everything else through Hydra."""
     handle_help("generate", "gptlab-generate")
-    _hydra_main()
+    call_hydra(_hydra_main, "generate", "gptlab-generate")
 
 
 if __name__ == "__main__":

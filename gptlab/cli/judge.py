@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.cli.validation import validate_judge_config
 from gptlab.judge import Judge, JudgeError, load_responses, pair_responses, summarize, summarize_pairwise
 
@@ -111,7 +111,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry: this tool's ``--help``; everything else through Hydra."""
     handle_help("judge", "gptlab-judge")
-    _hydra_main()
+    call_hydra(_hydra_main, "judge", "gptlab-judge")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.inference import load_model
 from gptlab.tasks.instruct import answer_entries
 
@@ -61,7 +61,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry: this tool's ``--help``; everything else through Hydra."""
     handle_help("respond", "gptlab-respond", ["data"])
-    _hydra_main()
+    call_hydra(_hydra_main, "respond", "gptlab-respond")
 
 
 if __name__ == "__main__":

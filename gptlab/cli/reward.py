@@ -26,7 +26,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import handle_help, require_values, user_errors
+from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.cli.classify import pop_text_argument
 from gptlab.inference import load_model
 from gptlab.judge import load_responses, pair_responses
@@ -139,7 +139,7 @@ def main() -> None:
         value = pop_text_argument(sys.argv, key)
         if value is not None:
             _RAW[key] = value
-    _hydra_main()
+    call_hydra(_hydra_main, "reward", "gptlab-reward")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from gptlab.callbacks import NonFiniteError
 from gptlab.checkpoint_io import CheckpointWriteError
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.ddp import DDPJobScope
-from gptlab.cli.entry import check_plugins, handle_help, require_values, user_error
+from gptlab.cli.entry import call_hydra, check_plugins, handle_help, require_values, user_error
 from gptlab.cli.hparams import log_hparams, select_hparams
 from gptlab.cli.results import write_result
 from gptlab.cli.runs import announce_end, announce_start
@@ -227,7 +227,7 @@ def main() -> None:
     """Console entry: ``gptlab-train --help`` written from conf/train.yaml; everything else through Hydra."""
     handle_help("train", "gptlab-train", GROUPS)
     check_plugins("gptlab-train")
-    _hydra_main()
+    call_hydra(_hydra_main, "train", "gptlab-train")
 
 
 if __name__ == "__main__":
