@@ -206,7 +206,7 @@ def unknown_keys(config_name: str, argv: Sequence[str]) -> list[tuple[str, str, 
     for key in (a.split("=", 1)[0] for a in overrides if a not in groups):
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        if isinstance(node, DictConfig) and leaf not in node:
+        if isinstance(node, DictConfig) and leaf not in node.keys():  # `in` is False for ??? values
             found.append((key, parent or "the config", sorted(str(k) for k in node.keys() if not str(k).startswith("_"))))
     return found
 
