@@ -117,9 +117,14 @@ def handle_help(config_name: str, prog: str, group_names: Sequence[str] = (), ar
         raise SystemExit(0)
 
 
+_STARTED: list[str] = []
+"""Configs whose tool got as far as :func:`require_values` in this process."""
+
+
 def require_values(cfg: DictConfig, config_name: str, prog: str) -> None:
     """Exit with one line per mandatory key (``???`` in the config) left unset, naming the key and
     what it is for."""
+    _STARTED.append(config_name)  # the config composed: a later exit is the tool's own
     missing = sorted(OmegaConf.missing_keys(cfg))
     if not missing:
         return
@@ -215,10 +220,11 @@ def call_hydra(hydra_main: Callable[[], Any], config_name: str, prog: str, argv:
     """Run a ``@hydra.main`` function; when Hydra refuses the command line before the tool runs
     because a key does not exist, add one line per such key naming the keys that are there, and exit
     with status 2 (refused input)."""
+    _STARTED.clear()
     try:
         hydra_main()
     except SystemExit as e:
-        if e.code in (0, None):
+        if e.code in (0, None) or config_name in _STARTED:
             raise
         bad = unknown_keys(config_name, sys.argv if argv is None else argv)
         for key, parent, keys in bad:
