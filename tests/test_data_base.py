@@ -8,7 +8,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gptlab.data.base import GPTDataModule
 from gptlab.data.instruct import InstructionDataModule
+from gptlab.data.preference import PreferenceDataModule
 from gptlab.data.pretrain import PretrainDataModule
+from gptlab.data.prompts import PromptDataModule
 from gptlab.data.spam import SpamDataModule
 from gptlab.data.synthetic import RandomTokenDataModule
 
@@ -17,6 +19,8 @@ MODULES = {
     "spam": lambda: SpamDataModule(max_examples=60, batch_size=4),
     "instruct": lambda: InstructionDataModule(max_entries=40, batch_size=4),
     "random": lambda: RandomTokenDataModule(max_length=8, batch_size=4, num_train=40, num_val=8),
+    "preference": lambda: PreferenceDataModule(max_entries=40, batch_size=4),
+    "prompts": lambda: PromptDataModule(max_entries=40, batch_size=4),
 }
 
 
@@ -25,7 +29,7 @@ def test_every_data_module_keeps_its_arguments_and_makes_stateful_loaders(name):
     dm = MODULES[name]()
     assert isinstance(dm, GPTDataModule) and dm.hparams.batch_size == 4 and "tokenizer" not in dm.hparams
     dm.setup("fit")
-    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):  # one _loader for all
         assert isinstance(loader, StatefulDataLoader)
     assert dm.train_dataloader().drop_last and not dm.val_dataloader().drop_last
 

@@ -18,11 +18,11 @@ import random
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from gptlab.data.base import GPTDataModule
 from gptlab.data.instruct import DEFAULT_INSTRUCTION_DATA, get_prompt_style, left_pad, split_entries
 from gptlab.data.records import DataFileError, read_json_records
 from gptlab.tokenizer import EOT_ID, get_tokenizer
@@ -98,7 +98,7 @@ class PromptCollate:
                 "entries": [ds.entries[i] for i in idx], "prompts": [ds.prompts[i] for i in idx]}
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(GPTDataModule):
     """Prompts split like the book's instruction data (first 85% train, next 10% test, the rest
     validation, which PPO does not use); every training batch is one PPO iteration's prompts.
 
@@ -120,6 +120,7 @@ class PromptDataModule(L.LightningDataModule):
                  pad_id: int = EOT_ID, batch_size: int = 16, val_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True):
         super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         get_prompt_style(prompt_style)  # fail fast on a typo
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
@@ -130,12 +131,6 @@ class PromptDataModule(L.LightningDataModule):
         self.train_ratio, self.test_ratio = train_ratio, test_ratio
         self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
         self.max_prompt_length, self.pad_id = max_prompt_length, pad_id
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle, self.drop_last = num_workers, shuffle, drop_last
-        self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.train_set: PromptDataset | None = None
-        self.val_set: PromptDataset | None = None
-        self.test_set: PromptDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -150,7 +145,7 @@ class PromptDataModule(L.LightningDataModule):
             PromptDataset(part, self.tokenizer, self.prompt_style) for part in parts)
         rank_zero_info(f"prompts {self.path or DEFAULT_INSTRUCTION_DATA}: {len(parts[0])} train / {len(parts[2])} "
                        f"test prompts, prompt style {self.prompt_style!r}")
-        if len(self.train_set) < self.batch_size and self.drop_last:
+        if len(self.train_set) < self.batch_size and self.hparams.drop_last:
             raise ValueError(f"{len(self.train_set)} training prompts do not fill one batch of data.batch_size="
                              f"{self.batch_size} (drop_last=true); lower the batch size or add prompts")
         if self.max_prompt_length is not None:
@@ -164,17 +159,10 @@ class PromptDataModule(L.LightningDataModule):
         self.setup()
         return self.test_set.entries
 
-    def _loader(self, ds: PromptDataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=train and self.shuffle,
-                          drop_last=train and self.drop_last, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, collate_fn=PromptCollate(ds, self.max_prompt_length, self.pad_id),
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, True)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.val_batch_size, False)
+    def collate_fn(self, stage: str) -> PromptCollate:
+        """Left-padded prompts of the stage's dataset (PPO has no validation stage)."""
+        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[stage]
+        return PromptCollate(ds, self.max_prompt_length, self.pad_id)
 
 
 __all__ = ["PromptDataError", "normalize_prompt", "load_prompts", "PromptDataset", "PromptCollate",
