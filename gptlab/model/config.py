@@ -112,7 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(_GPT2, emb_dim=1024, n_heads=16, n_layers=24),
     "gpt2-large": dict(_GPT2, emb_dim=1280, n_heads=20, n_layers=36),
     "gpt2-xl": dict(_GPT2, emb_dim=1600, n_heads=25, n_layers=48),
-    # CPU-sized shapes: "mini" trains on the bundled story in about two minutes on a laptop CPU,
+    # CPU-sized shapes: "mini" trains on the bundled story in about two minutes on 2 CPU cores,
     # "tiny" is for tests (a forward pass in milliseconds).
     "gpt2-mini": dict(vocab_size=50257, context_length=128, emb_dim=192, n_heads=6, n_layers=4,
                       drop_rate=0.1, qkv_bias=False, tie_weights=True),
