@@ -187,6 +187,17 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------- the task
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of ``model`` as it is now, without LoRA layers: the reference model
+    of DPO and PPO (``reference: copy``)."""
+    ref = copy.deepcopy(model)
+    if getattr(ref, "lora_config", None) is not None:
+        remove_lora(ref)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
 class DPOTask(ResponseGenerationMixin, GPTTask):
     """DPO on preference batches (``chosen_input_ids``, ``chosen_labels``, ``rejected_*``,
     ``index``: :class:`gptlab.data.preference.PreferenceDataModule`).
@@ -271,13 +282,7 @@ class DPOTask(ResponseGenerationMixin, GPTTask):
             self.reference_model = self.build_reference_copy()
 
     def build_reference_copy(self) -> nn.Module:
-        """A frozen eval-mode copy of the policy as it is now, without LoRA layers."""
-        ref = copy.deepcopy(self.model)
-        if getattr(ref, "lora_config", None) is not None:
-            remove_lora(ref)
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref.eval()
+        return frozen_copy(self.model)
 
     def reference_pair_logps(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) reference log-probs (B,) of a batch of ``split``."""

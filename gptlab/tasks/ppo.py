@@ -38,7 +38,6 @@ Metrics, per iteration, with TRL's names: ``objective/kl`` (Σ_t KL_t per respon
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Callable, Mapping
 
@@ -47,9 +46,9 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from gptlab.data.instruct import extract_response, get_prompt_style
-from gptlab.model.lora import disable_lora, remove_lora
+from gptlab.model.lora import disable_lora
 from gptlab.tasks.base import GPTTask
-from gptlab.tasks.dpo import eval_mode, switch_off_dropout
+from gptlab.tasks.dpo import eval_mode, frozen_copy, switch_off_dropout
 from gptlab.tasks.instruct import ResponseGenerationMixin
 from gptlab.tasks.rlhf import (KL_ESTIMATORS, KLController, clipped_policy_loss, clipped_value_loss, gae, kl_estimate,
                                masked_mean, masked_whiten, response_mask, token_rewards)
@@ -193,13 +192,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
             self.reference_model = self.build_reference_copy()
 
     def build_reference_copy(self) -> nn.Module:
-        """A frozen eval-mode copy of the policy as it is now, without LoRA layers."""
-        ref = copy.deepcopy(self.model)
-        if getattr(ref, "lora_config", None) is not None:
-            remove_lora(ref)
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref.eval()
+        return frozen_copy(self.model)
 
     def _move_reward(self) -> None:
         if hasattr(self.reward_fn, "to"):
