@@ -59,6 +59,12 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     (nucleus), and sampled. Arguments out of range raise ``ValueError`` (:func:`check_sampling_args`).
     """
     check_sampling_args(0, temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(logits: torch.Tensor, temperature: float | None, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`sample_next_token` without the argument checks (the decode loop checks them once)."""
     if not temperature:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -199,7 +205,7 @@ def _generate_stream(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, t
                 logits = _last_logits(model, cond, position_ids=pos, attn_mask=mask)
             else:
                 logits = _last_logits(model, cond)
-        nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
+        nxt = _sample(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done = done | (nxt == eos_id)
