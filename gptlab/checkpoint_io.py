@@ -38,6 +38,10 @@ TMP_MARK = ".tmp-"
 """Temporary files are ``.<name><TMP_MARK><host>-<pid>`` beside their target."""
 
 
+_VERIFIED: set[tuple[str, int, int]] = set()
+"""(path, size, mtime) of the files :func:`verify_checkpoint` passed in this process."""
+
+
 class CorruptCheckpointError(InvalidInput):
     """A checkpoint that is empty, truncated, not a torch zip archive, or whose bytes do not match
     the checksums saved in it (the message names the file)."""
@@ -52,11 +56,17 @@ def verify_checkpoint(path: str | os.PathLike) -> Path:
     """Check that ``path`` is a complete ``torch.save`` archive whose records all match the CRC-32
     stored with them; returns the path. Raises ``FileNotFoundError`` when it does not exist and
     :class:`CorruptCheckpointError` (naming the file and, for a checksum mismatch, the record) when
-    it is empty, truncated, not a zip archive, or corrupted. Reads the file once (about 1 GB/s)."""
+    it is empty, truncated, not a zip archive, or corrupted. Reads the file once (about 1 GB/s); a
+    file already verified in this process, unchanged since (same size and modification time), is not
+    read again."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
-    if p.stat().st_size == 0:
+    st = p.stat()
+    stamp = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if stamp in _VERIFIED:
+        return p
+    if st.st_size == 0:
         raise CorruptCheckpointError(f"{p} is empty (0 bytes): its save was cut short; use an earlier checkpoint")
     try:
         with zipfile.ZipFile(p) as archive:
@@ -69,6 +79,7 @@ def verify_checkpoint(path: str | os.PathLike) -> Path:
         raise CorruptCheckpointError(
             f"{p} is corrupted: its record {bad!r} does not match the checksum saved with it; "
             "use an earlier checkpoint")
+    _VERIFIED.add(stamp)
     return p
 
 

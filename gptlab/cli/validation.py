@@ -370,9 +370,6 @@ def _not_longer_than_context(cfg: DictConfig, keys: Sequence[str]) -> list[str]:
     return out
 
 
-_VERIFIED: dict[tuple[str, int, int], None] = {}
-
-
 def _checkpoint(key: str, path: Any, *, resumable: bool = False) -> list[str]:
     """A checkpoint file that exists, is intact (checksums) and, when ``resumable``, holds the
     optimizer and loop state a resume needs."""
@@ -381,18 +378,16 @@ def _checkpoint(key: str, path: Any, *, resumable: bool = False) -> list[str]:
     p = Path(str(path)).expanduser()
     if not p.is_file():
         return [f"{key}={str(path)!r}: expected a checkpoint file that exists (cwd: {os.getcwd()})"]
-    stamp = (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
     try:
         if resumable:
             ckpt = safe_torch_load(p)  # checksums verified, weights_only=True
             if "optimizer_states" not in ckpt or "loops" not in ckpt:
                 return [f"{key}={str(path)!r}: holds weights only (a best-* checkpoint), not the training state "
                         f"a resume needs; resume from last.ckpt, or start from these weights with init_from="]
-        elif stamp not in _VERIFIED and (p.suffix == ".ckpt" or _is_zip(p)):
+        elif p.suffix == ".ckpt" or _is_zip(p):
             verify_checkpoint(p)
     except InvalidInput as e:
         return [f"{key}: {e}"]
-    _VERIFIED[stamp] = None
     return []
 
 
