@@ -20,10 +20,10 @@ if [ ! -f "$out/sft/responses.json" ]; then
 fi
 sft="$(best "$out/sft")"
 if [ ! -f "$out/dpo/responses.json" ]; then
-  time gptlab-train experiment=ch07_dpo_scratch init_from="$sft" hydra.run.dir="$out/dpo"
+  time gptlab-train experiment=ch07_dpo_scratch sft_checkpoint="$sft" hydra.run.dir="$out/dpo"
 fi
 if [ ! -d "$out/rm/checkpoints" ]; then
-  time gptlab-train experiment=ch08_reward_model_scratch init_from="$sft" hydra.run.dir="$out/rm"
+  time gptlab-train experiment=ch08_reward_model_scratch sft_checkpoint="$sft" hydra.run.dir="$out/rm"
 fi
 gptlab-reward ckpt_path="$(best "$out/rm")" responses="$out/dpo/responses.json" baseline="$out/sft/responses.json"
 if curl -sf http://localhost:11434/api/tags > /dev/null 2>&1; then
