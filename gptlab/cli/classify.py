@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
+from gptlab.cli.entry import call_hydra, handle_help, pop_text_argument, require_values, user_errors
 from gptlab.inference import load_model
 from gptlab.cli.validation import validate_classify_config
 from gptlab.tasks.classify import predict_texts
@@ -62,7 +62,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
     if (text is None) == (cfg.input is None):
         raise ValueError("give exactly one of text=\"...\" or input=<file with one text per line>")
     clf = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="classifier", device=cfg.device,
-                     precision=cfg.precision)
+                     precision=cfg.precision, tokenizer=cfg.get("tokenizer"))
     model = clf.model
     n = model.out_head.out_features
     labels = list(cfg.labels or clf.labels or [str(i) for i in range(n)])
@@ -71,7 +71,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
     pooling = cfg.pooling or clf.pooling or "last_token"
     max_length = cfg.max_length or clf.max_length
     texts = [str(text)] if text is not None else read_lines(cfg.input)
-    probs = predict_texts(model, texts, pooling, max_length, cfg.batch_size,
+    probs = predict_texts(model, texts, pooling, max_length, cfg.batch_size, tokenizer=clf.tokenizer,
                           progress=bool(cfg.progress) and cfg.input is not None)
     best_p, best = probs.max(dim=-1) if len(texts) else (torch.empty(0), torch.empty(0, dtype=torch.long))
     results = [(labels[i], p) for i, p in zip(best.tolist(), best_p.tolist())]
@@ -89,24 +89,6 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
 
 
 _RAW_TEXT: list[str] = []
-
-
-def pop_text_argument(argv: list[str], key: str = "text") -> str | None:
-    """Remove ``<key>=...`` arguments (default ``text=``) from ``argv``; the last one's value,
-    verbatim (None if none).
-
-    Hydra's override grammar rejects many characters of ordinary messages (``!``, ``(``, ``,``
-    lists, ``${`` interpolations) unless the value is quoted once more inside the shell quotes, so
-    the text never goes through it."""
-    value = None
-    for arg in list(argv[1:]):
-        name, sep, rest = arg.partition("=")
-        if sep and name.lstrip("+") == key:
-            argv.remove(arg)
-            value = rest
-    if value and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        value = value[1:-1]  # already quoted for Hydra ('text="..."'): one level of quotes off
-    return value
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classify")

@@ -234,5 +234,23 @@ def call_hydra(hydra_main: Callable[[], Any], config_name: str, prog: str, argv:
             raise SystemExit(2) from None
         raise
 
+def pop_text_argument(argv: list[str], key: str = "text") -> str | None:
+    """Remove ``<key>=...`` arguments (default ``text=``) from ``argv``; the last one's value,
+    verbatim (None if none).
+
+    Hydra's override grammar rejects many characters of ordinary messages (``!``, ``(``, ``,``
+    lists, ``${`` interpolations) unless the value is quoted once more inside the shell quotes, so
+    the text never goes through it."""
+    value = None
+    for arg in list(argv[1:]):
+        name, sep, rest = arg.partition("=")
+        if sep and name.lstrip("+") == key:
+            argv.remove(arg)
+            value = rest
+    if value and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]  # already quoted for Hydra ('text="..."'): one level of quotes off
+    return value
+
+
 __all__ = ["check_plugins", "PLUGINS", "render", "handle_help", "require_values", "read_keys", "header", "groups",
-           "user_errors", "unknown_keys", "call_hydra", "user_error", "USER_ERRORS"]
+           "user_errors", "unknown_keys", "call_hydra", "user_error", "USER_ERRORS", "pop_text_argument"]
