@@ -1,5 +1,6 @@
 """The one loader of every inference tool (generate, chat, classify, eval, export): a checkpoint or
-pretrained weights, plus an optional adapter file, into a ready model and what prediction needs.
+pretrained weights, plus an optional adapter file, into a ready model and what prediction needs,
+its tokenizer included (a checkpoint's own, rebuilt from the checkpoint alone).
 
     lm = load_model(ckpt_path="outputs/.../last.ckpt")                   # any task's language model
     clf = load_model(init_from="gpt2-small", adapter_path="adapter.safetensors", expect="classifier")
@@ -24,10 +25,12 @@ from gptlab.model.gpt import GPT
 from gptlab.model.lora import merge_lora, read_adapter
 from gptlab.model.qlora import load_qlora_adapter
 from gptlab.tasks.adapters import unquantized
-from gptlab.tasks.checkpoint import CheckpointError, check_gptlab_checkpoint, load_backbone, read_checkpoint
+from gptlab.tasks.checkpoint import (CheckpointError, check_gptlab_checkpoint, checkpoint_tokenizer, load_backbone,
+                                     read_checkpoint)
 from gptlab.tasks.registry import load_task, task_class
-from gptlab.tokenizer import get_tokenizer
+from gptlab.tokenizer import check_same_tokenizer, get_tokenizer
 from gptlab.weights import is_training_checkpoint, safe_torch_load
+from gptlab.weights.formats import resolve_pretrained_name
 from gptlab.weights.loading import TORCH_SUFFIXES
 
 KINDS = {"lm": "language model", "classifier": "classifier", "reward": "reward model"}
@@ -60,6 +63,7 @@ class LoadedModel:
     device: torch.device
     precision: str
     tokenizer: tiktoken.Encoding = field(repr=False)
+    """The tokenizer the model was trained with (decode its ids with this one)."""
     task: str | None = None
     """Registry name of the task that trained it (None for pretrained weights)."""
     labels: list[str] | None = None
@@ -100,7 +104,8 @@ def _file_kind(kind: str, source: str) -> str:
 def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None = None,
                adapter_path: str | Path | None = None, *, expect: str | None = "lm",
                device: str | torch.device = "cpu", precision: str = "32", merge: bool = True,
-               overrides: Mapping[str, Any] | None = None) -> LoadedModel:
+               overrides: Mapping[str, Any] | None = None,
+               tokenizer: str | Path | tiktoken.Encoding | None = None) -> LoadedModel:
     """Load a model for inference.
 
     Args:
@@ -121,6 +126,11 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
             precision (its dequantized base + the update). ``merge=False`` keeps a QLoRA base in 4 bits.
         overrides: GPTConfig fields for pretrained weights (e.g. ``n_heads`` for a state dict whose
             width matches no preset).
+        tokenizer: None = the one the model was trained with (a checkpoint records it; GPT-2 for
+            pretrained weights); a name (``gpt2``), a trained tokenizer's folder or an encoding: must
+            be that same tokenizer (:class:`~gptlab.tokenizer.TokenizerMismatch` names both hashes),
+            except for weights that record none (a Hugging Face folder, a state dict), which it then
+            decodes.
     """
     if (ckpt_path is None) == (init_from is None) or not (ckpt_path or init_from):
         raise ValueError("give exactly one of ckpt_path=... (a gptlab checkpoint) or init_from=... (pretrained weights)")
@@ -140,10 +150,19 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
         task = load_task(ckpt_path, **({"adapter": unquantized(adapter)} if adapter else {}))
         model, task_name, kind = task.model, task.task_name, _file_kind(task.kind, source)
         meta.update({k: v for k, v in task.prediction_metadata().items() if k in meta})
+        trained_with = task.tokenizer
     else:
         source = str(init_from)
         model = load_backbone(init_from, dtype=None if precision == "keep" else torch.float32, **dict(overrides or {}))
         kind = "lm"
+        trained_with = get_tokenizer("gpt2") if resolve_pretrained_name(str(init_from)) and \
+            not Path(init_from).expanduser().exists() else None
+    given = None if tokenizer is None else tokenizer if isinstance(tokenizer, tiktoken.Encoding) \
+        else get_tokenizer(tokenizer)
+    if trained_with is not None and given is not None:
+        check_same_tokenizer(trained_with, given, source, f"tokenizer={tokenizer}",
+                             "leave tokenizer= unset: the model decodes with its own")
+    tok = trained_with or given or get_tokenizer("gpt2")
     if adapter_path is not None:
         source = f"{source} + {adapter_path}"
         _, adapter_cfg = read_adapter(adapter_path)
@@ -158,8 +177,14 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
     dtype = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32}.get(precision)
     model = model.to(dev) if dtype is None else model.to(dev, dtype)
     return LoadedModel(model=model.eval(), kind=kind, source=source, device=dev, precision=precision,
-                       tokenizer=get_tokenizer(), task=task_name, labels=meta["labels"], pooling=meta["pooling"],
+                       tokenizer=tok, task=task_name, labels=meta["labels"], pooling=meta["pooling"],
                        max_length=meta["max_length"], prompt_style=meta["prompt_style"])
+
+
+def tokenizer_for_checkpoint(ckpt_path: str | Path) -> tiktoken.Encoding:
+    """The tokenizer a gptlab checkpoint was trained with, rebuilt from the checkpoint alone (GPT-2's
+    for checkpoints written before they recorded one), without building the model."""
+    return checkpoint_tokenizer(read_checkpoint(ckpt_path), ckpt_path)
 
 
 def _is_gptlab_checkpoint_file(name_or_path: str | Path) -> bool:
@@ -185,5 +210,5 @@ def _adapter_kind(cfg: Mapping[str, Any], path: str | Path, task_name: str | Non
     return task_name, _file_kind(kind, str(path))
 
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_precision", "WrongModelKind", "KINDS",
+__all__ = ["LoadedModel", "load_model", "tokenizer_for_checkpoint", "resolve_device", "resolve_precision", "WrongModelKind", "KINDS",
            "PRECISIONS"]

@@ -11,7 +11,7 @@ where the model starts a new turn (``###`` in the Alpaca style, ``<|user|>`` in 
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 import hydra
 import torch
@@ -25,7 +25,7 @@ from gptlab.data.instruct import PromptStyle, get_prompt_style
 from gptlab.inference import LoadedModel, load_model
 from gptlab.model.generation import generate_stream
 from gptlab.model.gpt import GPT
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import get_tokenizer
 
 
 class StopStrings:
@@ -65,16 +65,18 @@ class StopStrings:
 
 def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text: str = "",
                     max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, use_kv_cache: bool = True) -> Iterator[str]:
-    """Yield the model's response to ``instruction`` (and ``input_text``) piece by piece."""
-    tok = get_tokenizer()
+                    top_p: float | None = None, use_kv_cache: bool = True, tokenizer: Any = None) -> Iterator[str]:
+    """Yield the model's response to ``instruction`` (and ``input_text``) piece by piece
+    (``tokenizer``: the model's; None = GPT-2's)."""
+    tok = tokenizer or get_tokenizer()
+    eot = tok.eot_token
     device = next(model.parameters()).device
     prompt = style.prompt({"instruction": instruction, "input": input_text, "output": ""})
     ids = torch.tensor(tok.encode_ordinary(prompt), device=device)
-    dec, stops = StreamDecoder(), StopStrings(("<|endoftext|>", *style.stop_markers))
-    for nxt in generate_stream(model, ids, max_new_tokens, temperature, top_k, top_p, EOT_ID, use_kv_cache):
+    dec, stops = StreamDecoder(tok), StopStrings(("<|endoftext|>", *style.stop_markers))
+    for nxt in generate_stream(model, ids, max_new_tokens, temperature, top_k, top_p, eot, use_kv_cache):
         token = int(nxt[0])
-        if token == EOT_ID:
+        if token == eot:
             break
         piece = stops.push(dec.push(token))
         if piece:
@@ -87,11 +89,11 @@ def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text
 
 
 def answer(model: GPT, style: PromptStyle, cfg: DictConfig, instruction: str, input_text: str,
-           out: TextIO) -> str:
+           out: TextIO, tokenizer: Any = None) -> str:
     """Stream one response to ``out``; returns it (stripped)."""
     pieces = []
     for piece in stream_response(model, style, instruction, input_text, cfg.max_new_tokens, cfg.temperature,
-                                 cfg.top_k, cfg.top_p, cfg.use_kv_cache):
+                                 cfg.top_k, cfg.top_p, cfg.use_kv_cache, tokenizer):
         pieces.append(piece)
         out.write(piece)
         out.flush()
@@ -106,11 +108,11 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
-                    precision=cfg.precision)
+                    precision=cfg.precision, tokenizer=cfg.get("tokenizer"))
     model = lm.model
     style = get_prompt_style(cfg.prompt_style or lm.prompt_style or "alpaca")
     if cfg.instruction is not None:
-        return [answer(model, style, cfg, cfg.instruction, cfg.input or "", out)]
+        return [answer(model, style, cfg, cfg.instruction, cfg.input or "", out, lm.tokenizer)]
     interactive = stdin.isatty()
     if interactive:
         enable_line_editing()
@@ -123,7 +125,7 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
         instruction, _, input_text = line.rstrip("\r\n").partition("\t")
         if not instruction.strip():
             continue
-        responses.append(answer(model, style, cfg, instruction.strip(), input_text.strip(), out))
+        responses.append(answer(model, style, cfg, instruction.strip(), input_text.strip(), out, lm.tokenizer))
 
 
 def banner(lm: LoadedModel, style: str, cfg: DictConfig) -> str:

@@ -26,7 +26,6 @@ from gptlab.data.pretrain import resolve_sources
 from gptlab.errors import ConfigError
 from gptlab.inference import LoadedModel, load_model, resolve_device, resolve_precision
 from gptlab.cli.validation import validate_eval_config
-from gptlab.tokenizer import get_tokenizer
 
 VALID_SPLITS = ("train", "val", "all")
 
@@ -65,7 +64,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, auto="bf16-mixed")
     lm = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), expect="lm",
-                    device=device, precision="bf16-mixed" if precision == "bf16" else precision)
+                    device=device, precision="bf16-mixed" if precision == "bf16" else precision,
+                    tokenizer=cfg.get("tokenizer"))
     context = lm.model.config.context_length
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     if data_cfg.get("max_length") is None:  # model.context_length=null: windows as long as the model reads
@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         data_cfg["train_ratio"] = 1.0
     # in file order, every window: the train split goes through the same public loader as training
     data_cfg.update(shuffle=False, drop_last=False)
-    dm = instantiate(data_cfg, tokenizer=get_tokenizer(), _convert_="all")
+    dm = instantiate(data_cfg, tokenizer=lm.tokenizer, _convert_="all")
     dm.setup("fit")
     results: dict[str, dict[str, float]] = {}
     for split in splits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import hydra
 import torch
@@ -13,14 +14,15 @@ from gptlab.cli.entry import call_hydra, handle_help, require_values, user_error
 from gptlab.inference import load_model
 from gptlab.cli.validation import validate_generate_config
 from gptlab.model.generation import generate_stream
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import get_tokenizer
 
 
 class StreamDecoder:
-    """Decode token ids incrementally; holds back bytes until they form complete UTF-8 characters."""
+    """Decode token ids incrementally with ``tokenizer`` (None = GPT-2's); holds back bytes until they
+    form complete UTF-8 characters."""
 
-    def __init__(self) -> None:
-        self.tok = get_tokenizer()
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tok = tokenizer or get_tokenizer()
         self.buf = b""
 
     def push(self, token_id: int) -> str:
@@ -37,18 +39,19 @@ def run(cfg: DictConfig) -> str:
     validate_generate_config(cfg)
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
-                    precision=cfg.precision)
+                    precision=cfg.precision, tokenizer=cfg.get("tokenizer"))
+    eot = lm.tokenizer.eot_token
     model = lm.model
     ids = torch.tensor(lm.tokenizer.encode(cfg.prompt, allowed_special={"<|endoftext|>"}), device=lm.device)
     out = [cfg.prompt]
     if cfg.stream:
         sys.stdout.write(cfg.prompt)
         sys.stdout.flush()
-    dec = StreamDecoder()
+    dec = StreamDecoder(lm.tokenizer)
     for nxt in generate_stream(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                               EOT_ID if cfg.stop_at_eos else None, cfg.use_kv_cache):
+                               eot if cfg.stop_at_eos else None, cfg.use_kv_cache):
         token = int(nxt[0])
-        if cfg.stop_at_eos and token == EOT_ID:
+        if cfg.stop_at_eos and token == eot:
             break
         piece = dec.push(token)
         out.append(piece)

@@ -39,7 +39,10 @@ from gptlab.model.lora import SCALINGS as LORA_SCALINGS
 from gptlab.model.lora import TARGETS as LORA_TARGETS
 from gptlab.weights.formats import pretrained_names, resolve_pretrained_name
 from gptlab.weights.readers import safe_torch_load
+from gptlab.tasks.checkpoint import checkpoint_tokenizer
 from gptlab.tasks.classify import POOLINGS, TRAINABLE
+from gptlab.tokenizer import TokenizerError, check_same_tokenizer, check_vocab_fits, get_tokenizer
+from gptlab.weights import is_training_checkpoint
 from gptlab.tasks.optim import LR_SCHEDULES, WEIGHT_DECAY_ON, optimizer_class
 
 Check = Callable[[Any], "str | None"]
@@ -260,7 +263,7 @@ TRAIN_RULES: dict[str, Check] = {
     "data.prompt_style": choice(*PROMPT_STYLES), "data.allowed_max_length": integer(ge=1, optional=True),
     "data.max_prompt_length": integer(ge=1, optional=True), "data.split_seed": integer(),
     "data.num_train": integer(ge=1), "data.num_val": integer(ge=1), "data.vocab_size": integer(ge=1),
-    "data.pad_id": integer(ge=0), "data.ignore_index": integer(),
+    "data.pad_id": integer(ge=0, optional=True), "data.ignore_index": integer(), "tokenizer": text(),
     "trainer.max_steps": max_steps, "trainer.max_epochs": integer(ge=-1, optional=True),
     "trainer.min_epochs": integer(ge=0, optional=True), "trainer.accumulate_grad_batches": integer(ge=1),
     "trainer.log_every_n_steps": integer(ge=1), "trainer.check_val_every_n_epoch": integer(ge=1, optional=True),
@@ -275,7 +278,7 @@ TRAIN_RULES: dict[str, Check] = {
     "callbacks.throughput.log_every_n_steps": integer(ge=1),
 }
 
-_SOURCE = {"ckpt_path": text(optional=True), "init_from": text(optional=True),
+_SOURCE = {"ckpt_path": text(optional=True), "init_from": text(optional=True), "tokenizer": text(optional=True),
            "adapter_path": existing_file(), "device": device, "precision": choice("auto", "32", 32, "bf16")}
 _SAMPLING = {"seed": integer(), "use_kv_cache": boolean()}
 
@@ -294,6 +297,7 @@ EVAL_RULES: dict[str, Check] = {**_SOURCE, "splits": strings(("train", "val", "a
                                 "progress": boolean(), "model.context_length": integer(ge=1, optional=True),
                                 **{k: v for k, v in TRAIN_RULES.items() if k.startswith("data.")}}
 EXPORT_RULES: dict[str, Check] = {"ckpt_path": text(optional=True), "init_from": text(optional=True),
+                                  "tokenizer": text(optional=True),
                                   "adapter_path": existing_file(), "n_heads": integer(ge=1, optional=True),
                                   "out_dir": text(),
                                   "dtype": choice("float32", "fp32", "float16", "fp16", "bfloat16", "bf16",
@@ -417,6 +421,43 @@ def _one_source(cfg: DictConfig) -> list[str]:
     return _checkpoint("ckpt_path", ckpt) + _init_from("init_from", init)
 
 
+def _trained_with(value: Any) -> Any:
+    """The tokenizer the weights at ``value`` (``init_from``/``ckpt_path``) were trained with: a gptlab
+    checkpoint's record, GPT-2's for a named GPT-2 model, None when a file does not say."""
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            ckpt = safe_torch_load(path)
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the checkpoint checks
+            return None
+        return checkpoint_tokenizer(ckpt, path) if is_training_checkpoint(ckpt) else None
+    return get_tokenizer("gpt2") if not path.exists() and resolve_pretrained_name(value) else None
+
+
+def _tokenizer(cfg: DictConfig) -> list[str]:
+    """The run's tokenizer loads (its ranks match their hash), the model has a row for each of its
+    ids, and the weights the run starts from or resumes were trained with it."""
+    name = _get(cfg, "tokenizer")
+    if not isinstance(name, str):
+        return []
+    try:
+        tok = get_tokenizer(name)
+        vocab = _get(cfg, "model.vocab_size")
+        if _is_int(vocab) and _get(cfg, "init_from") in (None, _ABSENT):
+            check_vocab_fits(vocab, tok, f"model.vocab_size={vocab}: the model")
+        for key in ("init_from", "ckpt_path"):
+            value = _get(cfg, key)
+            recorded = _trained_with(value)
+            if recorded is not None:
+                check_same_tokenizer(recorded, tok, f"{key}={value}", f"tokenizer={name}",
+                                     f"train with tokenizer= set to the tokenizer {key} was trained with")
+    except TokenizerError as e:
+        return [str(e)]
+    return []
+
+
 def raise_problems(problems: Sequence[str], what: str = "config") -> None:
     if problems:
         n = len(problems)
@@ -427,7 +468,7 @@ def raise_problems(problems: Sequence[str], what: str = "config") -> None:
 # ----------------------------------------------------------------------------- per tool
 def validate_train_config(cfg: DictConfig) -> None:
     """Check a composed ``gptlab-train`` config; raises :class:`ConfigError` listing every bad value."""
-    problems = apply_rules(cfg, TRAIN_RULES) + _model(cfg)
+    problems = apply_rules(cfg, TRAIN_RULES) + _model(cfg) + _tokenizer(cfg)
     problems += _not_longer_than_context(cfg, ["data.max_length", "data.allowed_max_length"])
     problems += _sampling(cfg, {"max_new_tokens": "task.sample_max_new_tokens", "temperature": "task.sample_temperature",
                                 "top_k": "task.sample_top_k"})

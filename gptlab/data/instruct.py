@@ -288,12 +288,13 @@ class InstructionDataModule(GPTDataModule):
         batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings
             (training batches are shuffled with the last partial batch dropped, as in the book).
         max_prompt_length: test-time prompts keep only their last N tokens (None = whole prompt).
+        pad_id: the padding id (None = the tokenizer's ``<|endoftext|>``).
     """
 
     def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
                  train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
                  split_seed: int = 123, max_entries: int | None = None, mask_prompt: bool = True,
-                 allowed_max_length: int | None = None, pad_id: int = EOT_ID, ignore_index: int = -100,
+                 allowed_max_length: int | None = None, pad_id: int | None = None, ignore_index: int = -100,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
                  max_prompt_length: int | None = None):
@@ -301,6 +302,7 @@ class InstructionDataModule(GPTDataModule):
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         get_prompt_style(prompt_style)  # fail fast on a typo
         self.tokenizer = tokenizer or get_tokenizer()
+        pad_id = self.tokenizer.eot_token if pad_id is None else pad_id
         self.path, self.prompt_style = path, prompt_style
         self.train_ratio, self.test_ratio = train_ratio, test_ratio
         self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries

@@ -194,7 +194,7 @@ class PreferenceDataModule(GPTDataModule):
                  train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
                  split_seed: int = 123, max_entries: int | None = None, mask_prompt: bool = True,
                  score_response_header: bool = False, score_eos: bool = True,
-                 allowed_max_length: int | None = None, pad_id: int = EOT_ID, ignore_index: int = -100,
+                 allowed_max_length: int | None = None, pad_id: int | None = None, ignore_index: int = -100,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
                  max_prompt_length: int | None = None):
@@ -204,6 +204,7 @@ class PreferenceDataModule(GPTDataModule):
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
         self.tokenizer = tokenizer or get_tokenizer()
+        pad_id = self.tokenizer.eot_token if pad_id is None else pad_id  # None: the tokenizer's <|endoftext|>
         self.path, self.prompt_style, self.score_response_header = path, prompt_style, score_response_header
         self.train_ratio, self.test_ratio = train_ratio, test_ratio
         self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries

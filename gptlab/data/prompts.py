@@ -117,7 +117,7 @@ class PromptDataModule(GPTDataModule):
     def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
                  train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
                  split_seed: int = 123, max_entries: int | None = None, max_prompt_length: int | None = None,
-                 pad_id: int = EOT_ID, batch_size: int = 16, val_batch_size: int | None = None, num_workers: int = 0,
+                 pad_id: int | None = None, batch_size: int = 16, val_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
@@ -130,7 +130,8 @@ class PromptDataModule(GPTDataModule):
         self.path, self.prompt_style = path, prompt_style
         self.train_ratio, self.test_ratio = train_ratio, test_ratio
         self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
-        self.max_prompt_length, self.pad_id = max_prompt_length, pad_id
+        # None: the tokenizer's <|endoftext|>
+        self.max_prompt_length, self.pad_id = max_prompt_length, self.tokenizer.eot_token if pad_id is None else pad_id
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

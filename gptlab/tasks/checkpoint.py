@@ -6,7 +6,9 @@ A gptlab checkpoint is a plain container: tensors, numbers, strings, lists and d
 
 * ``gptlab_task``: the registry name of the task that trained it (``pretrain``, ``classify``, ...);
 * ``gptlab_kind``: what the model predicts (``lm`` or ``classifier``), for the inference loader;
-* ``gptlab_model_config``: the backbone's :class:`~gptlab.model.config.GPTConfig` fields.
+* ``gptlab_model_config``: the backbone's :class:`~gptlab.model.config.GPTConfig` fields;
+* ``gptlab_tokenizer``: the tokenizer (:func:`gptlab.tokenizer.tokenizer_record`: name and hash, and for
+  a trained tokenizer its manifest and ranks, so the file decodes on any machine; absent = GPT-2).
 
 Files are read with ``torch.load(weights_only=True)`` only (:func:`gptlab.weights.safe_torch_load`);
 a file that stores anything else is refused, and nothing a file names is ever imported or called.
@@ -28,6 +30,10 @@ from gptlab.weights import (MappingReader, is_training_checkpoint, load_from_rea
                             plain_state_dict, safe_torch_load)
 from gptlab.weights.loading import TORCH_SUFFIXES, load_state_dict_object
 from gptlab.weights.readers import UnreadableCheckpointError
+from gptlab.tokenizer import tokenizer_from_record
+
+TOKENIZER_KEY = "gptlab_tokenizer"
+"""The checkpoint entry that records the tokenizer."""
 
 
 class CheckpointError(ValueError):
@@ -60,6 +66,12 @@ def check_gptlab_checkpoint(ckpt: Any, path: str | Path) -> None:
     if not isinstance(ckpt.get("gptlab_task"), str):
         raise CheckpointError(f"{path} is not a gptlab checkpoint (no 'gptlab_task' entry naming the task "
                               "that wrote it)")
+
+
+def checkpoint_tokenizer(ckpt: Mapping[str, Any], source: str | Path = "checkpoint") -> Any:
+    """The ``tiktoken.Encoding`` a gptlab checkpoint was trained with (GPT-2's for files written
+    before checkpoints recorded it), rebuilt from the checkpoint alone."""
+    return tokenizer_from_record(ckpt.get(TOKENIZER_KEY), source)
 
 
 def checkpoint_model_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,4 +128,5 @@ def load_backbone(name_or_path: str | Path, dtype: torch.dtype | None = torch.fl
 
 
 __all__ = ["CheckpointError", "read_checkpoint", "check_gptlab_checkpoint", "checkpoint_model_config",
+           "checkpoint_tokenizer", "TOKENIZER_KEY",
            "backbone_from_checkpoint", "load_backbone"]

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from gptlab.model.gpt import GPT
 from gptlab.tasks.base import GPTTask
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import get_tokenizer
 
 POOLINGS = ("last_token", "last_position", "mean")
 """Which hidden state(s) the head reads: ``last_token`` the last real (unpadded) token, which under
@@ -65,16 +65,18 @@ def class_logits(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 @torch.no_grad()
 def predict_texts(model: GPT, texts: Sequence[str], pooling: str = "last_token", max_length: int | None = None,
-                  batch_size: int = 32, pad_id: int = EOT_ID, tokenizer: Any = None,
+                  batch_size: int = 32, pad_id: int | None = None, tokenizer: Any = None,
                   progress: bool = False) -> torch.Tensor:
     """Class probabilities (N, num_classes) of ``texts`` (float32, on the CPU).
 
     Each text keeps its first ``max_length`` tokens (None = the model's context length), as the
-    book's ``classify_review``; batches are right-padded to their longest text.
+    book's ``classify_review``; batches are right-padded to their longest text with ``pad_id``
+    (None = the tokenizer's ``<|endoftext|>``; ``tokenizer`` None = GPT-2's).
     """
     from tqdm.auto import tqdm
 
     tok = tokenizer or get_tokenizer()
+    pad_id = tok.eot_token if pad_id is None else pad_id
     device = next(model.parameters()).device
     limit = min(max_length or model.config.context_length, model.config.context_length)
     out = []

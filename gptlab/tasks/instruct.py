@@ -16,22 +16,24 @@ from lightning.pytorch.utilities import rank_zero_info
 from gptlab.data.instruct import extract_response, format_input, get_prompt_style, left_pad
 from gptlab.model.generation import generate
 from gptlab.tasks.base import LanguageModelTask
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import get_tokenizer
 
 
 @torch.no_grad()
 def generate_answers(model: torch.nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
                      prompt_style: str = "alpaca", max_new_tokens: int = 256, temperature: float = 0.0,
-                     top_k: int | None = None, top_p: float | None = None) -> list[str]:
+                     top_k: int | None = None, top_p: float | None = None, tokenizer: Any = None) -> list[str]:
     """Answers to a left-padded batch of prompts (B, T): batched KV-cache generation (greedy at
-    temperature 0), stopped at ``<|endoftext|>``, cut at the prompt style's stop markers."""
+    temperature 0), stopped at ``<|endoftext|>``, cut at the prompt style's stop markers, decoded
+    with ``tokenizer`` (the model's ``tiktoken.Encoding``; None = GPT-2's)."""
+    tok = tokenizer or get_tokenizer()
+    eot = tok.eot_token
     out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=EOT_ID, attention_mask=attention_mask)
+                   eos_id=eot, attention_mask=attention_mask)
     new = out[:, prompt_ids.size(1):].tolist()  # the prompt is stripped by position
-    tok = get_tokenizer()
     answers = []
     for ids in new:
-        ids = ids[: ids.index(EOT_ID)] if EOT_ID in ids else ids
+        ids = ids[: ids.index(eot)] if eot in ids else ids
         answers.append(extract_response(tok.decode(ids), prompt_style))
     return answers
 
@@ -39,21 +41,23 @@ def generate_answers(model: torch.nn.Module, prompt_ids: torch.Tensor, attention
 def answer_entries(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], prompt_style: str = "alpaca",
                    max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None, batch_size: int = 8, max_prompt_length: int | None = None,
-                   progress: bool = False) -> list[str]:
+                   progress: bool = False, tokenizer: Any = None) -> list[str]:
     """Answers to every entry's instruction (+ input) in ``prompt_style``, generated in batches of
-    ``batch_size`` left-padded prompts exactly as the test stage of a training run does."""
+    ``batch_size`` left-padded prompts exactly as the test stage of a training run does
+    (``tokenizer``: the model's; None = GPT-2's)."""
     from tqdm.auto import tqdm
 
     style = get_prompt_style(prompt_style)
-    tok = get_tokenizer()
+    tok = tokenizer or get_tokenizer()
     device = next(model.parameters()).device
     answers: list[str] = []
     with tqdm(total=len(entries), unit="entry", desc="generating", disable=not progress) as bar:
         for start in range(0, len(entries), batch_size):
             part = entries[start:start + batch_size]
-            ids, mask = left_pad(tok.encode_ordinary_batch([style.prompt(e) for e in part]), EOT_ID, max_prompt_length)
+            ids, mask = left_pad(tok.encode_ordinary_batch([style.prompt(e) for e in part]), tok.eot_token,
+                                 max_prompt_length)
             answers += generate_answers(model, ids.to(device), mask.to(device), prompt_style, max_new_tokens,
-                                        temperature, top_k, top_p)
+                                        temperature, top_k, top_p, tok)
             bar.update(len(part))
     return answers
 
@@ -86,7 +90,7 @@ class ResponseGenerationMixin:
         """:func:`generate_answers` with the task's generation settings."""
         hp = self.hparams
         return generate_answers(self.model, prompt_ids, attention_mask, hp.prompt_style, hp.max_new_tokens,
-                                hp.temperature, hp.top_k, hp.top_p)
+                                hp.temperature, hp.top_k, hp.top_p, self.tokenizer)
 
     def flush_responses(self) -> None:
         """Gather the collected answers from every rank, write them in test-set order, log examples."""

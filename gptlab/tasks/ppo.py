@@ -54,7 +54,7 @@ from gptlab.tasks.rlhf import (KL_ESTIMATORS, KLController, clipped_policy_loss,
                                masked_mean, masked_whiten, response_mask, token_rewards)
 from gptlab.tasks.rollout import (GENERATION_CACHES, PhaseTimer, PolicyOutput, Rollout, chunked, pack_sequences,
                                   response_forward, sample_responses)
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import EOT_ID, check_same_tokenizer
 
 REFERENCES = ("auto", "copy", "adapters_off")
 
@@ -187,6 +187,9 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
             raise ValueError(f"the reward model was trained on prompt_style={style!r} prompts but task.prompt_style="
                              f"{self.hparams.prompt_style!r}; set data.prompt_style={style} (the policy and the reward "
                              "model must see the same prompts)")
+        reward_tokenizer = getattr(self.reward_fn, "tokenizer", None)  # it reads the policy's token ids
+        if reward_tokenizer is not None:
+            check_same_tokenizer(reward_tokenizer, self.tokenizer, "the reward model", "the policy's tokenizer")
         # before a checkpoint is restored, so the copy holds the STARTING weights, never trained ones
         if self.reference_mode == "copy" and self.reference_model is None:
             self.reference_model = self.build_reference_copy()
@@ -231,7 +234,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
               responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[str], list[str]]:
         """The reward function's scores (B,) float32 on the policy's device, the prompts and the
         decoded completions (without the stop token)."""
-        tok = get_tokenizer()
+        tok = self.tokenizer
         stop = self.hparams.stop_token_id
         lengths = mask.sum(dim=1).tolist()
         ends_with_stop = (responses.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1) == stop) \
@@ -404,7 +407,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
             self.log("test/scores", scores.mean(), batch_size=B)
             scores = scores.tolist()
         else:
-            tok = get_tokenizer()
+            tok = self.tokenizer
             completions = [tok.decode(r[:n]) for r, n in zip(responses.tolist(), mask.sum(1).tolist())]
             scores = [None] * B
         if self.hparams.generate_on_test and "entries" in batch:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from gptlab.tasks.base import GPTTask
-from gptlab.tasks.checkpoint import CheckpointError, read_checkpoint
+from gptlab.tasks.checkpoint import CheckpointError, checkpoint_tokenizer, read_checkpoint
 from gptlab.tasks.classify import ClassificationTask
 from gptlab.tasks.dpo import DPOTask
 from gptlab.tasks.instruct import InstructionTask
@@ -48,7 +48,8 @@ def load_task(ckpt_path: str | Path, map_location: str | torch.device = "cpu", *
 
     The class comes from :data:`TASKS` by the name the checkpoint records. Pretrained ``init_from``
     weights are not fetched again: the checkpoint holds every weight, so the backbone is built from
-    the stored config. ``overrides``: constructor arguments to change (e.g. ``compile=False``).
+    the stored config; the tokenizer is the one the checkpoint records. ``overrides``: constructor
+    arguments to change (e.g. ``compile=False``).
     """
     ckpt = read_checkpoint(ckpt_path)
     cls = task_class(ckpt["gptlab_task"], ckpt_path)
@@ -58,7 +59,7 @@ def load_task(ckpt_path: str | Path, map_location: str | torch.device = "cpu", *
         hp["model"] = {**ckpt["gptlab_model_config"], **{k: v for k, v in (hp.get("model") or {}).items() if k in keep}}
         hp["init_from"] = None
     hp.update(overrides)
-    task = cls(**hp)
+    task = cls(**hp, tokenizer=checkpoint_tokenizer(ckpt, ckpt_path))
     task.load_state_dict(ckpt["state_dict"])
     return task.to(map_location)
 

@@ -27,7 +27,7 @@ from gptlab.model.lora import TARGETS
 from gptlab.tasks.base import GPTTask
 from gptlab.tasks.classify import class_logits
 from gptlab.tasks.metrics import StageMeans
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import get_tokenizer
 
 METRICS = ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "margin")
 
@@ -73,12 +73,14 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
 @torch.no_grad()
 def score_responses(model: GPT, entries: Sequence[Mapping[str, Any]], prompt_style: str = "alpaca",
                     response_key: str = "model_response", batch_size: int = 16, max_length: int | None = None,
-                    pad_id: int = EOT_ID, tokenizer: Any = None) -> list[float]:
+                    pad_id: int | None = None, tokenizer: Any = None) -> list[float]:
     """Rewards of ``entry[response_key]`` as the answer to each entry's prompt (its ``instruction``
     and ``input`` in ``prompt_style``), tokenized exactly as in training (prompt ids + response ids),
-    keeping the first ``max_length`` tokens (None = the model's context length)."""
+    keeping the first ``max_length`` tokens (None = the model's context length); ``pad_id`` None =
+    the tokenizer's ``<|endoftext|>``."""
     style = get_prompt_style(prompt_style)
     tok = tokenizer or get_tokenizer()
+    pad_id = tok.eot_token if pad_id is None else pad_id
     device = next(model.parameters()).device
     limit = min(max_length or model.config.context_length, model.config.context_length)
     scores: list[float] = []
