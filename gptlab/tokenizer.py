@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import tiktoken
+from omegaconf import OmegaConf
 
 from gptlab.errors import InvalidInput
 
@@ -440,9 +441,23 @@ def hf_vocab_and_merges(tokenizer: tiktoken.Encoding) -> tuple[dict[str, int], l
     return vocab, merges
 
 
+
+def register_resolvers() -> None:
+    """The config interpolations that read a run's tokenizer, registered when this module is first
+    imported (every gptlab import does), so any composed config resolves them:
+    ``${gptlab.vocab_size:${tokenizer}}`` (its ids: ``model.vocab_size`` follows the tokenizer) and
+    ``${gptlab.eot_id:${tokenizer}}`` (its ``<|endoftext|>`` id)."""
+    if not OmegaConf.has_resolver("gptlab.vocab_size"):
+        OmegaConf.register_new_resolver("gptlab.vocab_size", lambda name: get_tokenizer(name).n_vocab)
+    if not OmegaConf.has_resolver("gptlab.eot_id"):
+        OmegaConf.register_new_resolver("gptlab.eot_id", lambda name: get_tokenizer(name).eot_token)
+
+
+register_resolvers()
+
 __all__ = ["ASSETS", "EOT_TOKEN", "EOT_ID", "GPT2_VOCAB_SIZE", "GPT2_PAT_STR", "GPT2_RANKS_SHA256", "GPT2_SHA256",
            "MANIFEST_FILE", "RANKS_FILE", "MAX_VOCAB_SIZE", "TokenizerError", "TokenizerMismatch", "TokenizerInfo",
            "get_tokenizer", "build_tokenizer", "check_manifest", "load_bpe_ranks", "parse_ranks", "ranks_file_bytes",
            "tokenizer_sha256", "tokenizer_info", "describe", "tokenizer_tag", "tokenizer_record",
            "tokenizer_from_record", "check_same_tokenizer", "check_vocab_fits", "save_tokenizer", "encode",
-           "check_special_tokens", "bytes_to_unicode", "hf_vocab_and_merges"]
+           "check_special_tokens", "bytes_to_unicode", "hf_vocab_and_merges", "register_resolvers"]
