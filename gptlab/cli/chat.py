@@ -83,7 +83,7 @@ def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text
             yield piece
         if stops.stopped:
             return
-    tail = stops.flush()
+    tail = stops.push(dec.flush()) + stops.flush()
     if tail:
         yield tail
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import sys
 from typing import Any
 
@@ -18,20 +19,20 @@ from gptlab.tokenizer import get_tokenizer
 
 
 class StreamDecoder:
-    """Decode token ids incrementally with ``tokenizer`` (None = GPT-2's); holds back bytes until they
-    form complete UTF-8 characters."""
+    """Decode token ids incrementally with ``tokenizer`` (None = GPT-2's): bytes of a character split
+    over tokens are held back until it is complete; bytes that can never form one become U+FFFD, as
+    ``tokenizer.decode`` of the whole sequence gives them (a byte-level vocabulary samples such bytes)."""
 
     def __init__(self, tokenizer: Any = None) -> None:
         self.tok = tokenizer or get_tokenizer()
-        self.buf = b""
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        self.buf += self.tok.decode_single_token_bytes(token_id)
-        try:
-            text, self.buf = self.buf.decode("utf-8"), b""
-        except UnicodeDecodeError:
-            return ""
-        return text
+        return self.utf8.decode(self.tok.decode_single_token_bytes(token_id))
+
+    def flush(self) -> str:
+        """What is left of a character cut short at the end (U+FFFD), else ``""``."""
+        return self.utf8.decode(b"", final=True)
 
 
 def run(cfg: DictConfig) -> str:
@@ -58,6 +59,9 @@ def run(cfg: DictConfig) -> str:
         if cfg.stream and piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
+    out.append(dec.flush())
+    if cfg.stream:
+        sys.stdout.write(out[-1])
     text = "".join(out)
     if cfg.stream:
         sys.stdout.write("\n")
