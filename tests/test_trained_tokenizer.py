@@ -245,3 +245,39 @@ def test_streamed_decoding_gives_the_text_of_the_whole_sequence(any_tokenizer):
     ids = random.Random(2).choices(range(any_tokenizer.n_vocab - 1), k=5000) + [any_tokenizer.encode_single_token(b"\xe4")]
     dec = StreamDecoder(any_tokenizer)
     assert "".join(dec.push(i) for i in ids) + dec.flush() == any_tokenizer.decode(ids)
+
+
+# ----------------------------------------------------------------------------- used everywhere
+def test_the_config_follows_the_tokenizer(verdict_bpe):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        ours = compose("train", overrides=[f"tokenizer={verdict_bpe.folder}", "task=ppo", "data=prompts"])
+        gpt2 = compose("train", overrides=["task=ppo", "data=prompts"])
+    GlobalHydra.instance().clear()
+    assert ours.model.vocab_size == verdict_bpe.vocab_size and gpt2.model.vocab_size == 50257
+    assert ours.task.stop_token_id == verdict_bpe.tokenizer.eot_token and gpt2.task.stop_token_id == 50256
+
+
+def test_data_modules_use_the_tokenizers_endoftext_and_cache_per_tokenizer(verdict_bpe, tmp_path):
+    from gptlab.data.instruct import InstructionDataModule
+    from gptlab.data.pretrain import PretrainDataModule, token_file_path
+
+    tok = verdict_bpe.tokenizer
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("It had always been " * 40)
+    dm = PretrainDataModule(path=str(tmp_path), max_length=16, batch_size=2, memmap=True, tokenizer=tok)
+    dm.prepare_data()
+    dm.setup("fit")
+    ids = dm.train_set.tokens.array.tolist() + dm.val_set.tokens.array.tolist()
+    assert ids.count(tok.eot_token) == 1 and tok.decode(ids) == "It had always been " * 40 + EOT_TOKEN + \
+        "It had always been " * 40
+    files = sorted(tmp_path.glob("*.txt"))
+    ours, gpt2 = token_file_path(files, tokenizer=tok), token_file_path(files)
+    assert ours != gpt2 and ours.exists() and not gpt2.exists() and gpt2.name == ".gptlab.gpt2.bin"
+    instruct = InstructionDataModule(tokenizer=tok, max_entries=20, batch_size=4)
+    assert instruct.collate_kwargs["pad_id"] == tok.eot_token
