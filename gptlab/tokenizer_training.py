@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -58,12 +59,16 @@ class TrainedTokenizer:
     """Pre-tokenised pieces of the corpus encoded by both tiktoken and the trainer's own tokenizer ..."""
     differing_pieces: int
     """... and how many of them got other tokens (0: tiktoken encodes exactly like ``tokenizers``)."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each stage: ``scan`` (hashes, text checks), ``train`` (``tokenizers``), ``check``
+    (the comparison above), ``write``."""
 
     def summary(self) -> list[str]:
         """The lines ``gptlab-tokenizer train`` prints."""
         total = sum(f.bytes for f in self.corpus)
         lines = [f"trained a byte-level BPE of {self.vocab_size:,} tokens ({self.merges:,} merges) on "
-                 f"{len(self.corpus)} file(s), {total:,} bytes"]
+                 f"{len(self.corpus)} file(s), {total:,} bytes in {sum(self.seconds.values()):.1f} s "
+                 f"({', '.join(f'{k} {v:.1f} s' for k, v in self.seconds.items())})"]
         if self.vocab_size < self.asked:
             lines.append(f"vocab_size={self.asked:,} was asked, but the corpus has no pair left that occurs often "
                          f"enough (min_frequency) after {self.merges:,} merges: the vocabulary has {self.vocab_size:,} "
@@ -199,6 +204,7 @@ def train_bpe(files: Sequence[str | Path], vocab_size: int, out: str | Path, *,
     files = [Path(f) for f in files]
     if not files:
         raise TokenizerError("the corpus has no files")
+    seconds, t0 = {}, time.perf_counter()
     corpus = scan_corpus(files, progress=progress and sum(c.stat().st_size for c in files) > 8 << 20)
     if not any(read_text(f).strip() for f in files):
         shown = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
@@ -221,7 +227,9 @@ def train_bpe(files: Sequence[str | Path], vocab_size: int, out: str | Path, *,
                 yield chunk
 
     length = sum(c.bytes // CHUNK_CHARS + 1 for c in corpus)  # about: only the progress bar's total
+    seconds["scan"], t0 = time.perf_counter() - t0, time.perf_counter()
     model.train_from_iterator(chunks(), trainer=trainer, length=length)
+    seconds["train"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     unbyte = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {bytes([b]): b for b in range(256)}
@@ -242,10 +250,12 @@ def train_bpe(files: Sequence[str | Path], vocab_size: int, out: str | Path, *,
     # checked in memory before anything is written: the file that is written holds exactly these ranks
     enc = tiktoken.Encoding(name=name, pat_str=GPT2_PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
     checked, differing = compare_with_tokenizers(enc, model, (read_text(f) for f in files), check_chars)
+    seconds["check"], t0 = time.perf_counter() - t0, time.perf_counter()
     manifest = save_tokenizer(folder, ranks, specials, name, GPT2_PAT_STR, **manifest_fields)
     tokenizer = get_tokenizer(manifest)
+    seconds["write"] = time.perf_counter() - t0
     return TrainedTokenizer(folder, tokenizer, vocab_size, tokenizer.n_vocab, len(ranks) - 256, corpus,
-                            checked, differing)
+                            checked, differing, seconds)
 
 
 def compare_with_tokenizers(enc: tiktoken.Encoding, model: Any, texts: Iterable[str], max_chars: int) -> tuple[int, int]:
