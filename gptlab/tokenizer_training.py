@@ -56,7 +56,7 @@ class TrainedTokenizer:
     merges: int
     corpus: list[CorpusFile]
     checked_pieces: int
-    """Pre-tokenised pieces of the corpus encoded by both tiktoken and the trainer's own tokenizer ..."""
+    """Distinct pre-tokenised pieces of the corpus encoded by both tiktoken and the trainer's own tokenizer ..."""
     differing_pieces: int
     """... and how many of them got other tokens (0: tiktoken encodes exactly like ``tokenizers``)."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -74,7 +74,7 @@ class TrainedTokenizer:
                          f"enough (min_frequency) after {self.merges:,} merges: the vocabulary has {self.vocab_size:,} "
                          "tokens")
         lines.append(f"tiktoken and tokenizers agree on {self.checked_pieces - self.differing_pieces:,} of "
-                     f"{self.checked_pieces:,} pieces of the corpus")
+                     f"{self.checked_pieces:,} distinct pieces of the corpus")
         lines.append(f"written to {self.folder} ({MANIFEST_FILE}, tokenizer sha256 "
                      f"{tokenizer_info(self.tokenizer).sha256[:16]})")
         return lines
@@ -194,7 +194,7 @@ def train_bpe(files: Sequence[str | Path], vocab_size: int, out: str | Path, *,
     corpus (not empty, UTF-8 text without NUL bytes). ``read_text`` reads one file (e.g. with
     Gutenberg headers stripped; ``reading`` says how, for the manifest). After training, the first
     ``check_chars`` characters of the corpus are encoded by tiktoken with the new ranks and by the
-    ``tokenizers`` model itself, piece by piece: the count of pieces that differ is reported.
+    ``tokenizers`` model itself, distinct piece by piece: the count of pieces that differ is reported.
     The same corpus and settings give the same ranks file, byte for byte.
     """
     special_tokens = list(special_tokens)
@@ -259,30 +259,30 @@ def train_bpe(files: Sequence[str | Path], vocab_size: int, out: str | Path, *,
 
 
 def compare_with_tokenizers(enc: tiktoken.Encoding, model: Any, texts: Iterable[str], max_chars: int) -> tuple[int, int]:
-    """(pieces compared, pieces that differ): the first ``max_chars`` characters of ``texts`` cut into
-    GPT-2's pre-tokenised pieces, each encoded by tiktoken (``enc``) and by the ``tokenizers`` model
-    (its tokens turned into bytes)."""
+    """(distinct pieces compared, pieces that differ): the first ``max_chars`` characters of ``texts``
+    cut into GPT-2's pre-tokenised pieces (each is encoded on its own by both, so every distinct
+    piece is compared once), each encoded by tiktoken (``enc``) and by the ``tokenizers`` model (its
+    tokens turned into bytes)."""
     import regex
 
     unbyte = {c: b for b, c in bytes_to_unicode().items()}
-    pattern = regex.compile(GPT2_PAT_STR)
-    pieces: list[str] = []
+    pattern = regex.compile(enc._pat_str)
+    pieces: set[str] = set()
     budget = max_chars
     for text in texts:
         part = text[:budget]
-        pieces += pattern.findall(part)
+        pieces.update(pattern.findall(part))
         budget -= len(part)
         if budget <= 0:
             break
-    if not pieces:
+    ordered = sorted(pieces)
+    if not ordered:
         return 0, 0
-    ours = enc.encode_ordinary_batch(pieces)
-    theirs = model.encode_batch(pieces, add_special_tokens=False)
-    differing = 0
-    for ids, hf in zip(ours, theirs):
-        if [enc.decode_single_token_bytes(i) for i in ids] != [bytes(unbyte[c] for c in t) for t in hf.tokens]:
-            differing += 1
-    return len(pieces), differing
+    ours = [enc.encode_ordinary(p) for p in ordered]  # encode_ordinary_batch: a thread task per piece, slower
+    theirs = model.encode_batch(ordered, add_special_tokens=False)
+    differing = sum([enc.decode_single_token_bytes(i) for i in ids] != [bytes(unbyte[c] for c in t) for t in hf.tokens]
+                    for ids, hf in zip(ours, theirs))
+    return len(ordered), differing
 
 
 __all__ = ["CorpusFile", "TrainedTokenizer", "train_bpe", "require_tokenizers", "check_settings",

@@ -96,7 +96,7 @@ def test_a_budget_beyond_the_corpus_gives_a_smaller_vocabulary_and_says_so(verdi
 
 
 def test_tiktoken_encodes_the_corpus_exactly_like_tokenizers(verdict_bpe):
-    assert verdict_bpe.checked_pieces > 4000 and verdict_bpe.differing_pieces == 0
+    assert verdict_bpe.checked_pieces > 1000 and verdict_bpe.differing_pieces == 0
     tok = verdict_bpe.tokenizer
     assert len(tok.encode(VERDICT.read_text())) < 0.6 * len(VERDICT.read_bytes())  # it learned merges
 
