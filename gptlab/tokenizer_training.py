@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ INSTALL_HINT = 'pip install "gptlab[tokenizer]"'
 CHUNK_CHARS = 1 << 20
 """Text is handed to the trainer in pieces of about this many characters, cut after a newline."""
 _READ_BLOCK = 1 << 22
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 @dataclass(frozen=True)
@@ -162,15 +164,16 @@ def _utf8_decoder() -> Any:
 
 
 def text_chunks(text: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
-    """``text`` in pieces of about ``chunk_chars``, each cut right after a newline (where GPT-2's
-    pre-tokeniser starts a new piece anyway), so no word is split."""
+    """``text`` in pieces of about ``chunk_chars``, each cut right after a newline between two
+    non-space characters: GPT-2's pre-tokeniser makes that newline a piece of its own, so the pieces
+    of the parts are the pieces of the whole."""
     start = 0
     while len(text) - start > chunk_chars:
-        cut = text.find("\n", start + chunk_chars)
-        if cut < 0:
+        m = _CUT.search(text, start + chunk_chars)
+        if m is None:
             break
-        yield text[start:cut + 1]
-        start = cut + 1
+        yield text[start:m.end()]
+        start = m.end()
     if start < len(text):
         yield text[start:]
 

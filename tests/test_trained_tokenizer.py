@@ -281,3 +281,16 @@ def test_data_modules_use_the_tokenizers_endoftext_and_cache_per_tokenizer(verdi
     assert ours != gpt2 and ours.exists() and not gpt2.exists() and gpt2.name == ".gptlab.gpt2.bin"
     instruct = InstructionDataModule(tokenizer=tok, max_entries=20, batch_size=4)
     assert instruct.collate_kwargs["pad_id"] == tok.eot_token
+
+
+def test_the_trainer_sees_the_pieces_of_the_whole_text_when_it_is_cut_into_chunks():
+    import regex
+
+    from gptlab.tokenizer import GPT2_PAT_STR
+    from gptlab.tokenizer_training import text_chunks
+
+    text = VERDICT.read_text() + "  \n  x\n\n y \n" * 50 + SHAKESPEARE
+    parts = list(text_chunks(text, 300))
+    pattern = regex.compile(GPT2_PAT_STR)
+    assert len(parts) > 20 and "".join(parts) == text
+    assert [p for part in parts for p in pattern.findall(part)] == pattern.findall(text)
