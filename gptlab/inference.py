@@ -210,5 +210,6 @@ def _adapter_kind(cfg: Mapping[str, Any], path: str | Path, task_name: str | Non
     return task_name, _file_kind(kind, str(path))
 
 
-__all__ = ["LoadedModel", "load_model", "tokenizer_for_checkpoint", "resolve_device", "resolve_precision", "WrongModelKind", "KINDS",
+__all__ = ["LoadedModel", "load_model", "tokenizer_for_checkpoint", "resolve_device", "resolve_precision",
+           "WrongModelKind", "KINDS",
            "PRECISIONS"]

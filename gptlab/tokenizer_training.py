@@ -118,8 +118,9 @@ def check_output_folder(out: Any, overwrite: bool = False) -> Path:
     if folder.exists() and not folder.is_dir():
         raise TokenizerError(f"out={str(out)!r} is a file, not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise TokenizerError(f"out={str(out)!r} already holds files ({', '.join(sorted(p.name for p in folder.iterdir())[:3])}"
-                             "); choose another folder, or overwrite=true to replace its tokenizer")
+        shown = ", ".join(sorted(p.name for p in folder.iterdir())[:3])
+        raise TokenizerError(f"out={str(out)!r} already holds files ({shown}); choose another folder, or "
+                             "overwrite=true to replace its tokenizer")
     parent = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
         raise TokenizerError(f"out={str(out)!r}: {parent} is not writable")
@@ -144,8 +145,9 @@ def scan_corpus(files: Sequence[Path], progress: bool = False) -> list[CorpusFil
                     try:
                         decoder.decode(block)
                     except UnicodeDecodeError as e:
-                        raise TokenizerError(f"{f}: not UTF-8 text ({e.reason} at byte {size + e.start:,}): a binary "
-                                             "file, or another encoding (convert it, e.g. iconv -f latin1 -t utf-8)") from None
+                        raise TokenizerError(f"{f}: not UTF-8 text ({e.reason} at byte {size + e.start:,}): a "
+                                             "binary file, or another encoding (convert it: iconv -f latin1 -t utf-8)") \
+                            from None
                     digest.update(block)
                     size += len(block)
                     bar.update(len(block))

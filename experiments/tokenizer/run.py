@@ -233,7 +233,8 @@ def pretrain(name: str, tokenizer: str, files: list[Path], held: Path, work: Pat
     assert len(covered) == ev["tokens"], (len(covered), ev["tokens"])
     bpc = ev["loss"] * len(covered) / len(enc.decode(covered)) / math.log(2)
     return {"tokenizer": tokenizer_info(enc).describe(), "vocab": enc.n_vocab, "train_tokens": n_tokens,
-            "train_chars_per_token": chars_per_token, "steps": steps, "chars_seen": steps * BATCH * CONTEXT * chars_per_token,
+            "train_chars_per_token": chars_per_token, "steps": steps,
+            "chars_seen": steps * BATCH * CONTEXT * chars_per_token,
             "wall_seconds": wall, "load_average_start": load_start, "load_average_end": load_average(),
             "val_tokens_per_char": val_tpc, "curve": curve,
             "heldout": {"loss_nats_per_token": ev["loss"], "tokens": ev["tokens"], "bits_per_char": bpc}}

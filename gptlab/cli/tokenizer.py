@@ -135,8 +135,8 @@ def stats(tok: Any, text: str | None, special: bool, out: TextIO) -> dict[str, A
     info = tokenizer_info(tok)
     report: dict[str, Any] = {"tokenizer": info.name, "sha256": info.sha256, "vocab_size": tok.n_vocab,
                               "special_tokens": sorted(tok.special_tokens_set)}
-    rows = [("tokenizer", info.describe()), ("vocabulary", f"{tok.n_vocab:,} ids, special tokens "
-                                              f"{', '.join(f'{s}={tok.encode_single_token(s)}' for s in sorted(tok.special_tokens_set))}")]
+    specials = ", ".join(f"{s}={tok.encode_single_token(s)}" for s in sorted(tok.special_tokens_set))
+    rows = [("tokenizer", info.describe()), ("vocabulary", f"{tok.n_vocab:,} ids, special tokens {specials}")]
     corpus = (info.manifest or {}).get("corpus")
     if corpus:
         rows.append(("trained on", f"{len(corpus.get('files', []))} file(s), {corpus.get('bytes', 0):,} bytes"))

@@ -12,8 +12,9 @@ joined with it (the book's Gutenberg pretraining script joins its books the same
 
 Token files are cached beside the source (``<file>.gpt2.bin``; for a folder
 ``<folder>/.gptlab.gpt2.bin``; a trained tokenizer's files are ``.bpe-<its hash>.bin``) with a ``.json``
-sidecar describing the tokenizer and the sources they came from (size and modification time). When the source folder is read-only they go to ``cache_dir`` (default
-``$GPTLAB_CACHE/tokens`` or ``~/.cache/gptlab/tokens``).
+sidecar describing the tokenizer and the sources they came from (size and modification time). When
+the source folder is read-only they go to ``cache_dir`` (default ``$GPTLAB_CACHE/tokens`` or
+``~/.cache/gptlab/tokens``).
 """
 
 from __future__ import annotations
@@ -162,8 +163,8 @@ def tokenize_texts(texts: Sequence[str], tokenizer=None, *, eot_between: bool = 
 
 def _source_signature(files: Sequence[Path], strip_gutenberg: bool, endoftext_token: bool = True,
                       tokenizer: Any = None) -> dict[str, Any]:
-    return {"tokenizer": tokenizer_tag(tokenizer or get_tokenizer()), "dtype": "uint16", "eot_between_files": True, "strip_gutenberg": bool(strip_gutenberg),
-            "endoftext_token": bool(endoftext_token),
+    return {"tokenizer": tokenizer_tag(tokenizer or get_tokenizer()), "dtype": "uint16", "eot_between_files": True,
+            "strip_gutenberg": bool(strip_gutenberg), "endoftext_token": bool(endoftext_token),
             "sources": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
