@@ -16,7 +16,9 @@ import asyncio
 import hmac
 import importlib.util
 import json
+import signal
 import socket
+import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -237,7 +239,19 @@ class Server:
         return f"http://{host}:{self.port}"
 
     def run(self) -> None:
-        self.server.run(sockets=[self.socket])
+        """Serve until stopped. In the main thread, SIGTERM/SIGINT end it with a drain and a normal
+        return (uvicorn raises the signal again after its shutdown; the handlers set here take it, so
+        the process is not killed by it after a clean stop)."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, self._signalled) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+        try:
+            self.server.run(sockets=[self.socket])
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _signalled(self, sig: int, frame: Any) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """What SIGTERM does, from any thread."""
