@@ -466,3 +466,52 @@ def test_gptlab_judge_scores_responses_through_a_served_gptlab_model(judge_model
     assert [s["score"] for s in report["scores"]] == [85, 85, 85] and report["average"] == 85
     assert report["requests_sent"] == 3 and report["judge"]["backend"] == "openai"
     assert "Average score: 85.00" in res.stdout
+
+
+# --------------------------------------------------------------------------- engine and protocol, without HTTP
+def test_a_failed_model_step_fails_only_the_requests_in_it_and_the_engine_goes_on(lm):
+    import queue
+
+    from gptlab.model.continuous import Sampling
+    from gptlab.serving.engine import Engine
+    from gptlab.serving.protocol import GenerationRequest
+
+    engine = Engine(lm.model, lm.tokenizer, EOT_ID, max_batch_size=2, batch_window=0.0)
+    real_step, calls = engine.batch.step, []
+
+    def step_that_fails_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_step()
+
+    engine.batch.step = step_that_fails_once
+    engine.start()
+    try:
+        def request() -> GenerationRequest:
+            return GenerationRequest("completion", [[464, 2068, 7586]], n=1, max_tokens=5, sampling=Sampling(),
+                                     stops=(), stream=False, include_usage=False, strip_leading=False)
+        first, second = queue.Queue(), queue.Queue()
+        engine.submit(request(), first.put)
+        failed = first.get(timeout=READY_WITHIN_S)
+        assert failed.error.status == 500 and "CUDA out of memory (simulated)" in failed.error.message
+        assert engine.batch.rows == 0
+        engine.submit(request(), second.put)
+        updates = [second.get(timeout=READY_WITHIN_S)]
+        while updates[-1].finish_reason is None:
+            updates.append(second.get(timeout=READY_WITHIN_S))
+        assert updates[-1].finish_reason == "length" and updates[-1].tokens == 5
+    finally:
+        engine.stop(timeout=READY_WITHIN_S)
+
+
+def test_a_conversation_is_one_example_per_exchange_in_the_prompt_style():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."},
+                {"role": "user", "content": [{"type": "text", "text": "One word."}]}]
+    alpaca = get_prompt_style("alpaca")
+    assert render_chat(messages, alpaca) == (
+        "Be brief.\n\n"
+        + alpaca.full_text({"instruction": "Hi", "input": "", "output": "Hello!"}) + "\n\n"
+        + alpaca.prompt({"instruction": "Name a color.\nOne word.", "input": ""}))
+    assert render_chat(messages[1:2], get_prompt_style("raw")) == "Hi"

@@ -203,6 +203,12 @@ class Engine:
         prompts, max_new, sampling, keys = [], [], [], []
         for job in jobs:
             req = job.request
+            try:  # the protocol checked it already; a request that still does not fit fails alone
+                for c in range(req.choices):
+                    self.batch.check(len(req.prompt_of(c)), req.max_tokens, req.sampling)
+            except ValueError as e:
+                job.sink(Update(-1, error=APIError(400, str(e))))
+                continue
             for c in range(req.choices):
                 key = (job.number, c)
                 self._rows[key] = _Row(job, c, StreamDecoder(self.tokenizer), StopStrings(req.stops, req.strip_leading))
