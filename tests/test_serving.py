@@ -453,6 +453,7 @@ def judge_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_gptlab_judge_scores_responses_through_a_served_gptlab_model(judge_model, tmp_path):
     responses = tmp_path / "responses.json"
     entries = json.loads((REPO / "tests" / "data" / "instruction-data-with-response.json").read_text())[:3]

@@ -10,8 +10,8 @@ Both serve the same random-weight model from the same file, each in its own proc
   (requests/s and latency at 16 clients);
 * **batching**: gpt2-small shape, 16 clients, ``max_tokens`` 16-48 mixed (the workload of run.py):
   LitServe batches whole requests, so a batch decodes until its longest request is done
-  (``predict`` = one left-padded ``generate()``); gptlab-serve releases each row when it is done
-  and lets new requests join between steps.
+  (``predict`` = one left-padded ``generate()``, litserve_api.py); gptlab-serve releases each row when
+  it is done and lets new requests join between steps.
 
 Rounds alternate the order (A/B, B/A); tokens/s min / median / max over rounds, latency p50/p95 over
 all requests.
@@ -44,47 +44,6 @@ from gptlab.model.config import GPTConfig  # noqa: E402
 from gptlab.model.gpt import GPT  # noqa: E402
 
 
-def litserve_main(weights: str, port: int, batch: int) -> None:
-    """Serve ``weights`` with LitServe: POST /predict {"prompt": [ids], "max_tokens": n} -> {"tokens": [...]}."""
-    import litserve as ls
-
-    from gptlab.inference import load_model
-    from gptlab.model.generation import generate
-
-    class GenerateAPI(ls.LitAPI):
-        def setup(self, device):
-            self.model = load_model(init_from=weights, device="cpu").model
-
-        def decode_request(self, request):
-            return request
-
-        def batch(self, inputs):
-            return inputs
-
-        def predict(self, requests):
-            if isinstance(requests, dict):
-                requests = [requests]
-            T = max(len(r["prompt"]) for r in requests)
-            ids = torch.zeros(len(requests), T, dtype=torch.long)
-            mask = torch.zeros(len(requests), T, dtype=torch.bool)
-            for i, r in enumerate(requests):  # left padding, as gptlab's batched generation expects
-                ids[i, T - len(r["prompt"]):] = torch.tensor(r["prompt"])
-                mask[i, T - len(r["prompt"]):] = True
-            longest = max(r["max_tokens"] for r in requests)
-            out = generate(self.model, ids, longest, attention_mask=mask)[:, T:]
-            return [{"tokens": out[i, : r["max_tokens"]].tolist()} for i, r in enumerate(requests)]
-
-        def unbatch(self, output):
-            return output
-
-        def encode_response(self, output):
-            return output
-
-    api = GenerateAPI(max_batch_size=batch, batch_timeout=0.01)
-    ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=600).run(
-        host="127.0.0.1", port=port, generate_client_file=False, log_level="warning", num_api_servers=1)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,15 +68,16 @@ def measure(url: str, path: str, requests: list[dict], clients: int) -> dict:
     return {"wall": wall, "n": len(results), "tokens": sum(n for _, n in results), "lat": [x for x, _ in results]}
 
 
-def compare(title: str, model: str, requests_of, rounds: int, batch: int, unit: str) -> None:
+def compare(title: str, model: str, requests_of, rounds: int, batch: int, unit: str, threads: int) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / f"{model}.pt"
         torch.save(GPT(GPTConfig.from_name(model)).state_dict(), weights)
         port = free_port()
-        lit = subprocess.Popen([sys.executable, __file__, "--litserve", str(weights), str(port), str(batch)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE.parents[1])
-        ours = ServerProcess(weights, batch, "cpu")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        lit = subprocess.Popen([sys.executable, str(HERE / "litserve_api.py"), str(weights), str(port), str(batch)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE.parents[1], env=env)
+        ours = ServerProcess(weights, batch, "cpu", threads)
         servers = {"gptlab-serve (FastAPI + uvicorn)": (ours.url, "/v1/completions"),
                    "LitServe": (f"http://127.0.0.1:{port}", "/predict")}
         try:
@@ -147,22 +107,21 @@ def compare(title: str, model: str, requests_of, rounds: int, batch: int, unit: 
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--litserve":
-        litserve_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server's model process")
     args = ap.parse_args()
     load = os.getloadavg()
     print("`python experiments/serve_load/library_bench.py`\n")
     print(f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; "
-          f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
+          f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {args.threads} torch thread(s) per model process")
 
     def tiny_requests(seed: int) -> list[dict]:
         return [{**r, "max_tokens": 1} for r in workload(64, seed, (1, 1))]
 
-    compare("overhead", "gpt2-tiny", tiny_requests, args.rounds, 16, "requests/s")
-    compare("batching", "gpt2-small", lambda seed: workload(16, 1000 + seed, (16, 48)), args.rounds, 16, "tokens/s")
+    compare("overhead", "gpt2-tiny", tiny_requests, args.rounds, 16, "requests/s", args.threads)
+    compare("batching", "gpt2-small", lambda seed: workload(16, 1000 + seed, (16, 48)), args.rounds, 16, "tokens/s",
+            args.threads)
     load = os.getloadavg()
     print(f"\n- load average at the end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
     return 0

@@ -133,7 +133,7 @@ def create_app(engine: Engine, card: ModelCard, api_key: str | None = None, max_
             while done < k:
                 try:
                     update = await asyncio.wait_for(queue.get(), poll_interval)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # (TimeoutError itself only from Python 3.11 on)
                     if await request.is_disconnected():
                         return None  # nobody to answer; ``finally`` frees the rows
                     continue
