@@ -42,7 +42,9 @@ WHEELS = {"hydra": "hydra_core", "omegaconf": "omegaconf", "antlr4": "antlr4_pyt
           # gptlab-serve (serve_load): FastAPI, uvicorn and what they import
           "fastapi": "fastapi", "starlette": "starlette", "uvicorn": "uvicorn", "h11": "h11", "click": "click",
           "pydantic": "pydantic", "pydantic_core": "pydantic_core", "annotated_types": "annotated_types",
-          "typing_inspection": "typing_inspection", "anyio": "anyio", "sniffio": "sniffio", "idna": "idna"}
+          "typing_inspection": "typing_inspection", "anyio": "anyio", "sniffio": "sniffio", "idna": "idna",
+          "annotated_doc": "annotated_doc", "opentelemetry": "opentelemetry_api",
+          "importlib_metadata": "importlib_metadata", "zipp": "zipp"}
 TOTAL_BUDGET_S = 540  # one device call is capped at 600 s: leave room for start-up and the copy back
 
 
