@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from faults import corrupt_tensor_bytes
-from gptlab.cli import chat, classify, evaluate, export, generate, judge, train
+from gptlab.cli import chat, classify, evaluate, export, generate, judge, serve, train
 
 TOOLS = {"train": (train.main, "gptlab-train"), "generate": (generate.main, "gptlab-generate"),
          "chat": (chat.main, "gptlab-chat"), "classify": (classify.main, "gptlab-classify"),
          "eval": (evaluate.main, "gptlab-eval"), "export": (export.main, "gptlab-export"),
-         "judge": (judge.main, "gptlab-judge")}
+         "judge": (judge.main, "gptlab-judge"), "serve": (serve.main, "gptlab-serve")}
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
 
 CASES = [
@@ -122,6 +122,13 @@ CASES = [
     ("judge", ["responses={files}/responses.json", "judge.url=ftp://example.org"], "judge.url='ftp://example.org'"),
     ("judge", ["responses={files}/responses.json", "judge.retries=-1"], "judge.retries=-1"),
     ("judge", ["responses={files}/broken.json"], "{files}/broken.json: invalid JSON at line 2"),
+    # --- gptlab-serve
+    ("serve", [], "ckpt_path=None, init_from=None: expected exactly one of them"),
+    ("serve", ["init_from=gpt2-small", "port=70000"], "port=70000: expected an integer >= 0 and <= 65535"),
+    ("serve", ["init_from=gpt2-small", "max_batch_size=0"], "max_batch_size=0"),
+    ("serve", ["init_from=gpt2-small", "max_queue=0"], "max_queue=0"),
+    ("serve", ["init_from=gpt2-small", "prompt_style=chatml"], "prompt_style='chatml'"),
+    ("serve", ["ckpt_path={files}/corrupt.ckpt"], "{files}/corrupt.ckpt is corrupted"),
 ]
 
 

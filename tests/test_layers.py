@@ -1,5 +1,5 @@
-"""The package's layer picture holds: ``cli/`` -> ``tasks/``, ``judge``, ``inference`` -> ``weights/``,
-``data/`` -> ``model/``, ``tokenizer``, ``callbacks``. No import runs upward, no modules import each
+"""The package's layer picture holds: ``cli/`` -> ``serving/``, ``tasks/``, ``judge``, ``inference`` ->
+``weights/``, ``data/`` -> ``model/``, ``tokenizer``, ``text_stream``, ``callbacks``. No import runs upward, no modules import each
 other in a loop, ``model/`` is pure torch (no Lightning), and no gptlab import hides inside a
 function (the usual way of dodging a cycle)."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gptlab"
-LAYERS = {"model": 0, "tokenizer": 0, "callbacks": 0, "errors": 0, "checkpoint_io": 0, "weights": 1, "data": 1, "tasks": 2, "judge": 2,
-          "inference": 2, "rewards": 2, "cli": 3}
+LAYERS = {"model": 0, "tokenizer": 0, "text_stream": 0, "callbacks": 0, "errors": 0, "checkpoint_io": 0, "weights": 1,
+          "data": 1, "tasks": 2, "judge": 2, "inference": 2, "rewards": 2, "serving": 2, "cli": 3}
 """First name below ``gptlab.`` -> floor; a module imports only from its floor or below."""
 
 

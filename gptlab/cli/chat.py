@@ -11,7 +11,7 @@ where the model starts a new turn (``###`` in the Alpaca style, ``<|user|>`` in 
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, TextIO
+from typing import Iterator, TextIO
 
 import hydra
 import torch
@@ -19,48 +19,13 @@ from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.cli.generate import StreamDecoder
 from gptlab.cli.validation import validate_chat_config
 from gptlab.data.instruct import PromptStyle, get_prompt_style
 from gptlab.inference import LoadedModel, load_model
 from gptlab.model.generation import generate_stream
 from gptlab.model.gpt import GPT
+from gptlab.text_stream import StopStrings, StreamDecoder
 from gptlab.tokenizer import EOT_ID, get_tokenizer
-
-
-class StopStrings:
-    """Streams text pieces through, stopping before the first stop string.
-
-    Text that could be the start of a stop string is held back until it is clear it is not, so
-    nothing of a stop string is ever written; leading whitespace of the response is dropped.
-    """
-
-    def __init__(self, stops: Iterable[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.started = False
-        self.stopped = False
-
-    def push(self, piece: str) -> str:
-        """Feed ``piece``; returns the text that is safe to show now."""
-        if self.stopped:
-            return ""
-        text = self.pending + piece
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped, self.pending = True, ""
-            return text[:cut]
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - hold:] if hold else ""
-        return text[: len(text) - hold]
-
-    def flush(self) -> str:
-        out = "" if self.stopped else self.pending
-        self.pending = ""
-        return out
 
 
 def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text: str = "",
@@ -81,7 +46,7 @@ def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text
             yield piece
         if stops.stopped:
             return
-    tail = stops.flush()
+    tail = stops.push(dec.flush()) + stops.flush()  # bytes of an unfinished character, held text
     if tail:
         yield tail
 

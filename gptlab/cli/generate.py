@@ -13,23 +13,8 @@ from gptlab.cli.entry import call_hydra, handle_help, require_values, user_error
 from gptlab.inference import load_model
 from gptlab.cli.validation import validate_generate_config
 from gptlab.model.generation import generate_stream
-from gptlab.tokenizer import EOT_ID, get_tokenizer
-
-
-class StreamDecoder:
-    """Decode token ids incrementally; holds back bytes until they form complete UTF-8 characters."""
-
-    def __init__(self) -> None:
-        self.tok = get_tokenizer()
-        self.buf = b""
-
-    def push(self, token_id: int) -> str:
-        self.buf += self.tok.decode_single_token_bytes(token_id)
-        try:
-            text, self.buf = self.buf.decode("utf-8"), b""
-        except UnicodeDecodeError:
-            return ""
-        return text
+from gptlab.text_stream import StreamDecoder
+from gptlab.tokenizer import EOT_ID
 
 
 def run(cfg: DictConfig) -> str:
@@ -44,7 +29,7 @@ def run(cfg: DictConfig) -> str:
     if cfg.stream:
         sys.stdout.write(cfg.prompt)
         sys.stdout.flush()
-    dec = StreamDecoder()
+    dec = StreamDecoder(lm.tokenizer)
     for nxt in generate_stream(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                                EOT_ID if cfg.stop_at_eos else None, cfg.use_kv_cache):
         token = int(nxt[0])
@@ -55,6 +40,10 @@ def run(cfg: DictConfig) -> str:
         if cfg.stream and piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
+    tail = dec.flush()
+    out.append(tail)
+    if cfg.stream and tail:
+        sys.stdout.write(tail)
     text = "".join(out)
     if cfg.stream:
         sys.stdout.write("\n")

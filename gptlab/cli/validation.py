@@ -298,6 +298,13 @@ EXPORT_RULES: dict[str, Check] = {"ckpt_path": text(optional=True), "init_from":
                                   "out_dir": text(),
                                   "dtype": choice("float32", "fp32", "float16", "fp16", "bfloat16", "bf16",
                                                   optional=True)}
+SERVE_RULES: dict[str, Check] = {
+    **_SOURCE, "seed": integer(), "model_name": text(optional=True), "prompt_style": choice(*PROMPT_STYLES, optional=True),
+    "host": text(), "port": integer(ge=0, le=65535), "api_key": text(optional=True), "max_batch_size": integer(ge=1),
+    "batch_window_ms": number(ge=0), "max_queue": integer(ge=1), "max_tokens": integer(ge=1),
+    "max_body_bytes": integer(ge=1024), "drain_timeout": number(ge=0),
+    "log_level": choice("critical", "error", "warning", "info", "debug", "trace"),
+}
 JUDGE_RULES: dict[str, Check] = {
     "responses": existing_file(), "response_key": text(), "output": text(optional=True), "progress": boolean(),
     "judge.backend": choice(*JUDGE_BACKENDS), "judge.model": text(), "judge.url": url,
@@ -472,6 +479,10 @@ def validate_chat_config(cfg: DictConfig) -> None:
     problems = apply_rules(cfg, CHAT_RULES) + _one_source(cfg)
     problems += _sampling(cfg, {k: k for k in ("max_new_tokens", "temperature", "top_k", "top_p")})
     raise_problems(problems)
+
+
+def validate_serve_config(cfg: DictConfig) -> None:
+    raise_problems(apply_rules(cfg, SERVE_RULES) + _one_source(cfg))
 
 
 def validate_classify_config(cfg: DictConfig, text_arg: str | None) -> None:
