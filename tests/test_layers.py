@@ -88,3 +88,15 @@ def test_no_modules_import_each_other_in_a_loop():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_no_tool_module_imports_another_tool():
+    """A console tool's module (``pyproject.toml`` [project.scripts]) is an entry point, never a
+    library: what two tools share lives in ``gptlab.cli`` (the entry factory) or below it."""
+    import tomllib
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    tools = {target.partition(":")[0] for target in scripts.values()}
+    for module in tools:
+        shared = sorted({i for i, _ in gptlab_imports(MODULES[module]) if i in tools and i != module})
+        assert shared == [], f"{module} imports the tool module(s) {shared}"
