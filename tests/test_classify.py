@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONF_DIR, run_cli
-from gptlab.cli.classify import pop_text_argument, run as classify_run
+from gptlab.cli import pop_text_argument
+from gptlab.cli.classify import run as classify_run
 from gptlab.data.spam import TextClassificationDataModule
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT

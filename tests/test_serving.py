@@ -33,7 +33,7 @@ from gptlab.model.gpt import GPT
 from gptlab.serving.app import Server, build_server
 from gptlab.serving.protocol import render_chat
 from gptlab.tasks.instruct import InstructionTask
-from gptlab.text_stream import StopStrings
+from gptlab.streaming import StopStrings
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 openai = pytest.importorskip("openai", reason="the openai package is a test dependency: pip install -e '.[dev]'")

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-import hydra
-import torch
-from omegaconf import DictConfig
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.inference import load_model
-from gptlab.cli.validation import validate_generate_config
-from gptlab.model.generation import generate_stream
-from gptlab.text_stream import StreamDecoder
-from gptlab.tokenizer import EOT_ID
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def run(cfg: DictConfig) -> str:
     """Generate from ``cfg``; prints as it goes when ``cfg.stream``; returns the full text."""
+    import torch  # the heavy imports wait until a model is wanted: --help stays instant
+
+    from gptlab.cli.validation import validate_generate_config
+    from gptlab.inference import load_model
+    from gptlab.model.generation import generate_stream
+    from gptlab.streaming import StreamDecoder
+    from gptlab.tokenizer import EOT_ID
+
     validate_generate_config(cfg)
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
@@ -52,18 +54,7 @@ def run(cfg: DictConfig) -> str:
     return text
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "generate", "gptlab-generate")
-    with user_errors("gptlab-generate"):
-        run(cfg)
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; everything else through Hydra."""
-    handle_help("generate", "gptlab-generate")
-    call_hydra(_hydra_main, "generate", "gptlab-generate")
-
+main = entry_point("generate", run)
 
 if __name__ == "__main__":
     main()

@@ -13,15 +13,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-from omegaconf import DictConfig
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.cli.validation import validate_serve_config
-from gptlab.inference import load_model
-from gptlab.serving.app import build_server, require_server_libraries
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 API_KEY_ENV = "GPTLAB_API_KEY"
 
@@ -37,6 +34,10 @@ def model_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> None:
     """Load the model and serve until SIGTERM/SIGINT."""
+    from gptlab.cli.validation import validate_serve_config  # heavy imports here: --help stays instant
+    from gptlab.inference import load_model
+    from gptlab.serving.app import build_server, require_server_libraries
+
     validate_serve_config(cfg)
     require_server_libraries()  # before the (slow) model load: the install hint comes at once
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
@@ -53,18 +54,7 @@ def run(cfg: DictConfig) -> None:
     print("gptlab-serve: stopped", file=sys.stderr)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "serve", "gptlab-serve")
-    with user_errors("gptlab-serve"):
-        run(cfg)
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; everything else through Hydra."""
-    handle_help("serve", "gptlab-serve")
-    call_hydra(_hydra_main, "serve", "gptlab-serve")
-
+main = entry_point("serve", run)
 
 if __name__ == "__main__":
     main()

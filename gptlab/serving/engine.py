@@ -32,7 +32,7 @@ import torch
 from gptlab.model.continuous import ContinuousBatch, Sampling, TokenEvent
 from gptlab.model.gpt import GPT
 from gptlab.serving.protocol import APIError, GenerationRequest
-from gptlab.text_stream import StopStrings, StreamDecoder
+from gptlab.streaming import StopStrings, StreamDecoder
 
 
 class QueueFull(Exception):

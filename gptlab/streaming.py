@@ -1,17 +1,24 @@
-"""Generated tokens into text as they come: whole UTF-8 characters only, cut before a stop string.
-
-Shared by the streaming tools (``gptlab-generate``, ``gptlab-chat``) and the server, which all show
-text while the model is still generating.
-"""
+"""Text as a model writes it: token ids decoded piece by piece without splitting a UTF-8 character
+(:class:`StreamDecoder`), held back where a stop string may begin (:class:`StopStrings`), and an
+instruction-tuned model's response streamed in its prompt style (:func:`stream_response`). What
+``gptlab-generate`` and ``gptlab-chat`` print, and what a server streams."""
 
 from __future__ import annotations
 
 import codecs
-from typing import Iterable
 
-import tiktoken
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-from gptlab.tokenizer import get_tokenizer
+import torch
+
+from gptlab.model.generation import generate_stream
+from gptlab.model.gpt import GPT
+from gptlab.tokenizer import EOT_ID, get_tokenizer
+
+if TYPE_CHECKING:
+    import tiktoken
+
+    from gptlab.data.instruct import PromptStyle
 
 
 class StreamDecoder:
@@ -68,4 +75,28 @@ class StopStrings:
         return out
 
 
-__all__ = ["StreamDecoder", "StopStrings"]
+def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text: str = "",
+                    max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, use_kv_cache: bool = True) -> Iterator[str]:
+    """Yield the model's response to ``instruction`` (and ``input_text``) piece by piece, written in
+    the prompt ``style``; ends at ``<|endoftext|>`` or where the model starts a new turn."""
+    tok = get_tokenizer()
+    device = next(model.parameters()).device
+    prompt = style.prompt({"instruction": instruction, "input": input_text, "output": ""})
+    ids = torch.tensor(tok.encode_ordinary(prompt), device=device)
+    dec, stops = StreamDecoder(tok), StopStrings(("<|endoftext|>", *style.stop_markers))
+    for nxt in generate_stream(model, ids, max_new_tokens, temperature, top_k, top_p, EOT_ID, use_kv_cache):
+        token = int(nxt[0])
+        if token == EOT_ID:
+            break
+        piece = stops.push(dec.push(token))
+        if piece:
+            yield piece
+        if stops.stopped:
+            return
+    tail = stops.push(dec.flush()) + stops.flush()  # bytes of an unfinished character, held text
+    if tail:
+        yield tail
+
+
+__all__ = ["StreamDecoder", "StopStrings", "stream_response"]
