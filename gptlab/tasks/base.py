@@ -55,9 +55,10 @@ class GPTTask(L.LightningModule):
         adapter: adapter settings (``adapter=lora``: ``name``, ``rank``, ``alpha``, ...) or None.
         optimizer: the optimizer node (``task.optimizer``): ``_target_`` (a ``torch.optim`` class,
             default ``torch.optim.AdamW``), ``_partial_: true`` and its arguments (``lr``, ``betas``,
-            ``eps``, ``weight_decay``, ``fused``: null = fused on CUDA); None or a node without
-            ``_target_`` = AdamW (:data:`gptlab.tasks.optim.DEFAULT_OPTIMIZER`, updated by the node).
-            Kept as a plain dict; built in :meth:`configure_optimizers`.
+            ``eps``, ``weight_decay``, ``fused``: null = fused where torch has the kernel, CUDA and
+            CPU); None or a node without ``_target_`` = AdamW
+            (:data:`gptlab.tasks.optim.DEFAULT_OPTIMIZER`, updated by the node). Kept as a plain
+            dict; built in :meth:`configure_optimizers`.
         lr_schedule: ``name`` (``constant``, ``cosine``, ``linear``) after ``warmup_steps`` of linear
             warmup (an int, or a float < 1 read as a fraction of all steps), decaying to ``min_lr``.
         weight_decay_on: ``matrices`` (linear-layer weight matrices only) or ``all`` (every
