@@ -249,6 +249,28 @@ class ResumeState(L.Callback):
 
 
 # ----------------------------------------------------------------------------- non-finite guard
+_GRAD_NORM = "_step_grad_norm"
+
+
+def step_grad_norm(pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The global L2 norm (a 0-dim tensor on the gradients' device, no host sync) of the gradients
+    of ``optimizer``'s parameters, computed once per optimizer step: :class:`NonFiniteGuard`'s check
+    and the task's clipping (``GPTTask.configure_gradient_clipping``) share it instead of reading
+    every gradient twice. Kept on ``pl_module`` until its next backward (:func:`forget_step_grad_norm`)."""
+    norm = pl_module.__dict__.get(_GRAD_NORM)
+    if norm is None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False) if grads else torch.zeros(())
+        pl_module.__dict__[_GRAD_NORM] = norm
+    return norm
+
+
+def forget_step_grad_norm(pl_module: L.LightningModule) -> None:
+    """Drop the norm :func:`step_grad_norm` kept: the gradients are about to change (a backward,
+    or a step whose gradients were dropped)."""
+    pl_module.__dict__.pop(_GRAD_NORM, None)
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or gradient norm (the message names the step)."""
 
@@ -278,6 +300,7 @@ class NonFiniteGuard(L.Callback):
         self._loss: torch.Tensor | None = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        forget_step_grad_norm(pl_module)
         ok = torch.isfinite(loss.detach()).all()  # no host sync here: checked once per optimizer step
         self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
         if self._loss is None or not bool(ok):
@@ -286,10 +309,9 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool)
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = None
-        if grads and str(trainer.precision) not in ("16-mixed", "16", "16-true"):
-            norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+        if str(trainer.precision) not in ("16-mixed", "16", "16-true"):
+            norm = step_grad_norm(pl_module, optimizer)  # clipping reuses it: one norm per step
             ok = ok.to(norm.device) & torch.isfinite(norm)
         loss, self._loss_ok, self._loss = self._loss, None, None
         if bool(ok):
@@ -299,6 +321,7 @@ class NonFiniteGuard(L.Callback):
         if self.action == "skip" and self._consecutive < self.max_consecutive_skips:
             for p in (p for g in optimizer.param_groups for p in g["params"]):
                 p.grad = None  # AdamW leaves parameters without a gradient untouched
+            forget_step_grad_norm(pl_module)
             self.skipped += 1
             self._consecutive += 1
             rank_zero_warn(f"{what}: optimizer step skipped ({self.skipped} so far)")

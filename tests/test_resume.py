@@ -197,3 +197,26 @@ def test_logger_none_trains_without_the_lr_monitor(tmp_path, monkeypatch, run_en
                                "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 0, out[-2000:] + err[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_the_guard_and_clipping_share_one_gradient_norm_per_step(tmp_path, monkeypatch):
+    from gptlab.data.pretrain import SlidingWindowDataset
+    from gptlab.tasks.pretrain import PretrainTask
+
+    calls = []
+    real = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    clipped = []
+    real_clip = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_",
+                        lambda params, clip, norm, **k: clipped.append(float(norm)) or real_clip(params, clip, norm, **k))
+    torch.manual_seed(0)
+    task = PretrainTask(model={"name": "gpt2-tiny", "context_length": 16}, grad_clip=1e-3, sample_prompt=None)
+    loader = DataLoader(SlidingWindowDataset(torch.randint(0, 50257, (200,)).tolist(), 16), batch_size=4)
+    trainer = L.Trainer(max_steps=3, callbacks=[NonFiniteGuard("error")], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(task, loader)
+    assert len(calls) == 3 and len(clipped) == 3  # one norm per optimizer step, not two
+    # the norm clipping used is the step's own (before clipping): far above the 1e-3 it clipped to
+    assert all(n > 1e-2 for n in clipped)
+    assert float(trainer.callback_metrics["train/grad_norm"]) == pytest.approx(clipped[-1])
