@@ -661,8 +661,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows = [f"| {b.title} | | gptlab only | {skip_peers} | | |"]
             summary.extend(rows)
             details.append(f"\n### {name} ({result['wall']:.0f} s)\n\n" + "\n".join(detail))
+            # each comparison as soon as it is done: a time cap that stops the run keeps these
+            print("\n".join([*summary[:2], *rows, details[-1], ""]), flush=True)
             print(f"[peers] {b.name} done in {result['wall']:.0f} s", file=sys.stderr, flush=True)
-    print("\n".join(summary))
+    print("## All comparisons\n\n" + "\n".join(summary))
     print("\n## Repetitions\n" + "\n".join(details))
     return 1 if failures else 0
 
