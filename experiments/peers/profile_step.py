@@ -178,8 +178,8 @@ def main() -> None:
     lt = statistics.median(prof_cb.times)
     bt = statistics.median(bare_times)
     load = os.getloadavg()
-    print(f"{spec['batch']} x {spec['overrides']['context_length']} tokens, "
-          f"{spec['overrides']['n_layers']} layers x {spec['overrides']['emb_dim']}, torch {torch.__version__}, "
+    c = task.model.config
+    print(f"{spec['batch']} x {c.context_length} tokens, {c.n_layers} layers x {c.emb_dim}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {load[0]:.1f}\n")
     print("| | per step (median of %d) |" % args.steps)
     print("|---|---:|")

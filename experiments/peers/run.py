@@ -441,7 +441,8 @@ class Side:
         self.log_path = work / "worker.log"
         self.log = open(self.log_path, "w")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", bench, "--side", side, "--preset",
-               args.preset, "--weights", weights, "--work", str(work)]
+               args.preset, "--weights", weights, "--work", str(work),
+               *[f"--{k}={v}" for k, v in (("reps", args.reps), ("steps", args.steps)) if v]]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
                "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}
@@ -610,12 +611,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repetitions: checks every code path")
     ap.add_argument("--only", default=None, help="comma-separated comparisons (see --list)")
     ap.add_argument("--list", action="store_true", help="print the comparisons and exit")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per side (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per repetition (default: the preset's)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.preset = args.preset or ("quick" if args.quick else "cpu")
+    for spec in PRESETS[args.preset].values():  # a loaded machine: fewer or shorter repetitions
+        if isinstance(spec, dict):
+            spec.update({k: v for k, v in (("reps", args.reps), ("per_rep", args.steps)) if v and "reps" in spec})
     if args.worker:
         worker(args.worker, args.side, args.preset, args.weights, args.work)
         return 0
