@@ -98,7 +98,7 @@ BENCHMARKS: list[Benchmark] = [
     # without transformers/TRL on the machine the gptlab sides still run, the peer columns say why not
     Benchmark("peers", "gptlab vs a nanoGPT-style loop and TRL's RewardTrainer: training and reward-model steps (bf16)",
               "experiments/peers/run.py", ["--preset", "gpu", "--only", "train,reward"],
-              ["--quick", "--only", "fwdbwd"], 60, "experiments/peers/README.md"),
+              ["--quick", "--only", "fwdbwd", "--no-peers", "--reps", "1"], 60, "experiments/peers/README.md"),
 ]
 SMOKE_CAP_S = 120
 

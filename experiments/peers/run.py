@@ -611,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repetitions: checks every code path")
     ap.add_argument("--only", default=None, help="comma-separated comparisons (see --list)")
     ap.add_argument("--list", action="store_true", help="print the comparisons and exit")
+    ap.add_argument("--no-peers", action="store_true", help="the gptlab sides only (a smoke test of gptlab's code paths)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per side (default: the preset's)")
     ap.add_argument("--steps", type=int, default=None, help="steps per repetition (default: the preset's)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("--preset gpu needs a CUDA device", file=sys.stderr)
             return 2
-    skip_peers = peers_available()
+    skip_peers = "--no-peers: peer columns skipped" if args.no_peers else peers_available()
     print(f"# gptlab vs peers ({args.preset} preset)\n\n- machine: {machine()}")
     if skip_peers:
         print(f"- {skip_peers}")
