@@ -1,8 +1,8 @@
 """gptlab against its peers, side by side on one machine: Hugging Face ``generate`` and GPT-2,
 a nanoGPT-style training loop, and TRL's ``DPOTrainer``, ``RewardTrainer`` and ``SFTTrainer``.
 
-    python experiments/peers/run.py                    # every comparison, CPU shapes (~10 min on 2 cores)
-    python experiments/peers/run.py --quick            # tiny shapes, seconds per comparison: a smoke test
+    python experiments/peers/run.py                    # every comparison, CPU shapes
+    python experiments/peers/run.py --quick            # tiny shapes: a smoke test of every code path
     python experiments/peers/run.py --only reward,dpo  # some of them (see --list)
     python experiments/peers/run.py --preset gpu       # GPU-sized shapes, bf16 (experiments/gpu_suite.py)
 
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Bench:
-    """One comparison: the gptlab side first, then the peers; ``kind`` says how a repetition reads."""
+    """One comparison: the gptlab side first, then the peers (``needs_peer``: skipped without the extra)."""
 
     name: str
     title: str
     sides: list[str]
     needs_peer: bool = True
-    notes: list[str] = field(default_factory=list)
 
 
 BENCHES = [
@@ -344,7 +343,6 @@ def ppo_worker(spec: dict, device: str, g) -> None:
     import importlib.util
 
     import lightning as L
-    import torch
 
     from gptlab.callbacks import NonFiniteGuard
     from gptlab.model.config import GPTConfig
