@@ -14,6 +14,7 @@ import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
+from gptlab.callbacks import forget_step_grad_norm, step_grad_norm
 from gptlab.errors import ConfigError
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
@@ -55,9 +56,10 @@ class GPTTask(L.LightningModule):
         adapter: adapter settings (``adapter=lora``: ``name``, ``rank``, ``alpha``, ...) or None.
         optimizer: the optimizer node (``task.optimizer``): ``_target_`` (a ``torch.optim`` class,
             default ``torch.optim.AdamW``), ``_partial_: true`` and its arguments (``lr``, ``betas``,
-            ``eps``, ``weight_decay``, ``fused``: null = fused on CUDA); None or a node without
-            ``_target_`` = AdamW (:data:`gptlab.tasks.optim.DEFAULT_OPTIMIZER`, updated by the node).
-            Kept as a plain dict; built in :meth:`configure_optimizers`.
+            ``eps``, ``weight_decay``, ``fused``: null = fused where torch has the kernel, CUDA and
+            CPU); None or a node without ``_target_`` = AdamW
+            (:data:`gptlab.tasks.optim.DEFAULT_OPTIMIZER`, updated by the node). Kept as a plain
+            dict; built in :meth:`configure_optimizers`.
         lr_schedule: ``name`` (``constant``, ``cosine``, ``linear``) after ``warmup_steps`` of linear
             warmup (an int, or a float < 1 read as a fraction of all steps), decaying to ``min_lr``.
         weight_decay_on: ``matrices`` (linear-layer weight matrices only) or ``all`` (every
@@ -202,8 +204,12 @@ class GPTTask(L.LightningModule):
         clip = self.hparams.grad_clip or gradient_clip_val
         if clip:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            norm = step_grad_norm(self, optimizer)  # the one NonFiniteGuard computed for this step, if it ran
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        forget_step_grad_norm(self)  # new gradients: the kept norm is stale
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

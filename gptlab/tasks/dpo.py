@@ -291,8 +291,9 @@ class DPOTask(ResponseGenerationMixin, GPTTask):
             table = self.ref_logps.get(split)
             if table is None:
                 raise RuntimeError(f"no precomputed reference log-probs for the {split!r} split")
-            idx = batch["index"].cpu()
-            return table["chosen"][idx].to(self.device), table["rejected"][idx].to(self.device)
+            idx = batch["index"]  # the small table goes to the batch's device: no copy back, no sync
+            return (table["chosen"].to(idx.device, non_blocking=True)[idx],
+                    table["rejected"].to(idx.device, non_blocking=True)[idx])
         if mode == "copy" and self.reference_model is None:  # used outside a Trainer
             if not self._policy_is_reference:
                 raise RuntimeError("the reference copy was never built and the policy has been trained")

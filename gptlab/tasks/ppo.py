@@ -330,8 +330,8 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
                     loss = loss - hp.entropy_coef * entropy
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                if hp.grad_clip:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+                if hp.grad_clip:  # GPTTask's clipping: its norm is the one NonFiniteGuard then reuses
+                    self.configure_gradient_clipping(optimizer, hp.grad_clip)
                 optimizer.step()
                 self._policy_is_reference = False
                 for name, value in (("policy/approxkl", pg.approxkl), ("policy/clipfrac", pg.clipfrac),
