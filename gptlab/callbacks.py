@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from gptlab.checkpoint_io import CheckpointWriteError
+from gptlab.errors import CheckpointWriteError
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from gptlab.data.instruct import format_input
+from gptlab.data.prompt_styles import format_input
 from gptlab.errors import InvalidInput
 
 # The book's judge prompt; ``{input}`` is the Alpaca-formatted instruction (+ input).

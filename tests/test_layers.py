@@ -1,7 +1,9 @@
-"""The package's layer picture holds: ``cli/`` -> ``tasks/``, ``judge``, ``inference`` -> ``weights/``,
-``data/`` -> ``model/``, ``tokenizer``, ``callbacks``. No import runs upward, no modules import each
-other in a loop, ``model/`` is pure torch (no Lightning), and no gptlab import hides inside a
-function (the usual way of dodging a cycle)."""
+"""The package's layer picture holds: ``cli/`` -> ``judge`` -> ``tasks/`` -> ``inference``, ``alignment/``,
+``rewards`` -> ``weights/``, ``data/``, ``checkpoint_io`` -> ``model/``, ``tokenizer``, ``callbacks``,
+``optim``, ``checks``, ``errors``. No import runs upward, no modules import each other in a loop,
+``model/`` and ``alignment/`` are pure torch (no Lightning; ``alignment/`` takes nothing from
+``tasks/``, ``data/`` or ``cli/``), and no gptlab import hides inside a function (the usual way of
+dodging a cycle)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gptlab"
-LAYERS = {"model": 0, "tokenizer": 0, "callbacks": 0, "errors": 0, "checkpoint_io": 0, "weights": 1, "data": 1, "tasks": 2, "judge": 2,
-          "inference": 2, "rewards": 2, "cli": 3}
+LAYERS = {"model": 0, "tokenizer": 0, "callbacks": 0, "errors": 0, "checks": 0, "optim": 0,
+          "weights": 1, "data": 1, "checkpoint_io": 1,
+          "inference": 2, "alignment": 2, "rewards": 2,
+          "tasks": 3, "judge": 4, "cli": 5}
 """First name below ``gptlab.`` -> floor; a module imports only from its floor or below."""
 
 
@@ -60,13 +64,30 @@ def test_no_import_runs_upward_or_hides_in_a_function(module):
             f"{module} (floor {floor(module)}) imports {imported} (floor {floor(imported)}): upward")
 
 
-def test_model_is_pure_torch():
+def imported_names(tree: ast.AST) -> list[str]:
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    return names + [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+
+
+@pytest.mark.parametrize("package", ["gptlab.model", "gptlab.alignment"])
+def test_model_and_alignment_are_pure_torch(package):
     for module, tree in MODULES.items():
-        if module.startswith("gptlab.model"):
-            names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-            names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-            bad = [n for n in names if n.split(".")[0] in ("lightning", "pytorch_lightning", "hydra", "omegaconf")]
+        if module.startswith(package):
+            bad = [n for n in imported_names(tree)
+                   if n.split(".")[0] in ("lightning", "pytorch_lightning", "hydra", "omegaconf")]
             assert bad == [], f"{module} imports {bad}"
+
+
+def test_alignment_takes_nothing_from_tasks_data_or_cli():
+    for module, tree in MODULES.items():
+        if module.startswith("gptlab.alignment"):
+            bad = [n for n in imported_names(tree) if n.startswith(("gptlab.tasks", "gptlab.data", "gptlab.cli"))]
+            assert bad == [], f"{module} imports {bad}"
+
+
+def test_alignment_and_inference_stand_below_tasks():
+    assert floor("gptlab.alignment.losses") < floor("gptlab.tasks.dpo")
+    assert floor("gptlab.inference") < floor("gptlab.tasks.dpo")
 
 
 def test_no_modules_import_each_other_in_a_loop():

@@ -440,7 +440,7 @@ def test_the_loader_puts_a_qlora_adapter_on_its_requantized_base_and_merges_it(t
 
 def test_the_loader_folds_a_qlora_checkpoint_into_its_stored_base_exactly(trained_qlora_lm):
     from gptlab.inference import load_model
-    from gptlab.tasks.checkpoint import load_backbone
+    from gptlab.weights.checkpoint import load_backbone
 
     tuned, _, _, ckpt = trained_qlora_lm
     x = ids()

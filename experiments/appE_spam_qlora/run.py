@@ -36,11 +36,11 @@ from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import merge_lora
 from gptlab.model.qlora import load_qlora_adapter, qlora_layers
-from gptlab.tasks.checkpoint import load_backbone
+from gptlab.model.heads import class_logits
 from gptlab.tasks.registry import load_task
-from gptlab.tasks.classify import class_logits
 from gptlab.tokenizer import get_tokenizer
 from gptlab.weights import export_hf
+from gptlab.weights.checkpoint import load_backbone
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 

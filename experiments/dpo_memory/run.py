@@ -4,7 +4,7 @@
     python experiments/dpo_memory/run.py --device cuda    # GPU: gpt2-medium, 8 pairs x 256 tokens, bf16 autocast
     python experiments/dpo_memory/run.py --smoke          # seconds: gpt2-tiny, to check the script
 
-Runs ``gptlab.tasks.dpo.DPOTask``'s own training path (``dpo_metrics`` -> backward -> AdamW) for
+Runs ``gptlab.tasks.dpo.DPOTask``'s own training path (``pair_metrics`` -> backward -> AdamW) for
 five set-ups, each in its own subprocess so one's peak memory cannot hide another's:
 
 * full fine-tuning with the reference as a frozen ``copy`` (the book) or ``precomputed``;
@@ -32,7 +32,7 @@ import time
 import torch
 
 from gptlab.model.config import GPTConfig
-from gptlab.tasks.dpo import DPOTask, reference_logps, stacked_pair
+from gptlab.tasks.dpo import DPOTask
 
 SETUPS = [("full", "copy"), ("full", "precomputed"), ("lora", "copy"), ("lora", "adapters_off"),
           ("lora", "precomputed")]
@@ -87,17 +87,17 @@ def worker(args: argparse.Namespace) -> dict:
     if args.reference == "precomputed":  # what DPOTask does once before training, for this batch
         t0 = time.perf_counter()
         with autocast:
-            c, r = reference_logps(task.model, *stacked_pair(batch), "sum", adapters_off=True).chunk(2)
+            c, r = task.starting_pair_logps(batch)
         if cuda:
             torch.cuda.synchronize()
         precompute_s = (time.perf_counter() - t0) / args.pairs
-        task.ref_logps = {"train": {"chosen": c.float().cpu(), "rejected": r.float().cpu()}}
+        task.ref_logps["train"] = {"chosen": c.float().cpu(), "rejected": r.float().cpu()}
     params = [p for p in task.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.01)
 
     def step() -> None:
         with autocast:
-            loss = task.dpo_metrics(batch, "train")["loss"]
+            loss = task.pair_metrics(batch, "train")["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ from gptlab.cli import CONFIG_DIR
 from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.cli.generate import StreamDecoder
 from gptlab.cli.validation import validate_chat_config
-from gptlab.data.instruct import PromptStyle, get_prompt_style
+from gptlab.data.prompt_styles import PromptStyle, get_prompt_style
 from gptlab.inference import LoadedModel, load_model
 from gptlab.model.generation import generate_stream
 from gptlab.model.gpt import GPT

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.inference import load_model
-from gptlab.tasks.instruct import answer_entries
+from gptlab.inference import answer_entries
 
 SPLITS = ("train", "val", "test")
 

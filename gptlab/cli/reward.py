@@ -30,7 +30,7 @@ from gptlab.cli.entry import call_hydra, handle_help, require_values, user_error
 from gptlab.cli.classify import pop_text_argument
 from gptlab.inference import load_model
 from gptlab.judge import load_responses, pair_responses
-from gptlab.tasks.reward import score_responses
+from gptlab.inference import score_responses
 
 
 def summarize_rewards(scores: Sequence[float]) -> dict[str, float | int | None]:

@@ -29,8 +29,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gptlab.callbacks import ACTIONS as NONFINITE_ACTIONS
-from gptlab.checkpoint_io import verify_checkpoint
-from gptlab.data.instruct import PROMPT_STYLES
+from gptlab.weights.readers import verify_checkpoint
+from gptlab.data.prompt_styles import PROMPT_STYLES
 from gptlab.errors import ConfigError, InvalidInput
 from gptlab.judge import BACKENDS as JUDGE_BACKENDS
 from gptlab.model.config import GPTConfig
@@ -39,8 +39,9 @@ from gptlab.model.lora import SCALINGS as LORA_SCALINGS
 from gptlab.model.lora import TARGETS as LORA_TARGETS
 from gptlab.weights.formats import pretrained_names, resolve_pretrained_name
 from gptlab.weights.readers import safe_torch_load
-from gptlab.tasks.classify import POOLINGS, TRAINABLE
-from gptlab.tasks.optim import LR_SCHEDULES, WEIGHT_DECAY_ON, optimizer_class
+from gptlab.model.heads import POOLINGS
+from gptlab.tasks.classify import TRAINABLE
+from gptlab.optim import LR_SCHEDULES, WEIGHT_DECAY_ON, optimizer_class
 
 Check = Callable[[Any], "str | None"]
 """A check returns None for a valid value, else what would be allowed (``"an integer >= 1"``)."""

@@ -1,4 +1,4 @@
-"""Instruction fine-tuning data (book chapter 7): prompt styles, the masking collate, and
+"""Instruction fine-tuning data (book chapter 7): the masking collate and
 :class:`InstructionDataModule` for Alpaca-format JSON (``[{"instruction", "input", "output"}, ...]``).
 
 Sequence layout. Every entry becomes ``prompt + response`` where the *prompt* is the instruction,
@@ -6,7 +6,8 @@ the input and the response header (``"...\\n\\n### Response:\\n"``), and the *re
 ``output``. Both parts are tokenized once, up front, and concatenated, so the prompt length is known
 exactly (prompt masking needs no re-tokenization) and generation at test time starts from the very
 same prompt ids the model was trained on. (On the book's 1,100 entries the concatenated ids equal
-the ids of the joined text.)
+the ids of the joined text.) How an entry is written as text is its prompt style
+(:mod:`gptlab.data.prompt_styles`).
 
 ``<|endoftext|>`` is **not** appended to the entries, exactly as in the book: the collate pads every
 sequence by at least one ``<|endoftext|>`` and keeps the first pad as a target, so the model learns
@@ -16,7 +17,6 @@ to emit ``<|endoftext|>`` after each response (unless ``allowed_max_length`` tru
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,6 +27,8 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from gptlab.data.base import GPTDataModule
+from gptlab.data.prompt_styles import (PROMPT_STYLES, PromptStyle, extract_response, format_input, format_prompt,
+                                       get_prompt_style, left_pad)
 from gptlab.data.records import DataFileError, read_json_records
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
@@ -36,95 +38,6 @@ REQUIRED_KEYS = ("instruction", "input", "output")
 
 class InstructionDataError(DataFileError):
     """A malformed instruction file or entry (the message names the file and the entry index)."""
-
-
-# ----------------------------------------------------------------------------- prompt styles
-@dataclass(frozen=True)
-class PromptStyle:
-    """How an entry is written as text.
-
-    ``format_input(entry)`` is the instruction (+ input) part, ``response_header`` is what separates
-    it from the response (the prompt for generation is their concatenation), ``prompt_marker`` is a
-    string every prompt holds before the header, and ``stop_markers`` are strings that start a new
-    turn: a generated response is cut at the first of them.
-    """
-
-    name: str
-    format_input: Callable[[Mapping[str, str]], str]
-    response_header: str
-    prompt_marker: str
-    stop_markers: tuple[str, ...]
-
-    def prompt(self, entry: Mapping[str, str]) -> str:
-        """Everything the model is given before its response."""
-        return self.format_input(entry) + self.response_header
-
-    def full_text(self, entry: Mapping[str, str]) -> str:
-        """Prompt and reference response: one training example."""
-        return self.prompt(entry) + entry["output"]
-
-
-def _alpaca_input(entry: Mapping[str, str]) -> str:
-    text = ("Below is an instruction that describes a task. Write a response that appropriately "
-            f"completes the request.\n\n### Instruction:\n{entry['instruction']}")
-    return text + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else "")
-
-
-def _phi3_input(entry: Mapping[str, str]) -> str:
-    return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get("input") else "")
-
-
-def _raw_input(entry: Mapping[str, str]) -> str:
-    return entry["instruction"] + (f"\n{entry['input']}" if entry.get("input") else "")
-
-
-# Adding a style is one entry here (and then ``data.prompt_style=<name>``).
-PROMPT_STYLES: dict[str, PromptStyle] = {
-    # the book's chapter 7 (Stanford Alpaca's template)
-    "alpaca": PromptStyle("alpaca", _alpaca_input, "\n\n### Response:\n", "### Instruction:", ("###",)),
-    # the book's exercise 7.1 in Phi-3's own spelling (the book's solution writes "<|assistant|>:")
-    "phi3": PromptStyle("phi3", _phi3_input, "\n<|assistant|>\n", "<|user|>", ("<|user|>", "<|assistant|>", "<|end|>")),
-    # the instruction verbatim, no template: for prompts that carry their own turn markers
-    # (Anthropic HH: "\n\nHuman: ...\n\nAssistant:")
-    "raw": PromptStyle("raw", _raw_input, "", "", ()),
-}
-
-
-def get_prompt_style(name: str | PromptStyle) -> PromptStyle:
-    """The registered :class:`PromptStyle` called ``name``."""
-    if isinstance(name, PromptStyle):
-        return name
-    if name not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {name!r}; valid choices: {sorted(PROMPT_STYLES)}")
-    return PROMPT_STYLES[name]
-
-
-def format_input(entry: Mapping[str, str], style: str | PromptStyle = "alpaca") -> str:
-    """The instruction (+ input) of ``entry`` in ``style``, without the response header (the book's
-    ``format_input``)."""
-    return get_prompt_style(style).format_input(entry)
-
-
-def format_prompt(entry: Mapping[str, str], style: str | PromptStyle = "alpaca") -> str:
-    """The generation prompt of ``entry``: instruction (+ input) and the response header."""
-    return get_prompt_style(style).prompt(entry)
-
-
-def extract_response(text: str, style: str | PromptStyle = "alpaca") -> str:
-    """The model's answer inside ``text`` (a prompt + generation, or a generation alone).
-
-    Drops everything up to the first response header when a prompt (or nothing) precedes it, then
-    cuts at ``<|endoftext|>`` and at the first stop marker (a new ``###`` section, ``<|user|>``,
-    ...) and strips surrounding whitespace.
-    """
-    st = get_prompt_style(style)
-    header = st.response_header.strip()
-    at = text.find(header) if header else -1
-    if at >= 0 and (st.prompt_marker in text[:at] or not text[:at].strip()):
-        text = text[at + len(header):]
-    for stop in ("<|endoftext|>", *st.stop_markers):
-        text = text.split(stop, 1)[0]
-    return text.strip()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -230,19 +143,6 @@ def instruction_collate(batch: Sequence[Mapping[str, Any] | Sequence[int]], pad_
         attention_mask = attention_mask[:, :allowed_max_length]
     return {"input_ids": input_ids.contiguous(), "labels": labels.contiguous(),
             "attention_mask": attention_mask.contiguous()}
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = EOT_ID,
-             max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into (B, T) ``ids`` and ``attention_mask`` (1 = real), for batched
-    generation. ``max_length`` keeps only the last ``max_length`` ids of each sequence."""
-    rows = [torch.as_tensor(list(s)[-max_length:] if max_length else list(s), dtype=torch.long) for s in seqs]
-    # pad_sequence pads on the right: flip, pad, flip back
-    ids = pad_sequence([r.flip(0) for r in rows], batch_first=True, padding_value=pad_id).flip(1)
-    lengths = torch.tensor([len(r) for r in rows])[:, None]
-    T = ids.size(1)
-    mask = (torch.arange(T)[None, :] >= T - lengths).long()
-    return ids, mask
 
 
 class InstructionTestCollate:
