@@ -16,20 +16,17 @@ to emit ``<|endoftext|>`` after each response (unless ``allowed_max_length`` tru
 
 from __future__ import annotations
 
-import random
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from gptlab.data.base import GPTDataModule
 from gptlab.data.prompt_styles import (PROMPT_STYLES, PromptStyle, extract_response, format_input, format_prompt,
                                        get_prompt_style, left_pad)
-from gptlab.data.records import DataFileError, read_json_records
+from gptlab.data.records import DataFileError, RecordDataModule, read_json_records
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_INSTRUCTION_DATA = ASSETS / "instruction-data.json"
@@ -64,22 +61,6 @@ def validate_entry(entry: Any, index: int, path: str | Path = "<data>", where: s
         if not isinstance(entry[key], str):
             raise InstructionDataError(f"{where}: {key!r} must be a string, "
                                        f"got {type(entry[key]).__name__} ({entry[key]!r:.60})")
-
-
-def split_entries(entries: Sequence[Any], train_ratio: float = 0.85, test_ratio: float = 0.10,
-                  shuffle: bool = False, seed: int = 123) -> tuple[list[Any], list[Any], list[Any]]:
-    """(train, val, test) as in the book: the first ``train_ratio`` trains, the next ``test_ratio``
-    tests, the rest validates (1,100 entries: 935 / 55 / 110). ``shuffle`` permutes first (seeded)."""
-    if not (0 < train_ratio and 0 <= test_ratio and train_ratio + test_ratio <= 1):
-        raise ValueError(f"need 0 < train_ratio and train_ratio + test_ratio <= 1; got {train_ratio}, {test_ratio}")
-    entries = list(entries)
-    if shuffle:
-        random.Random(seed).shuffle(entries)
-    n_train, n_test = int(len(entries) * train_ratio), int(len(entries) * test_ratio)
-    train = entries[:n_train]
-    test = entries[n_train:n_train + n_test]
-    val = entries[n_train + n_test:]
-    return train, val, test
 
 
 # ----------------------------------------------------------------------------- dataset + collate
@@ -173,7 +154,7 @@ class InstructionTestCollate:
 
 
 # ----------------------------------------------------------------------------- data module
-class InstructionDataModule(GPTDataModule):
+class InstructionDataModule(RecordDataModule):
     """Alpaca-format instruction data, split and batched as in the book's chapter 7.
 
     Args:
@@ -190,6 +171,8 @@ class InstructionDataModule(GPTDataModule):
         max_prompt_length: test-time prompts keep only their last N tokens (None = whole prompt).
     """
 
+    what, unit, default_path = "instruction data", "entries", DEFAULT_INSTRUCTION_DATA
+
     def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
                  train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
                  split_seed: int = 123, max_entries: int | None = None, mask_prompt: bool = True,
@@ -201,34 +184,19 @@ class InstructionDataModule(GPTDataModule):
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         get_prompt_style(prompt_style)  # fail fast on a typo
         self.tokenizer = tokenizer or get_tokenizer()
-        self.path, self.prompt_style = path, prompt_style
-        self.train_ratio, self.test_ratio = train_ratio, test_ratio
-        self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
         self.max_prompt_length = max_prompt_length
         self.collate_kwargs = dict(pad_id=pad_id, ignore_index=ignore_index,
                                    allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        entries = load_instruction_data(self.path)
-        if self.shuffle_before_split:
-            random.Random(self.split_seed).shuffle(entries)
-        if self.max_entries:
-            entries = entries[: self.max_entries]
-        train, val, test = split_entries(entries, self.train_ratio, self.test_ratio)
-        self.train_set, self.val_set, self.test_set = (
-            InstructionDataset(part, self.tokenizer, self.prompt_style) for part in (train, val, test))
-        mask = self.collate_kwargs["mask_prompt"]
-        rank_zero_info(f"instruction data {self.path or DEFAULT_INSTRUCTION_DATA}: {len(train)} train / "
-                       f"{len(val)} val / {len(test)} test entries, prompt style {self.prompt_style!r}, "
-                       + ("loss on responses only (mask_prompt=true)" if mask else
-                          "loss on prompts AND responses (mask_prompt=false, as in the book)"))
+    def load_entries(self) -> list[dict[str, str]]:
+        return load_instruction_data(self.path)
 
-    @property
-    def test_entries(self) -> list[dict[str, str]]:
-        self.setup()
-        return self.test_set.entries
+    def make_dataset(self, entries: list[dict[str, str]]) -> InstructionDataset:
+        return InstructionDataset(entries, self.tokenizer, self.prompt_style)
+
+    def after_split(self, note: str = "") -> None:
+        super().after_split(", loss on responses only (mask_prompt=true)" if self.collate_kwargs["mask_prompt"] else
+                         ", loss on prompts AND responses (mask_prompt=false, as in the book)")
 
     def collate_fn(self, stage: str) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
         """Training and validation batches: :func:`instruction_collate`; test batches add what

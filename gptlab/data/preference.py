@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from gptlab.data.base import GPTDataModule
-from gptlab.data.instruct import InstructionTestCollate, get_prompt_style, instruction_collate, split_entries
-from gptlab.data.records import DataFileError, read_json_records
+from gptlab.data.instruct import InstructionTestCollate, instruction_collate
+from gptlab.data.prompt_styles import get_prompt_style
+from gptlab.data.records import DataFileError, RecordDataModule, read_json_records
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_PREFERENCE_DATA = ASSETS / "instruction-data-with-preference.json"
@@ -171,7 +170,7 @@ def preference_collate(batch: Sequence[Mapping[str, Any]], pad_id: int = EOT_ID,
 
 
 # ----------------------------------------------------------------------------- data module
-class PreferenceDataModule(GPTDataModule):
+class PreferenceDataModule(RecordDataModule):
     """Preference pairs, split like the book (first 85% train, next 10% test, last 5% validate:
     935 / 110 / 55 of the book's 1,100).
 
@@ -190,6 +189,8 @@ class PreferenceDataModule(GPTDataModule):
         max_prompt_length: test-time generation prompts keep only their last N tokens.
     """
 
+    what, unit, default_path = "preference data", "pairs", DEFAULT_PREFERENCE_DATA
+
     def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
                  train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
                  split_seed: int = 123, max_entries: int | None = None, mask_prompt: bool = True,
@@ -204,29 +205,19 @@ class PreferenceDataModule(GPTDataModule):
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
         self.tokenizer = tokenizer or get_tokenizer()
-        self.path, self.prompt_style, self.score_response_header = path, prompt_style, score_response_header
-        self.train_ratio, self.test_ratio = train_ratio, test_ratio
-        self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
+        self.score_response_header = score_response_header
         self.max_prompt_length = max_prompt_length
         self.collate_kwargs = dict(pad_id=pad_id, ignore_index=ignore_index, allowed_max_length=allowed_max_length,
                                    mask_prompt=mask_prompt, score_eos=score_eos)
-        self.train_set: PreferenceDataset | None = None
-        self.val_set: PreferenceDataset | None = None
-        self.test_set: PreferenceDataset | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        entries = load_preference_data(self.path)
-        if self.shuffle_before_split:
-            random.Random(self.split_seed).shuffle(entries)
-        if self.max_entries:
-            entries = entries[: self.max_entries]
-        parts = split_entries(entries, self.train_ratio, self.test_ratio)
-        self.train_set, self.val_set, self.test_set = (
-            PreferenceDataset(part, self.tokenizer, self.prompt_style, self.score_response_header) for part in parts)
-        rank_zero_info(f"preference data {self.path or DEFAULT_PREFERENCE_DATA}: {len(parts[0])} train / "
-                       f"{len(parts[1])} val / {len(parts[2])} test pairs, prompt style {self.prompt_style!r}")
+    def load_entries(self) -> list[dict[str, Any]]:
+        return load_preference_data(self.path)
+
+    def make_dataset(self, entries: list[dict[str, Any]]) -> PreferenceDataset:
+        return PreferenceDataset(entries, self.tokenizer, self.prompt_style, self.score_response_header)
+
+    def after_split(self, note: str = "") -> None:
+        super().after_split(note)
         limit = self.collate_kwargs["allowed_max_length"]
         if limit is not None:
             # the first scored label sits at position prompt_length - 1
@@ -241,10 +232,6 @@ class PreferenceDataModule(GPTDataModule):
             raise ValueError(f"unknown split {split!r}; valid choices: {list(SPLITS)}")
         self.setup()
         return {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
-
-    @property
-    def test_entries(self) -> list[dict[str, Any]]:
-        return self.dataset("test").entries
 
     def fingerprint(self, split: str) -> str:
         """:meth:`PreferenceDataset.fingerprint` of ``split`` combined with the collate settings."""
