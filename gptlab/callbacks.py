@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from gptlab.checks import ConfigRules, boolean, choice, integer, require
 from gptlab.errors import CheckpointWriteError
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,15 @@ def token_tensors(batch: Any) -> list[torch.Tensor]:
     return [batch[0]]
 
 
-class ThroughputMonitor(L.Callback):
+class ThroughputMonitor(ConfigRules, L.Callback):
     """Logs ``throughput/tokens_per_sec``, ``throughput/step_time_ms`` and (on known GPUs)
     ``throughput/mfu`` every ``log_every_n_steps`` optimizer steps.
 
     Timing is taken over a window of steps with one device sync per window, so it adds no host
     sync to the step itself. The first ``skip_steps`` (compilation, cuDNN autotuning) are ignored.
     """
+
+    RULES = {"log_every_n_steps": integer(ge=1), "skip_steps": integer(ge=0)}
 
     def __init__(self, log_every_n_steps: int = 10, skip_steps: int = 2):
         self.every = log_every_n_steps
@@ -126,11 +129,13 @@ class ThroughputMonitor(L.Callback):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-class StepCheckpoint(ModelCheckpoint):
+class StepCheckpoint(ConfigRules, ModelCheckpoint):
     """``last.ckpt``, the full training state to resume from, every ``every_n_train_steps`` optimizer
     steps and when training ends, whatever metrics exist (it monitors nothing, so it never waits for
     a first validation). ``keep_every=true`` also keeps each of them as ``step<N>.ckpt``.
     """
+
+    RULES = {"every_n_train_steps": integer(ge=1), "keep_every": boolean()}
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 100, keep_every: bool = False,
                  filename: str = "step{step:06d}"):
@@ -256,7 +261,7 @@ class NonFiniteError(FloatingPointError):
 ACTIONS = ("error", "skip")
 
 
-class NonFiniteGuard(L.Callback):
+class NonFiniteGuard(ConfigRules, L.Callback):
     """Stops training (``action=error``) or skips the optimizer step (``action=skip``) when the loss
     or the global gradient norm is NaN or infinite.
 
@@ -268,9 +273,11 @@ class NonFiniteGuard(L.Callback):
     already skips steps with infinite gradients, so only the loss is checked.
     """
 
+    RULES = {"action": choice(*ACTIONS, name="callbacks.nonfinite_guard.action"),
+             "max_consecutive_skips": integer(ge=0)}
+
     def __init__(self, action: str = "error", max_consecutive_skips: int = 10):
-        if action not in ACTIONS:
-            raise ValueError(f"callbacks.nonfinite_guard.action={action!r}; valid choices: {list(ACTIONS)}")
+        require("action", action, self.RULES["action"])
         self.action, self.max_consecutive_skips = action, int(max_consecutive_skips)
         self.skipped = 0
         self._consecutive = 0

@@ -25,7 +25,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from gptlab.errors import ConfigError
 
@@ -69,6 +69,13 @@ def problem(key: str, value: Any, expected: str, sentence: str | None = None) ->
                                                                                    f"{expected}")
 
 
+def require(key: str, value: Any, check: "Check") -> None:
+    """Raise a :class:`ConfigError` with ``check``'s sentence unless ``value`` passes it."""
+    found = check.problem(key, value)
+    if found is not None:
+        raise ConfigError(found.sentence)
+
+
 def raise_problems(problems: Sequence[Problem], what: str = "setting") -> None:
     """Raise one :class:`ConfigError` holding every problem's sentence (nothing when there are none)."""
     if not problems:
@@ -85,8 +92,8 @@ class Check:
 
     allowed: str = "a valid value"
 
-    def __init__(self, name: str | None = None):
-        self.name = name
+    def __init__(self, name: str | None = None, why: str | None = None):
+        self.name, self.why = name, why
 
     def ok(self, value: Any) -> bool:
         raise NotImplementedError
@@ -100,7 +107,8 @@ class Check:
     def problem(self, key: str, value: Any) -> Problem | None:
         if self.ok(value):
             return None
-        return problem(key, value, self.allowed, self.sentence(self.name or key, value))
+        why = f": {self.why}" if self.why else ""
+        return problem(key, value, self.allowed + why, self.sentence(self.name or key, value) + why)
 
 
 class Number(Check):
@@ -108,8 +116,8 @@ class Number(Check):
 
     def __init__(self, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
                  le: float | None = None, integer: bool = False, optional: bool = False, note: str | None = None,
-                 name: str | None = None):
-        super().__init__(name)
+                 name: str | None = None, why: str | None = None):
+        super().__init__(name, why)
         self.gt, self.ge, self.lt, self.le, self.integer, self.optional = gt, ge, lt, le, integer, optional
         bounds = [f"{op} {b:g}" for op, b in ((">", gt), (">=", ge), ("<", lt), ("<=", le)) if b is not None]
         if len(bounds) == 2 and ge is not None and lt is not None:
@@ -166,9 +174,11 @@ class Predicate(Check):
 
 
 def number(*, gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None,
-           integer: bool = False, optional: bool = False, note: str | None = None, name: str | None = None) -> Number:
-    """A number (an integer when ``integer``) within the given bounds; None too when ``optional``."""
-    return Number(gt=gt, ge=ge, lt=lt, le=le, integer=integer, optional=optional, note=note, name=name)
+           integer: bool = False, optional: bool = False, note: str | None = None, name: str | None = None,
+           why: str | None = None) -> Number:
+    """A number (an integer when ``integer``) within the given bounds; None too when ``optional``.
+    ``note`` qualifies what is allowed; ``why`` follows every message about the value."""
+    return Number(gt=gt, ge=ge, lt=lt, le=le, integer=integer, optional=optional, note=note, name=name, why=why)
 
 
 def integer(**bounds: Any) -> Number:
@@ -263,16 +273,27 @@ def check_value(key: str, value: Any, check: Callable[[Any], str | None]) -> Pro
     return problem(key, value, allowed) if allowed else None
 
 
-def check_node(node: Mapping[str, Any], rules: Mapping[str, Callable[[Any], str | None]]) -> list[Problem]:
-    """Every key of ``rules`` that ``node`` holds, checked; the problems in table order."""
+def check_node(node: Any, rules: Mapping[str, Callable[[Any], str | None]],
+               get: Callable[[Any, str], Any] = lookup) -> list[Problem]:
+    """Every key of ``rules`` that ``node`` holds (``get(node, key)``, :data:`ABSENT` when it does not),
+    checked; the problems in table order."""
     found = []
     for key, check in rules.items():
-        value = lookup(node, key)
+        value = get(node, key)
         if value is not ABSENT:
             p = check_value(key, value, check)
             if p is not None:
                 found.append(p)
     return found
+
+
+def ratios_fit(node: Mapping[str, Any], first: str, second: str, rest: str) -> list[Problem]:
+    """A problem when the split ratios ``node[first] + node[second]`` exceed 1 (``rest``: what the
+    remainder is for, ``"validates"``)."""
+    a, b = node.get(first), node.get(second)
+    if is_number(a) and is_number(b) and a + b > 1:
+        return [problem(second, b, f"at most 1 - {{node}}{first}={a} (the rest {rest})")]
+    return []
 
 
 def unknown_keys(node: Mapping[str, Any], valid: Iterable[str], what: str) -> list[Problem]:
@@ -287,6 +308,33 @@ def unknown_keys(node: Mapping[str, Any], valid: Iterable[str], what: str) -> li
     return found
 
 
-__all__ = ["ABSENT", "Problem", "problem", "raise_problems", "Check", "Number", "Choice", "Predicate", "number",
+class ConfigRules:
+    """A class that owns a config node keeps its keys' rules on itself: ``RULES`` (key -> check) on
+    each class, merged along the MRO (a subclass's rule for a key replaces its base's; mixins add
+    theirs), and :meth:`check_relations` for rules between keys. :meth:`check_config` applies both to
+    a node without building anything (keys starting with ``_``, Hydra's, are left out)."""
+
+    RULES: ClassVar[Mapping[str, Callable[[Any], str | None]]] = {}
+
+    @classmethod
+    def config_rules(cls) -> dict[str, Callable[[Any], str | None]]:
+        rules: dict[str, Callable[[Any], str | None]] = {}
+        for klass in reversed(cls.__mro__):
+            rules.update(vars(klass).get("RULES", {}))
+        return rules
+
+    @classmethod
+    def check_config(cls, node: Mapping[str, Any]) -> list[Problem]:
+        """Every problem of ``node`` (a plain mapping of this class's constructor arguments)."""
+        node = {k: v for k, v in dict(node).items() if not str(k).startswith("_")}
+        return check_node(node, cls.config_rules()) + cls.check_relations(node)
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        """Problems between keys of ``node``; subclasses extend (``super().check_relations(node) + ...``)."""
+        return []
+
+
+__all__ = ["ABSENT", "ConfigRules", "Problem", "problem", "require", "raise_problems", "Check", "Number", "Choice", "Predicate", "number",
            "integer", "choice", "boolean", "text", "strings", "encoding", "existing_paths", "existing_file", "lookup",
-           "check_value", "check_node", "unknown_keys", "show", "is_int", "is_number"]
+           "check_value", "check_node", "ratios_fit", "unknown_keys", "show", "is_int", "is_number"]

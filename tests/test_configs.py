@@ -97,6 +97,15 @@ def test_gpu_trainer_defaults_to_bf16():
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
 
 
+def test_the_code_defaults_of_the_optimizer_and_schedule_are_the_yaml_nodes():
+    """One default per key: a task built in Python without an optimizer gets what the config gives."""
+    from gptlab.optim import DEFAULT_LR_SCHEDULE, DEFAULT_OPTIMIZER
+
+    conf = Path(CONF_DIR) / "task"
+    assert OmegaConf.to_container(OmegaConf.load(conf / "optimizer" / "adamw.yaml")) == DEFAULT_OPTIMIZER
+    assert OmegaConf.to_container(OmegaConf.load(conf / "lr_schedule" / "warmup_decay.yaml")) == DEFAULT_LR_SCHEDULE
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigCompositionException, match="task.lrr"):
         compose("train", overrides=["task.lrr=1"])

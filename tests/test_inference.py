@@ -1,8 +1,13 @@
 """The inference loader stands below the tasks: it builds every kind of model from the checkpoint
-alone (the same function as the task rebuilt by ``load_task``) and reads the file once."""
+alone (the same function as the task rebuilt by ``load_task``), reads the file once, and the library
+path of ``gptlab-generate`` / ``gptlab-chat`` / ``gptlab-classify`` (pre-flight, loading, a generated
+token) never imports Lightning."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -77,3 +82,33 @@ def test_load_model_reads_the_checkpoint_once(tmp_path, monkeypatch, argument):
     lm = load_model(**{argument: path})
     assert lm.kind == "lm" and lm.task == "pretrain"
     assert loads == [path] and crc_passes == [path]
+
+
+@pytest.mark.slow
+def test_the_inference_path_never_imports_lightning(tmp_path):
+    torch.manual_seed(0)
+    path = save(PretrainTask(model=SMALL, sample_prompt=None), tmp_path / "lm.ckpt")
+    script = textwrap.dedent(f"""
+        import sys
+        import torch
+        from omegaconf import OmegaConf
+        from gptlab.cli.validation import validate_chat_config, validate_classify_config, validate_generate_config
+        from gptlab.inference import load_model
+        from gptlab.model.generation import generate
+
+        source = dict(ckpt_path={str(path)!r}, init_from=None, adapter_path=None, device="cpu", precision="32")
+        validate_generate_config(OmegaConf.create(dict(source, prompt="Hi", max_new_tokens=1, temperature=0.0,
+                                                       top_k=None, top_p=None, seed=1, stop_at_eos=True,
+                                                       stream=False, use_kv_cache=True)))
+        validate_chat_config(OmegaConf.create(dict(source, instruction="Hi", max_new_tokens=1, temperature=0.0)))
+        validate_classify_config(OmegaConf.create(dict(source, input=None, batch_size=2)), "a text")
+        lm = load_model(ckpt_path={str(path)!r})
+        out = generate(lm.model, torch.tensor([[1, 2, 3]]), 1)
+        assert out.shape == (1, 4), out.shape
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning"))
+        print("LIGHTNING:", loaded[:5])
+        sys.exit(1 if loaded else 0)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "LIGHTNING: []" in done.stdout

@@ -11,12 +11,13 @@ Settings are validated once, where a task is built (:data:`DPO_RULES`), never pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from gptlab.alignment.masked import masked_mean
-from gptlab.checks import Problem, check_node, choice, number
+from gptlab.checks import Problem, choice, number
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 DPO_RULES = {"beta": number(gt=0), "loss_type": choice(*DPO_LOSS_TYPES, name="DPO loss_type"),
@@ -24,14 +25,14 @@ DPO_RULES = {"beta": number(gt=0), "loss_type": choice(*DPO_LOSS_TYPES, name="DP
 """The settings of :func:`dpo_loss`, as DPO's config names them."""
 
 
-def dpo_settings_problems(beta: float, loss_type: str, label_smoothing: float) -> list[Problem]:
-    """What is wrong with these :func:`dpo_loss` settings (:data:`DPO_RULES`, and ε only with sigmoid)."""
-    found = check_node({"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}, DPO_RULES)
-    if label_smoothing and loss_type != "sigmoid" and loss_type in DPO_LOSS_TYPES:
-        found.append(Problem(f"{{node}}label_smoothing={label_smoothing!r}: expected 0 with {{node}}loss_type="
-                             f"{loss_type!r} (label smoothing applies to loss_type=sigmoid only)",
-                             f"label_smoothing applies to loss_type=sigmoid only (got loss_type={loss_type!r})"))
-    return found
+def dpo_relations(node: Mapping[str, Any]) -> list[Problem]:
+    """What is wrong between :func:`dpo_loss`'s settings: conservative DPO's ε with another loss."""
+    smoothing, loss_type = node.get("label_smoothing"), node.get("loss_type")
+    if smoothing and loss_type != "sigmoid" and loss_type in DPO_LOSS_TYPES:
+        return [Problem(f"{{node}}label_smoothing={smoothing!r}: expected 0 with {{node}}loss_type={loss_type!r} "
+                        "(label smoothing applies to loss_type=sigmoid only)",
+                        f"label_smoothing applies to loss_type=sigmoid only (got loss_type={loss_type!r})")]
+    return []
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -51,7 +52,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
             taken to be flipped with probability ε: −(1 − ε) log σ(βΔ) − ε log σ(−βΔ).
 
     Settings are not checked here (once per batch would be once too often): a task validates them
-    when it is built (:func:`dpo_settings_problems`).
+    when it is built (:data:`DPO_RULES`, :func:`dpo_relations`).
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``; rewards are ``reward_scale``·(log π −
     log π_ref), detached.
@@ -125,5 +126,5 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return loss, clipfrac
 
 
-__all__ = ["DPO_LOSS_TYPES", "DPO_RULES", "dpo_settings_problems", "dpo_loss", "bradley_terry_loss", "PolicyLossStats",
+__all__ = ["DPO_LOSS_TYPES", "DPO_RULES", "dpo_relations", "dpo_loss", "bradley_terry_loss", "PolicyLossStats",
            "clipped_policy_loss", "clipped_value_loss"]

@@ -25,9 +25,8 @@ from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.inference import load_model
 from gptlab.cli.validation import validate_classify_config
-from gptlab.inference import predict_texts
+from gptlab.inference import load_model, predict_texts
 
 def read_lines(path: str | Path) -> list[str]:
     """The non-blank lines of a UTF-8 text file (``-`` = stdin), without their line endings."""

@@ -22,14 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.inference import load_model
-from gptlab.inference import answer_entries
+from gptlab.cli.validation import validate_respond_config
+from gptlab.inference import answer_entries, load_model
 
 SPLITS = ("train", "val", "test")
 
 
 def run(cfg: DictConfig) -> Path:
     """Answer every entry of ``cfg.split`` of ``cfg.data`` with the model; returns the file written."""
+    validate_respond_config(cfg)
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}; valid choices: {list(SPLITS)}")
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,

@@ -28,9 +28,9 @@ from omegaconf import DictConfig
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
 from gptlab.cli.classify import pop_text_argument
-from gptlab.inference import load_model
+from gptlab.cli.validation import validate_reward_config
+from gptlab.inference import load_model, score_responses
 from gptlab.judge import load_responses, pair_responses
-from gptlab.inference import score_responses
 
 
 def summarize_rewards(scores: Sequence[float]) -> dict[str, float | int | None]:
@@ -62,6 +62,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, prompt: str | None = None,
         response: str | None = None) -> dict[str, Any]:
     """Score ``cfg.responses`` (against ``cfg.baseline`` when set) or one ``prompt``/``response``;
     writes ``rewards.json`` for files and returns the report."""
+    validate_reward_config(cfg)
     out = out or sys.stdout
     prompt = prompt if prompt is not None else cfg.get("prompt")
     response = response if response is not None else cfg.get("response")

@@ -24,6 +24,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from gptlab.checks import boolean, integer
 from gptlab.data.prompt_styles import (PROMPT_STYLES, PromptStyle, extract_response, format_input, format_prompt,
                                        get_prompt_style, left_pad)
 from gptlab.data.records import DataFileError, RecordDataModule, read_json_records
@@ -155,37 +156,26 @@ class InstructionTestCollate:
 
 # ----------------------------------------------------------------------------- data module
 class InstructionDataModule(RecordDataModule):
-    """Alpaca-format instruction data, split and batched as in the book's chapter 7.
+    """Alpaca-format instruction data, split and batched as in the book's chapter 7 (1,100 entries:
+    935 train / 55 val / 110 test; training batches shuffled with the last partial batch dropped).
 
     Args:
-        tokenizer: a tiktoken encoding (default: GPT-2).
-        path: JSON file of ``{instruction, input, output}`` entries; None = the book's 1,100 entries.
-        prompt_style: a key of :data:`PROMPT_STYLES` (``alpaca``, ``phi3``).
-        train_ratio, test_ratio: first part trains, next part tests, the rest validates.
-        shuffle_before_split, split_seed: permute the entries (seeded) before splitting.
-        max_entries: keep only the first N entries (after the optional shuffle); for quick runs.
         mask_prompt: ignore the prompt positions in ``labels`` (learn only the responses).
         allowed_max_length: truncate batches to this many positions (None = no limit).
-        batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings
-            (training batches are shuffled with the last partial batch dropped, as in the book).
-        max_prompt_length: test-time prompts keep only their last N tokens (None = whole prompt).
+        ignore_index: the label of positions without a loss.
+        **kwargs: :class:`~gptlab.data.records.RecordDataModule` arguments (``path``: a JSON file of
+            ``{instruction, input, output}`` entries, None = the book's; ``prompt_style``, the split
+            and loader settings).
     """
 
     what, unit, default_path = "instruction data", "entries", DEFAULT_INSTRUCTION_DATA
 
-    def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
-                 train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
-                 split_seed: int = 123, max_entries: int | None = None, mask_prompt: bool = True,
-                 allowed_max_length: int | None = None, pad_id: int = EOT_ID, ignore_index: int = -100,
-                 batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
-                 max_prompt_length: int | None = None):
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
-        get_prompt_style(prompt_style)  # fail fast on a typo
-        self.tokenizer = tokenizer or get_tokenizer()
-        self.max_prompt_length = max_prompt_length
-        self.collate_kwargs = dict(pad_id=pad_id, ignore_index=ignore_index,
+    RULES = {"mask_prompt": boolean(), "allowed_max_length": integer(ge=1, optional=True), "ignore_index": integer()}
+
+    def __init__(self, mask_prompt: bool = True, allowed_max_length: int | None = None, ignore_index: int = -100,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.collate_kwargs = dict(pad_id=self.hparams.pad_id, ignore_index=ignore_index,
                                    allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
 
     def load_entries(self) -> list[dict[str, str]]:
@@ -204,3 +194,10 @@ class InstructionDataModule(RecordDataModule):
         if stage == "test":
             return InstructionTestCollate(self.test_set, self.max_prompt_length, **self.collate_kwargs)
         return partial(instruction_collate, **self.collate_kwargs)
+
+
+__all__ = ["DEFAULT_INSTRUCTION_DATA", "InstructionDataError", "load_instruction_data", "validate_entry",
+           "InstructionDataset", "instruction_collate", "InstructionTestCollate", "InstructionDataModule",
+           # prompt styles, kept importable from here (gptlab.data.prompt_styles is their home)
+           "PROMPT_STYLES", "PromptStyle", "get_prompt_style", "format_input", "format_prompt", "extract_response",
+           "left_pad"]

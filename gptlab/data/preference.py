@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from gptlab.checks import boolean, integer
 from gptlab.data.instruct import InstructionTestCollate, instruction_collate
 from gptlab.data.prompt_styles import get_prompt_style
 from gptlab.data.records import DataFileError, RecordDataModule, read_json_records
@@ -175,40 +176,27 @@ class PreferenceDataModule(RecordDataModule):
     935 / 110 / 55 of the book's 1,100).
 
     Args:
-        tokenizer: a tiktoken encoding (default: GPT-2).
-        path: JSON / JSON-lines file of pairs (see the module docstring); None = the book's file.
-        prompt_style: ``alpaca`` | ``phi3`` | ``raw`` (:data:`gptlab.data.instruct.PROMPT_STYLES`);
-            use the style the SFT model was trained with.
-        train_ratio, test_ratio, shuffle_before_split, split_seed, max_entries: as
-            :class:`~gptlab.data.instruct.InstructionDataModule`.
         mask_prompt: score only the responses (the book's ``mask_prompt_tokens=True``).
         score_response_header: also score the response header after its leading newlines (the book).
         score_eos: score the end-of-text after each response (TRL appends EOS; the book does not).
         allowed_max_length: truncate batches to this many positions (the book: 1024).
-        batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings.
-        max_prompt_length: test-time generation prompts keep only their last N tokens.
+        ignore_index: the label of positions without a loss.
+        **kwargs: :class:`~gptlab.data.records.RecordDataModule` arguments (``path``: a JSON /
+            JSON-lines file of pairs (module docstring), None = the book's; ``prompt_style``: the one
+            the SFT model was trained with; the split and loader settings).
     """
 
     what, unit, default_path = "preference data", "pairs", DEFAULT_PREFERENCE_DATA
 
-    def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
-                 train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
-                 split_seed: int = 123, max_entries: int | None = None, mask_prompt: bool = True,
-                 score_response_header: bool = False, score_eos: bool = True,
-                 allowed_max_length: int | None = None, pad_id: int = EOT_ID, ignore_index: int = -100,
-                 batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
-                 max_prompt_length: int | None = None):
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
-        get_prompt_style(prompt_style)  # fail fast on a typo
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
-        self.tokenizer = tokenizer or get_tokenizer()
+    RULES = {"mask_prompt": boolean(), "score_response_header": boolean(), "score_eos": boolean(),
+             "allowed_max_length": integer(ge=1, optional=True), "ignore_index": integer()}
+
+    def __init__(self, mask_prompt: bool = True, score_response_header: bool = False, score_eos: bool = True,
+                 allowed_max_length: int | None = None, ignore_index: int = -100, **kwargs: Any):
+        super().__init__(**kwargs)
         self.score_response_header = score_response_header
-        self.max_prompt_length = max_prompt_length
-        self.collate_kwargs = dict(pad_id=pad_id, ignore_index=ignore_index, allowed_max_length=allowed_max_length,
-                                   mask_prompt=mask_prompt, score_eos=score_eos)
+        self.collate_kwargs = dict(pad_id=self.hparams.pad_id, ignore_index=ignore_index,
+                                   allowed_max_length=allowed_max_length, mask_prompt=mask_prompt, score_eos=score_eos)
 
     def load_entries(self) -> list[dict[str, Any]]:
         return load_preference_data(self.path)

@@ -102,33 +102,19 @@ class PromptDataModule(RecordDataModule):
     validation, which PPO does not use); every training batch is one PPO iteration's prompts.
 
     Args:
-        tokenizer: a tiktoken encoding (default: GPT-2).
-        path: JSON / JSON-lines prompt file (module docstring); None = the book's instruction data.
-        prompt_style: ``alpaca`` | ``phi3`` | ``raw``: the style the SFT model (and the reward model) learned.
-        train_ratio, test_ratio, shuffle_before_split, split_seed, max_entries: as
-            :class:`~gptlab.data.instruct.InstructionDataModule`.
-        max_prompt_length: keep the last N tokens of longer prompts (None = all; the task checks that
-            prompt + response fit the context).
         batch_size: prompts per PPO iteration (rollout batch size); ``val_batch_size`` for the test stage.
-        num_workers, shuffle, drop_last, pin_memory: DataLoader settings.
+        **kwargs: :class:`~gptlab.data.records.RecordDataModule` arguments (``path``: a JSON /
+            JSON-lines prompt file (module docstring), None = the book's instruction data;
+            ``prompt_style``: the style the SFT model (and the reward model) learned;
+            ``max_prompt_length``: keep the last N tokens of longer prompts (None = all; the task
+            checks that prompt + response fit the context); the split and loader settings).
     """
 
     what, unit, default_path = "prompts", "prompts", DEFAULT_INSTRUCTION_DATA
 
-    def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
-                 train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
-                 split_seed: int = 123, max_entries: int | None = None, max_prompt_length: int | None = None,
-                 pad_id: int = EOT_ID, batch_size: int = 16, val_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True):
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
-        get_prompt_style(prompt_style)  # fail fast on a typo
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
-        if max_prompt_length is not None and max_prompt_length < 1:
-            raise ValueError(f"data.max_prompt_length={max_prompt_length} must be >= 1 (or null)")
-        self.tokenizer = tokenizer or get_tokenizer()
-        self.max_prompt_length, self.pad_id = max_prompt_length, pad_id
+    def __init__(self, batch_size: int = 16, **kwargs: Any):
+        super().__init__(batch_size=batch_size, **kwargs)
+        self.pad_id = self.hparams.pad_id
 
     def load_entries(self) -> list[dict[str, Any]]:
         return load_prompts(self.path)

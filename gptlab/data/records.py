@@ -14,13 +14,16 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
+from gptlab.checks import Problem, boolean, choice, integer, number, ratios_fit
 from gptlab.data.base import GPTDataModule
+from gptlab.data.prompt_styles import PROMPT_STYLES
 from gptlab.errors import InvalidInput
+from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -111,9 +114,38 @@ class RecordDataModule(GPTDataModule):
     (:meth:`make_dataset`) and logs what it made (:meth:`after_split`, where subclasses also warn
     or refuse).
 
-    Subclasses save their arguments as hparams (``path``, ``prompt_style``, the split settings and
-    the loader settings of :class:`~gptlab.data.base.GPTDataModule`) and keep ``self.tokenizer``.
+    Args (every subclass takes them; its own come first):
+        tokenizer: a tiktoken encoding (default: GPT-2).
+        path: the JSON / JSON-lines file; None = :attr:`default_path`.
+        prompt_style: ``alpaca`` | ``phi3`` | ``raw`` (:data:`gptlab.data.prompt_styles.PROMPT_STYLES`):
+            the style the model learns (or learned) its prompts in.
+        train_ratio, test_ratio: the first part trains, the next part tests, the rest validates.
+        shuffle_before_split, split_seed: permute the entries (seeded) before splitting.
+        max_entries: keep only the first N entries (after the optional shuffle); for quick runs.
+        max_prompt_length: generation prompts keep only their last N tokens (None = whole prompt).
+        pad_id: the padding token id.
+        batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings
+            (:class:`~gptlab.data.base.GPTDataModule`).
     """
+
+    RULES = {"prompt_style": choice(*PROMPT_STYLES, name="prompt style"), "train_ratio": number(gt=0, le=1),
+             "test_ratio": number(ge=0, lt=1), "shuffle_before_split": boolean(), "split_seed": integer(),
+             "max_entries": integer(ge=1, optional=True), "max_prompt_length": integer(ge=1, optional=True),
+             "pad_id": integer(ge=0)}
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        return super().check_relations(node) + ratios_fit(node, "train_ratio", "test_ratio", "validates")
+
+    def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
+                 train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
+                 split_seed: int = 123, max_entries: int | None = None, max_prompt_length: int | None = None,
+                 pad_id: int = EOT_ID, batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
+                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)  # the subclass's arguments too
+        self.check_hparams()
+        self.tokenizer = tokenizer or get_tokenizer()
 
     what = "records"
     """What the file holds, for the log line (``instruction data``, ``preference data``, ...)."""
@@ -133,6 +165,10 @@ class RecordDataModule(GPTDataModule):
     @property
     def path(self) -> str | None:
         return self.hparams.path
+
+    @property
+    def max_prompt_length(self) -> int | None:
+        return self.hparams.max_prompt_length
 
     @property
     def prompt_style(self) -> str:

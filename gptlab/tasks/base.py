@@ -16,13 +16,14 @@ import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
+from gptlab.checks import ConfigRules, Problem, boolean, choice, is_number, number, problem, raise_problems
 from gptlab.errors import ConfigError
 from gptlab.model.adapters import apply_adapter
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import save_adapter
-from gptlab.optim import (WEIGHT_DECAY_ON, build_lr_scheduler, build_optimizer, lr_schedule_config, optimizer_config,
-                          parameter_groups)
+from gptlab.optim import (LR_SCHEDULE_RULES, OPTIMIZER_RULES, WEIGHT_DECAY_ON, build_lr_scheduler, build_optimizer,
+                          lr_schedule_config, optimizer_config, parameter_groups)
 from gptlab.weights.checkpoint import load_backbone
 
 # hyperparameters of checkpoints written before the optimizer became a node -> their new place
@@ -46,7 +47,7 @@ def _fold_legacy_keys(kwargs: dict[str, Any], optimizer: Mapping[str, Any] | Non
     return optimizer, lr_schedule
 
 
-class GPTTask(L.LightningModule):
+class GPTTask(ConfigRules, L.LightningModule):
     """Base LightningModule around the shared :class:`GPT` backbone.
 
     Args:
@@ -76,6 +77,21 @@ class GPTTask(L.LightningModule):
 
     task_name: str = ""
     kind: str = "lm"
+    RULES = {"weight_decay_on": choice(*WEIGHT_DECAY_ON, name="task.weight_decay_on"),
+             "grad_clip": number(ge=0, optional=True), "compile": boolean(),
+             **{f"optimizer.{k}": v for k, v in OPTIMIZER_RULES.items()},
+             **{f"lr_schedule.{k}": v for k, v in LR_SCHEDULE_RULES.items()}}
+    """The rules of the arguments every task takes (subclasses add theirs: :class:`~gptlab.checks.ConfigRules`)."""
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        found = super().check_relations(node)
+        lr = (node.get("optimizer") or {}).get("lr")
+        min_lr = (node.get("lr_schedule") or {}).get("min_lr")
+        if is_number(lr) and is_number(min_lr) and lr > 0 and min_lr > lr:
+            found.append(problem("lr_schedule.min_lr", min_lr, f"at most the peak {{node}}optimizer.lr={lr} "
+                                                               "(the schedule decays to it)"))
+        return found
 
     def __init__(self, model: Mapping[str, Any] | None = None, init_from: str | None = None,
                  adapter: Mapping[str, Any] | None = None, optimizer: Mapping[str, Any] | None = None,
@@ -87,12 +103,11 @@ class GPTTask(L.LightningModule):
             raise TypeError(f"{type(self).__name__} got unknown argument(s) {sorted(kwargs)}")
         # validated now, built in configure_optimizers; stored complete, as plain containers
         optimizer, lr_schedule = optimizer_config(optimizer), lr_schedule_config(lr_schedule)
-        if weight_decay_on not in WEIGHT_DECAY_ON:
-            raise ValueError(f"unknown task.weight_decay_on {weight_decay_on!r}; "
-                             f"valid choices: {list(WEIGHT_DECAY_ON)}")
-        # hparams go to the logger once, at the end, together with the final metrics (cli/train.py)
+        # hparams go to the logger once, at the end, together with the final metrics (cli/train.py);
+        # they hold the arguments of every __init__ of the task's classes
         self.save_hyperparameters(logger=False)
         self.hparams.optimizer, self.hparams.lr_schedule = optimizer, lr_schedule
+        raise_problems(type(self).check_config(self.hparams), "task setting")  # before the backbone is built
         self.tokens_seen = 0  # input tokens trained on (pads included, as the book counts), all ranks
         self.examples_seen = 0
         self.model = self.build_backbone()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from gptlab.checks import Problem, choice, integer, is_int, problem, strings, text
 from gptlab.inference import predict_texts
 from gptlab.model.heads import POOLINGS, class_logits
 from gptlab.tasks.base import GPTTask
@@ -28,6 +29,9 @@ TRAINABLE = ("head", "last_block", "last_n_blocks", "all")
 """What trains (without an adapter): ``head`` the new head only; ``last_block`` the last transformer
 block, the final norm and the head (the book); ``last_n_blocks`` the same with the last
 ``trainable_blocks`` blocks; ``all`` every parameter."""
+
+
+F1_AVERAGES = ("auto", "binary", "macro", "micro", "weighted")
 
 
 class ClassificationTask(GPTTask):
@@ -52,22 +56,32 @@ class ClassificationTask(GPTTask):
 
     task_name = "classify"
     kind = "classifier"
+    RULES = {"num_classes": integer(ge=2, optional=True), "labels": strings(optional=True, unique=True),
+             "pooling": choice(*POOLINGS, name="pooling"), "trainable": choice(*TRAINABLE, name="trainable"),
+             "trainable_blocks": integer(ge=1), "max_length": integer(ge=1, optional=True),
+             "f1_average": choice(*F1_AVERAGES, name="f1_average"), "confusion_matrix_file": text()}
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        found = super().check_relations(node)
+        labels, n = node.get("labels"), node.get("num_classes")
+        if isinstance(labels, (list, tuple)) and is_int(n) and len(labels) != n:
+            found.append(problem("num_classes", n, f"{len(labels)}, the number of {{node}}labels={list(labels)}",
+                                 f"num_classes={n} but {len(labels)} labels {list(labels)}"))
+        if labels is None and n is None:
+            found.append(Problem("{node}num_classes=None, {node}labels=None: expected one of them (e.g. "
+                                 "{node}num_classes=2)", "ClassificationTask needs num_classes or labels "
+                                                          "(e.g. task.num_classes=2)"))
+        classes = len(labels) if isinstance(labels, (list, tuple)) else n
+        if node.get("f1_average") == "binary" and is_int(classes) and classes != 2:
+            found.append(problem("f1_average", "binary", f"another average for {classes} classes (binary needs 2)",
+                                 f"f1_average=binary needs 2 classes, got {classes}"))
+        return found
 
     def __init__(self, num_classes: int | None = None, labels: Sequence[str] | None = None,
                  pooling: str = "last_token", trainable: str = "last_block", trainable_blocks: int = 1,
                  max_length: int | None = None, f1_average: str = "auto",
                  confusion_matrix_file: str = "confusion_matrix.json", **kwargs: Any):
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; valid choices: {list(POOLINGS)}")
-        if trainable not in TRAINABLE:
-            raise ValueError(f"unknown trainable {trainable!r}; valid choices: {list(TRAINABLE)}")
-        if labels is not None and num_classes is not None and len(labels) != num_classes:
-            raise ValueError(f"num_classes={num_classes} but {len(labels)} labels {list(labels)}")
-        if labels is None and num_classes is None:
-            raise ValueError("ClassificationTask needs num_classes or labels (e.g. task.num_classes=2)")
-        if f1_average not in ("auto", "binary", "macro", "micro", "weighted"):
-            raise ValueError(f"unknown f1_average {f1_average!r}; valid choices: "
-                             "['auto', 'binary', 'macro', 'micro', 'weighted']")
         super().__init__(**kwargs)
         n = self.num_classes
         self.train_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
@@ -76,8 +90,6 @@ class ClassificationTask(GPTTask):
         self.val_loss, self.test_loss = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
         average = f1_average if f1_average != "auto" else ("binary" if n == 2 else "macro")
         if average == "binary":
-            if n != 2:
-                raise ValueError(f"f1_average=binary needs 2 classes, got {n}")
             self.test_f1 = torchmetrics.classification.BinaryF1Score()
         else:
             self.test_f1 = torchmetrics.classification.MulticlassF1Score(n, average=average)

@@ -35,10 +35,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.alignment.logprobs import LOGP_REDUCTIONS, pair_logps
-from gptlab.alignment.losses import dpo_loss, dpo_settings_problems
+from gptlab.alignment.losses import DPO_RULES, dpo_loss, dpo_relations
 from gptlab.alignment.reference import REFERENCE_MODES, reference_view, switch_off_dropout, weights_fingerprint
-from gptlab.checks import raise_problems
-from gptlab.data.prompt_styles import get_prompt_style
+from gptlab.checks import Problem, boolean, choice, text
 from gptlab.tasks.base import PairwiseTask
 from gptlab.tasks.mixins import ReferenceMixin, ResponseGenerationMixin
 
@@ -74,6 +73,13 @@ class DPOTask(ResponseGenerationMixin, ReferenceMixin, PairwiseTask):
     metrics = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected")
     progress_bar = ("loss", "rewards/accuracies")
+    RULES = {**DPO_RULES, "logp_reduction": choice(*LOGP_REDUCTIONS, name="logp_reduction"),
+             "reference": choice(*REFERENCES, name="reference"), "ref_logps_path": text(optional=True),
+             "beta_scaled_rewards": boolean(), "disable_dropout": boolean()}
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        return super().check_relations(node) + dpo_relations(node)
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  logp_reduction: str = "sum", reference: str = "auto", ref_logps_path: str | None = None,
@@ -81,17 +87,7 @@ class DPOTask(ResponseGenerationMixin, ReferenceMixin, PairwiseTask):
                  generate_on_test: bool = True, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, responses_file: str = "responses.json",
                  log_examples: int = 3, **kwargs: Any):
-        # validate before the (possibly large) backbone is built
-        raise_problems(dpo_settings_problems(beta, loss_type, label_smoothing))
-        if logp_reduction not in LOGP_REDUCTIONS:
-            raise ValueError(f"unknown logp_reduction {logp_reduction!r}; valid choices: {list(LOGP_REDUCTIONS)}")
-        if reference not in REFERENCES:
-            raise ValueError(f"unknown reference {reference!r}; valid choices: {list(REFERENCES)}")
-        if reference == "adapters_off" and not kwargs.get("adapter"):
-            raise ValueError("task.reference=adapters_off needs an adapter (adapter=lora): without one the policy "
-                             "has nothing to switch off; use reference=copy or reference=precomputed")
-        get_prompt_style(prompt_style)
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # checks every argument (RULES) before the backbone is built
         if disable_dropout:
             switch_off_dropout(self.model)
         self.init_reference(reference, logps_tag=logp_reduction)

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 import torchmetrics
 
-from gptlab.data.prompt_styles import get_prompt_style
 from gptlab.tasks.base import LanguageModelTask
 from gptlab.tasks.mixins import ResponseGenerationMixin
 
@@ -40,7 +39,6 @@ class InstructionTask(ResponseGenerationMixin, LanguageModelTask):
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  responses_file: str = "responses.json", log_examples: int = 3, **kwargs: Any):
         super().__init__(**kwargs)
-        get_prompt_style(prompt_style)
         self.test_loss = torchmetrics.MeanMetric()
         self.reset_responses()
 

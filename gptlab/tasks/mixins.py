@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -14,8 +14,10 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
 
 from gptlab.alignment.reference import CHECKPOINT_KEY, Reference
-from gptlab.data.prompt_styles import format_input
+from gptlab.checks import Problem, boolean, choice, integer, problem, text
+from gptlab.data.prompt_styles import PROMPT_STYLES, format_input
 from gptlab.inference import generate_answers
+from gptlab.model.generation import SAMPLING_RULES
 
 
 class ResponseGenerationMixin:
@@ -29,6 +31,8 @@ class ResponseGenerationMixin:
     """
 
     responses_path: Path | None = None
+    RULES = {"prompt_style": choice(*PROMPT_STYLES, name="prompt style"), "generate_on_test": boolean(),
+             "responses_file": text(), "log_examples": integer(ge=0), **SAMPLING_RULES}
 
     def prediction_metadata(self) -> dict[str, Any]:
         """The prompt style, so the tuned model is prompted the way it was trained (``gptlab-chat``)."""
@@ -103,6 +107,17 @@ class ReferenceMixin:
     """
 
     reference: Reference
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        found = super().check_relations(node)
+        if node.get("reference") == "adapters_off" and not node.get("adapter"):
+            others = [m for m in cls.config_rules()["reference"].options if m not in ("auto", "adapters_off")]
+            why = (f"without one the policy has nothing to switch off; use reference="
+                   f"{' or reference='.join(others)}")
+            found.append(problem("reference", "adapters_off", f"an adapter (adapter=lora): {why}",
+                                 f"task.reference=adapters_off needs an adapter (adapter=lora): {why}"))
+        return found
 
     def init_reference(self, mode: str, logps_tag: str | None = None) -> None:
         """A reference of ``mode`` (``auto``: ``adapters_off`` with an adapter, else ``copy``)."""

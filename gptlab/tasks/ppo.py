@@ -46,14 +46,15 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from gptlab.alignment.advantages import gae, token_rewards
-from gptlab.alignment.kl import KL_ESTIMATORS, KLController, kl_estimate
+from gptlab.alignment.kl import KL_CONTROLLER_RULES, KL_ESTIMATORS, KLController, kl_estimate
 from gptlab.alignment.losses import clipped_policy_loss, clipped_value_loss
 from gptlab.alignment.masked import masked_mean, masked_whiten
 from gptlab.alignment.reference import eval_mode, switch_off_dropout
 from gptlab.alignment.rollout import (GENERATION_CACHES, Completions, PhaseTimer, PolicyOutput, Rollout, chunked,
                                       completion_id_lists, prompt_id_lists, response_forward, sample_completions,
                                       stopped_rows)
-from gptlab.data.prompt_styles import extract_response, get_prompt_style
+from gptlab.checks import boolean, choice, integer, number
+from gptlab.data.prompt_styles import extract_response
 from gptlab.rewards import call_reward
 from gptlab.tasks.base import GPTTask
 from gptlab.tasks.mixins import ReferenceMixin, ResponseGenerationMixin
@@ -98,6 +99,19 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
 
     task_name = "ppo"
     kind = "lm"
+    RULES = {"max_new_tokens": integer(ge=1),
+             "temperature": number(gt=0, name="task.temperature",
+                                   why="PPO learns from sampled responses (greedy decoding explores nothing); use "
+                                       "test_temperature=0 for greedy test answers"),
+             "stop_token_id": integer(ge=0, optional=True),
+             "generation_cache": choice(*GENERATION_CACHES, name="generation_cache"),
+             "kl_estimator": choice(*KL_ESTIMATORS, name="kl_estimator"), **KL_CONTROLLER_RULES,
+             "missing_eos_penalty": number(optional=True), "whiten_rewards": boolean(),
+             "gamma": number(ge=0, le=1), "lam": number(ge=0, le=1), "whiten_advantages": boolean(),
+             "ppo_epochs": integer(ge=1), "num_mini_batches": integer(ge=1), "clip_range": number(gt=0),
+             "clip_range_value": number(gt=0, optional=True), "vf_coef": number(ge=0), "entropy_coef": number(ge=0),
+             "reference": choice(*REFERENCES, name="reference"), "disable_dropout": boolean(),
+             "log_samples_every_n": integer(ge=0), "log_samples": integer(ge=0), "test_temperature": number(ge=0)}
 
     def __init__(self, reward: Callable[..., Any] | None = None, max_new_tokens: int = 64, temperature: float = 0.7,
                  top_k: int | None = None, top_p: float | None = None, stop_token_id: int | None = EOT_ID,
@@ -114,18 +128,12 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         if reward is not None and (isinstance(reward, Mapping) or not callable(reward)):
             raise TypeError(f"task.reward must be a callable built from a _target_ (gptlab.rewards), got "
                             f"{type(reward).__name__}; a plain function needs _partial_: true")
-        _check_settings(max_new_tokens=max_new_tokens, temperature=temperature, generation_cache=generation_cache,
-                        kl_estimator=kl_estimator, gamma=gamma, lam=lam, ppo_epochs=ppo_epochs,
-                        num_mini_batches=num_mini_batches, clip_range=clip_range, reference=reference,
-                        adapter=kwargs.get("adapter"))
-        get_prompt_style(prompt_style)
-        kl_controller = KLController(kl_coef, kl_target, kl_horizon)  # validates kl_coef, kl_target, kl_horizon
         # the reward is code built from the run's config: never stored with the hyperparameters (nor
         # deep-copied by save_hyperparameters, which reads this frame's arguments)
         reward_fn, reward = reward, None
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # checks every argument (RULES) before the backbone is built
         self.hparams.pop("reward", None)
-        self._kl = kl_controller
+        self._kl = KLController(kl_coef, kl_target, kl_horizon)
         if disable_dropout:
             switch_off_dropout(self.model)
         D = self.model.config.emb_dim
@@ -386,33 +394,6 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_settings(*, max_new_tokens: int, temperature: float, generation_cache: str, kl_estimator: str,
-                    gamma: float, lam: float, ppo_epochs: int, num_mini_batches: int, clip_range: float,
-                    reference: str, adapter: Any) -> None:
-    """Raise ValueError naming the ``task.*`` key of the first invalid setting."""
-    checks = [
-        (max_new_tokens >= 1, f"task.max_new_tokens={max_new_tokens} must be >= 1"),
-        (temperature is not None and temperature > 0,
-         f"task.temperature={temperature} must be > 0: PPO learns from sampled responses (greedy decoding "
-         "explores nothing); use test_temperature=0 for greedy test answers"),
-        (generation_cache in GENERATION_CACHES,
-         f"unknown task.generation_cache {generation_cache!r}; valid choices: {list(GENERATION_CACHES)}"),
-        (kl_estimator in KL_ESTIMATORS,
-         f"unknown task.kl_estimator {kl_estimator!r}; valid choices: {list(KL_ESTIMATORS)}"),
-        (0 <= gamma <= 1 and 0 <= lam <= 1, f"task.gamma={gamma} and task.lam={lam} must be in [0, 1]"),
-        (ppo_epochs >= 1 and num_mini_batches >= 1,
-         f"task.ppo_epochs={ppo_epochs} and task.num_mini_batches={num_mini_batches} must be >= 1"),
-        (clip_range > 0, f"task.clip_range={clip_range} must be > 0"),
-        (reference in REFERENCES, f"unknown task.reference {reference!r}; valid choices: {list(REFERENCES)}"),
-        (reference != "adapters_off" or bool(adapter),
-         "task.reference=adapters_off needs an adapter (adapter=lora): without one the policy has nothing to "
-         "switch off; use reference=copy"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 def _minibatch_size(n: int, num_mini_batches: int) -> int:
     return max(1, -(-n // num_mini_batches))
 

@@ -20,7 +20,8 @@ import torch
 
 from gptlab.alignment.logprobs import stacked_pair
 from gptlab.alignment.losses import bradley_terry_loss
-from gptlab.data.prompt_styles import get_prompt_style
+from gptlab.checks import choice, number
+from gptlab.data.prompt_styles import PROMPT_STYLES
 from gptlab.model.heads import add_reward_head, reward_scores
 from gptlab.model.lora import TARGETS
 from gptlab.tasks.base import PairwiseTask
@@ -58,12 +59,11 @@ class RewardModelTask(PairwiseTask):
     kind = "reward"
     metrics = ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "margin")
     progress_bar = ("loss", "accuracy")
+    RULES = {"center_rewards_coefficient": number(ge=0, optional=True),
+             "prompt_style": choice(*PROMPT_STYLES, name="prompt style")}
 
     def __init__(self, center_rewards_coefficient: float | None = None, prompt_style: str = "alpaca",
                  **kwargs: Any):
-        if center_rewards_coefficient is not None and center_rewards_coefficient < 0:
-            raise ValueError(f"center_rewards_coefficient={center_rewards_coefficient} must be >= 0")
-        get_prompt_style(prompt_style)
         if kwargs.get("adapter"):
             # the effective settings go into hparams, so a checkpoint's adapter is rebuilt the same way
             kwargs["adapter"] = reward_adapter(kwargs["adapter"])

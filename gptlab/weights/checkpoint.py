@@ -16,6 +16,7 @@ Every reader here takes the already loaded checkpoint, so one load serves them a
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,13 +24,16 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from gptlab.checks import Problem, problem
+from gptlab.errors import InvalidInput
 from gptlab.model.adapters import apply_adapter, unquantized
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.weights.export import plain_state_dict
 from gptlab.weights.loading import (TORCH_SUFFIXES, is_training_checkpoint, load_from_reader, load_pretrained,
                                     load_state_dict_object)
-from gptlab.weights.readers import MappingReader, UnreadableCheckpointError, safe_torch_load
+from gptlab.weights.formats import pretrained_names, resolve_pretrained_name
+from gptlab.weights.readers import MappingReader, UnreadableCheckpointError, safe_torch_load, verify_checkpoint
 
 LEGACY_TASK_KINDS = {"pretrain": "lm", "classify": "classifier", "instruct": "lm", "dpo": "lm",
                      "reward_model": "reward", "ppo": "lm"}
@@ -207,6 +211,49 @@ def load_backbone(name_or_path: str | Path, dtype: torch.dtype | None = torch.fl
     return load_pretrained(name_or_path, dtype, **overrides)
 
 
+# ----------------------------------------------------------------------------- checks of a file before any run
+def checkpoint_file_problems(key: str, path: Any, resumable: bool = False) -> list[Problem]:
+    """The problems of a checkpoint file given as ``key``: it must exist and be intact (its
+    checksums), and, when ``resumable``, hold the optimizer and loop state a resume needs."""
+    if path is None:
+        return []
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        return [problem(key, str(path), f"a checkpoint file that exists (cwd: {os.getcwd()})")]
+    try:
+        if resumable:
+            ckpt = safe_torch_load(p)  # checksums verified, weights_only=True
+            if "optimizer_states" not in ckpt or "loops" not in ckpt:
+                return [Problem(f"{{node}}{key}={str(path)!r}: holds weights only (a best-* checkpoint), not the "
+                                "training state a resume needs; resume from last.ckpt, or start from these weights "
+                                "with init_from=", f"{path} holds weights only, not the training state a resume needs")]
+        elif p.suffix == ".ckpt" or _starts_like_zip(p):
+            verify_checkpoint(p)
+    except InvalidInput as e:
+        return [Problem(f"{{node}}{key}: {e}", str(e))]
+    return []
+
+
+def _starts_like_zip(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def init_from_problems(key: str, value: Any) -> list[Problem]:
+    """The problems of an ``init_from`` value: a pretrained model name, or a file (checked as
+    :func:`checkpoint_file_problems`) or folder that exists."""
+    if value is None or not isinstance(value, str):
+        return []
+    path = Path(value).expanduser()
+    if path.exists():
+        return checkpoint_file_problems(key, value) if path.is_file() else []
+    if resolve_pretrained_name(value) is None:
+        return [problem(key, value, f"a pretrained model name ({', '.join(pretrained_names())}) or a file or folder "
+                                    f"that exists (cwd: {os.getcwd()})")]
+    return []
+
+
 __all__ = ["CheckpointError", "LEGACY_TASK_KINDS", "LEGACY_TASK_NAMES", "PREDICTION_KEYS", "read_checkpoint",
            "check_gptlab_checkpoint", "task_name", "recorded_task", "checkpoint_kind", "prediction_settings", "checkpoint_model_config",
-           "checkpoint_adapter", "checkpoint_model", "backbone_from_checkpoint", "load_backbone"]
+           "checkpoint_adapter", "checkpoint_model", "backbone_from_checkpoint", "load_backbone",
+           "checkpoint_file_problems", "init_from_problems"]
