@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gptlab.checks import ConfigRules, boolean, choice, integer, require
 from gptlab.errors import CheckpointWriteError
+from gptlab.lightning_internals import restore_loader_position, save_now
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +146,7 @@ class StepCheckpoint(ConfigRules, ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the final state too, when the run does not end on a multiple of every_n_train_steps
-        if self._should_skip_saving_checkpoint(trainer):
-            return
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        save_now(self, trainer)
 
 
 class InterruptCheckpoint(L.Callback):
@@ -241,12 +238,7 @@ class ResumeState(L.Callback):
         self._rng = state_dict.get("rng")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        fit_loop = trainer.fit_loop
-        pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-        if pending and fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None:
-            fit_loop._combined_loader._load_state_dicts(pending)
-            fit_loop._combined_loader_states_to_load = []
-            iter(fit_loop._data_fetcher)  # a new iterator from the restored position
+        restore_loader_position(trainer)
         if self._rng is not None:
             # last: building loaders and iterators above draws from the global RNG
             set_rng_states(self._rng)
