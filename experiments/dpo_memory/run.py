@@ -22,40 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from gptlab.model.config import GPTConfig
 from gptlab.tasks.dpo import DPOTask
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import cpu_name, peak_rss_mb, rss_mb  # noqa: E402
+
 SETUPS = [("full", "copy"), ("full", "precomputed"), ("lora", "copy"), ("lora", "adapters_off"),
           ("lora", "precomputed")]
 LORA = dict(name="lora", rank=16, alpha=16, targets=["q", "k", "v", "attn_proj", "mlp_fc", "mlp_proj"])
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def make_batch(pairs: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -121,7 +104,7 @@ def worker(args: argparse.Namespace) -> dict:
         out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["device"] = torch.cuda.get_device_name()
     else:
-        out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        out["peak_mb"] = peak_rss_mb()
         out["rss_before_steps_mb"] = rss_before
         out["device"] = f"{cpu_name()}, {args.threads} threads"
     return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from machine import peak_rss_mb  # noqa: E402
 
 PRESETS = {
     # shapes: (model overrides, batch, steps, warmup)
@@ -49,7 +50,7 @@ PRESETS = {
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()
 
 
 def progress_bar_overrides(refresh: int, log_every: int | None) -> list[str]:
