@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gptlab.cli  # noqa: F401  (registers the model presets that conf/model/*.yaml compose from)
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 

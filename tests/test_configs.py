@@ -106,6 +106,18 @@ def test_the_code_defaults_of_the_optimizer_and_schedule_are_the_yaml_nodes():
     assert OmegaConf.to_container(OmegaConf.load(conf / "lr_schedule" / "warmup_decay.yaml")) == DEFAULT_LR_SCHEDULE
 
 
+@pytest.mark.parametrize("name", options("model"))
+def test_a_model_yaml_states_its_preset_and_composes_to_its_fields(name):
+    """conf/model/<preset>.yaml holds no field of its own: the composed node is GPTConfig.from_name's."""
+    from gptlab.model.config import GPTConfig
+
+    assert set(OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")) == {"defaults"}
+    cfg = compose("train", overrides=[f"model={name}"])
+    assert OmegaConf.to_container(cfg.model, resolve=True) == GPTConfig.from_name(name).to_dict()
+    cfg = compose("train", overrides=[f"model={name}", "model.n_layers=1"])
+    assert cfg.model.n_layers == 1
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigCompositionException, match="task.lrr"):
         compose("train", overrides=["task.lrr=1"])
