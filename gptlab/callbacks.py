@@ -24,7 +24,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from gptlab.checkpoint_io import CheckpointWriteError
+from gptlab.checks import ConfigRules, boolean, choice, integer, require
+from gptlab.errors import CheckpointWriteError
+from gptlab.lightning_internals import restore_loader_position, save_now
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +74,15 @@ def token_tensors(batch: Any) -> list[torch.Tensor]:
     return [batch[0]]
 
 
-class ThroughputMonitor(L.Callback):
+class ThroughputMonitor(ConfigRules, L.Callback):
     """Logs ``throughput/tokens_per_sec``, ``throughput/step_time_ms`` and (on known GPUs)
     ``throughput/mfu`` every ``log_every_n_steps`` optimizer steps.
 
     Timing is taken over a window of steps with one device sync per window, so it adds no host
     sync to the step itself. The first ``skip_steps`` (compilation, cuDNN autotuning) are ignored.
     """
+
+    RULES = {"log_every_n_steps": integer(ge=1), "skip_steps": integer(ge=0)}
 
     def __init__(self, log_every_n_steps: int = 10, skip_steps: int = 2):
         self.every = log_every_n_steps
@@ -127,11 +131,13 @@ class ThroughputMonitor(L.Callback):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-class StepCheckpoint(ModelCheckpoint):
+class StepCheckpoint(ConfigRules, ModelCheckpoint):
     """``last.ckpt``, the full training state to resume from, every ``every_n_train_steps`` optimizer
     steps and when training ends, whatever metrics exist (it monitors nothing, so it never waits for
     a first validation). ``keep_every=true`` also keeps each of them as ``step<N>.ckpt``.
     """
+
+    RULES = {"every_n_train_steps": integer(ge=1), "keep_every": boolean()}
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 100, keep_every: bool = False,
                  filename: str = "step{step:06d}"):
@@ -141,11 +147,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the final state too, when the run does not end on a multiple of every_n_train_steps
-        if self._should_skip_saving_checkpoint(trainer):
-            return
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        save_now(self, trainer)
 
 
 class InterruptCheckpoint(L.Callback):
@@ -237,12 +239,7 @@ class ResumeState(L.Callback):
         self._rng = state_dict.get("rng")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        fit_loop = trainer.fit_loop
-        pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-        if pending and fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None:
-            fit_loop._combined_loader._load_state_dicts(pending)
-            fit_loop._combined_loader_states_to_load = []
-            iter(fit_loop._data_fetcher)  # a new iterator from the restored position
+        restore_loader_position(trainer)
         if self._rng is not None:
             # last: building loaders and iterators above draws from the global RNG
             set_rng_states(self._rng)
@@ -290,7 +287,7 @@ class _PendingCheck:
     norm: torch.Tensor | None
 
 
-class NonFiniteGuard(L.Callback):
+class NonFiniteGuard(ConfigRules, L.Callback):
     """Stops training (``action=error``) or skips the optimizer step (``action=skip``) when the loss
     or the global gradient norm is NaN or infinite.
 
@@ -310,9 +307,11 @@ class NonFiniteGuard(L.Callback):
     optimizers are checked by reading the verdict at once (a sync on a GPU).
     """
 
+    RULES = {"action": choice(*ACTIONS, name="callbacks.nonfinite_guard.action"),
+             "max_consecutive_skips": integer(ge=0)}
+
     def __init__(self, action: str = "error", max_consecutive_skips: int = 10):
-        if action not in ACTIONS:
-            raise ValueError(f"callbacks.nonfinite_guard.action={action!r}; valid choices: {list(ACTIONS)}")
+        require("action", action, self.RULES["action"])
         self.action, self.max_consecutive_skips = action, int(max_consecutive_skips)
         self.skipped = 0
         self._consecutive = 0

@@ -28,6 +28,22 @@ def config_dir() -> str:
 
 CONFIG_DIR = config_dir()
 
+
+def register_model_presets() -> None:
+    """Every :class:`~gptlab.model.config.GPTConfig` preset as the config ``model/preset/<name>`` in
+    Hydra's ConfigStore, its fields those of ``GPTConfig.from_name(name)``: ``conf/model/<name>.yaml``
+    takes it as its defaults and states only what differs, so a preset's numbers are written once
+    (``PRESETS``) and every field is still a key of the composed ``model`` node (``model.n_layers=2``
+    works). Call it before composing ``CONFIG_DIR`` (the entry factory and the benchmarks do); calling
+    it again changes nothing. Hydra and the model config load here, not when this module is imported."""
+    from hydra.core.config_store import ConfigStore
+
+    from gptlab.model.config import PRESETS, GPTConfig
+
+    store = ConfigStore.instance()
+    for name in PRESETS:
+        store.store(group="model/preset", name=name, node=GPTConfig.from_name(name).to_dict())
+
 _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$")
 _DEFAULT = re.compile(r"^\s*-\s*(?:override\s+)?(?P<group>[\w/]+)\s*:\s*(?P<option>[\w.-]+)")
 _SKIP_BLOCKS = ("defaults", "hydra")

@@ -18,7 +18,7 @@ from gptlab.tokenizer import EOT_ID, get_tokenizer
 if TYPE_CHECKING:
     import tiktoken
 
-    from gptlab.data.instruct import PromptStyle
+    from gptlab.data.prompt_styles import PromptStyle
 
 
 class StreamDecoder:

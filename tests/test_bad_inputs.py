@@ -149,11 +149,23 @@ CASES = [
     ("judge", ["responses={files}/broken.json"], "{files}/broken.json: invalid JSON at line 2"),
     # --- gptlab-serve
     ("serve", [], "ckpt_path=None, init_from=None: expected exactly one of them"),
-    ("serve", ["init_from=gpt2-small", "port=70000"], "port=70000: expected an integer >= 0 and <= 65535"),
+    ("serve", ["init_from=gpt2-small", "port=70000"], "port=70000: expected an integer in [0, 65535]"),
     ("serve", ["init_from=gpt2-small", "max_batch_size=0"], "max_batch_size=0"),
     ("serve", ["init_from=gpt2-small", "max_queue=0"], "max_queue=0"),
     ("serve", ["init_from=gpt2-small", "prompt_style=chatml"], "prompt_style='chatml'"),
     ("serve", ["ckpt_path={files}/corrupt.ckpt"], "{files}/corrupt.ckpt is corrupted"),
+    # --- gptlab-respond
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "split=dev"], "split='dev'"),
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "temperature=-1"], "temperature=-1: expected a number >= 0"),
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "data.batch_size=0"], "data.batch_size=0"),
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "data.prompt_style=chatml"], "data.prompt_style='chatml'"),
+    ("respond", ["ckpt_path={files}/corrupt.ckpt", "output={run}/r.json"], "{files}/corrupt.ckpt is corrupted"),
+    # --- gptlab-reward
+    ("reward", ["ckpt_path={files}/good.ckpt", "responses={files}/responses.json", "max_length=0"], "max_length=0"),
+    ("reward", ["ckpt_path={files}/good.ckpt", "responses={files}/responses.json", "batch_size=0"], "batch_size=0"),
+    ("reward", ["ckpt_path={files}/good.ckpt", "responses={files}/responses.json", "prompt_style=chatml"],
+     "prompt_style='chatml'"),
+    ("reward", ["responses={files}/responses.json"], "ckpt_path=None, init_from=None: expected exactly one of them"),
 ]
 
 
@@ -244,6 +256,15 @@ def test_every_bad_value_is_listed_at_once(tmp_path, monkeypatch, run_entry):
     assert code == 2 and "5 invalid config values" in err
     for key in ("task.optimizer.lr=", "task.lr_schedule.name=", "adapter.rank=", "model.n_layers=", "data.stride="):
         assert key in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_bad_model_field_is_listed_at_once(tmp_path, monkeypatch, run_entry):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_entry(train.main, "gptlab-train", "model=gpt2-tiny", "model.n_heads=3", "model.drop_rate=2",
+                             f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and "2 invalid config values" in err
+    assert "model.n_heads=3: expected a divisor of emb_dim=32" in err and "model.drop_rate=2: expected a number" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -28,7 +28,8 @@ from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import LoRALinear
 from gptlab.tasks.registry import load_task
-from gptlab.tasks.classify import ClassificationTask, pool_hidden
+from gptlab.model.heads import pool_hidden
+from gptlab.tasks.classify import ClassificationTask
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 TINY = GPTConfig.from_name("gpt2-tiny").to_dict()

@@ -1,8 +1,10 @@
-"""The package's layer picture holds: ``cli/`` -> ``serving/``, ``tasks/``, ``judge``, ``inference`` ->
-``weights/``, ``data/`` -> ``model/``, ``tokenizer``, ``callbacks``. No import runs upward, no modules import each
-other in a loop, and ``model/`` is pure torch (no Lightning). An import inside a function (how the
-command-line tools keep ``--help`` fast) counts exactly like one at the top of a module, so it can
-neither run upward nor close a loop: it can only be there for start-up speed, never to dodge a cycle."""
+"""The package's layer picture holds: ``cli/`` -> ``judge``, ``serving/`` -> ``tasks/`` -> ``inference``,
+``alignment/``, ``rewards``, ``evaluation``, ``streaming`` -> ``weights/``, ``data/``, ``checkpoint_io`` -> ``model/``,
+``tokenizer``, ``callbacks``, ``optim``, ``checks``, ``errors``, ``lightning_internals``, ``config_tree``, ``results``.
+No import runs upward, no modules import each other in a loop, ``model/`` and ``alignment/`` are pure torch (no
+Lightning; ``alignment/`` takes nothing from ``tasks/``, ``data/`` or ``cli/``). An import inside a function (how the
+command-line tools keep ``--help`` fast) counts exactly like one at the top of a module, so it can neither run upward
+nor close a loop: it can only be there for start-up speed, never to dodge a cycle."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gptlab"
-LAYERS = {"model": 0, "tokenizer": 0, "callbacks": 0, "errors": 0, "checkpoint_io": 0, "config_tree": 0, "results": 0,
-          "weights": 1, "data": 1, "tasks": 2, "judge": 2, "inference": 2, "rewards": 2, "evaluation": 2, "streaming": 2,
-          "serving": 2, "cli": 3}
+LAYERS = {"model": 0, "tokenizer": 0, "callbacks": 0, "errors": 0, "checks": 0, "optim": 0, "lightning_internals": 0,
+          "config_tree": 0, "results": 0,
+          "weights": 1, "data": 1, "checkpoint_io": 1,
+          "inference": 2, "alignment": 2, "rewards": 2, "evaluation": 2, "streaming": 2,
+          "tasks": 3, "judge": 4, "serving": 4, "cli": 5}
 """First name below ``gptlab.`` -> floor; a module imports only from its floor or below."""
 
 
@@ -62,13 +66,30 @@ def test_no_import_runs_upward(module):
             f"{module} (floor {floor(module)}) imports {imported} (floor {floor(imported)}){where}: upward")
 
 
-def test_model_is_pure_torch():
+def imported_names(tree: ast.AST) -> list[str]:
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    return names + [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+
+
+@pytest.mark.parametrize("package", ["gptlab.model", "gptlab.alignment"])
+def test_model_and_alignment_are_pure_torch(package):
     for module, tree in MODULES.items():
-        if module.startswith("gptlab.model"):
-            names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-            names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-            bad = [n for n in names if n.split(".")[0] in ("lightning", "pytorch_lightning", "hydra", "omegaconf")]
+        if module.startswith(package):
+            bad = [n for n in imported_names(tree)
+                   if n.split(".")[0] in ("lightning", "pytorch_lightning", "hydra", "omegaconf")]
             assert bad == [], f"{module} imports {bad}"
+
+
+def test_alignment_takes_nothing_from_tasks_data_or_cli():
+    for module, tree in MODULES.items():
+        if module.startswith("gptlab.alignment"):
+            bad = [n for n in imported_names(tree) if n.startswith(("gptlab.tasks", "gptlab.data", "gptlab.cli"))]
+            assert bad == [], f"{module} imports {bad}"
+
+
+def test_alignment_and_inference_stand_below_tasks():
+    assert floor("gptlab.alignment.losses") < floor("gptlab.tasks.dpo")
+    assert floor("gptlab.inference") < floor("gptlab.tasks.dpo")
 
 
 def test_no_modules_import_each_other_in_a_loop():

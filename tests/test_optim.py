@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from gptlab.data.pretrain import SlidingWindowDataset
 from gptlab.tasks.base import GPTTask
-from gptlab.tasks.optim import (DEFAULT_OPTIMIZER, build_lr_scheduler, build_optimizer, lr_lambda, optimizer_class,
-                                parameter_groups)
+from gptlab.optim import (DEFAULT_OPTIMIZER, build_lr_scheduler, build_optimizer, lr_lambda, optimizer_class,
+                          parameter_groups)
 from gptlab.tasks.pretrain import PretrainTask
 
 TINY = {"name": "gpt2-tiny", "context_length": 16}

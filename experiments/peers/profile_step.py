@@ -121,7 +121,7 @@ def breakdown(profile: cProfile.Profile, steps: int) -> list[tuple[str, float]]:
 
 def bare_loop(task, batch, steps: int, warmup: int) -> tuple[list[float], cProfile.Profile]:
     """The same model, batch, optimizer and clipping without Lightning: times, then a profile."""
-    from gptlab.tasks.optim import build_optimizer
+    from gptlab.optim import build_optimizer
 
     model = task.model
     opt = build_optimizer(task.hparams.optimizer, task.parameter_groups())

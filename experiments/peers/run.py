@@ -112,7 +112,9 @@ def make_gate(spec: dict[str, Any], device: str):
 def compose_train(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from gptlab.cli import CONFIG_DIR
+    from gptlab.cli import CONFIG_DIR, register_model_presets
+
+    register_model_presets()
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=overrides)
@@ -193,7 +195,7 @@ def worker(bench: str, side: str, preset: str, weights: str, work: str) -> None:
                                       do_sample=False)[0, spec["prompt"]:]
         else:
             from gptlab.model.generation import generate
-            from gptlab.tasks.checkpoint import load_backbone
+            from gptlab.weights.checkpoint import load_backbone
 
             model = load_backbone(weights).to(device).eval()
             if side == "gptlab":
@@ -297,7 +299,7 @@ def worker(bench: str, side: str, preset: str, weights: str, work: str) -> None:
         x, y = ids[:, :-1], ids[:, 1:]
         autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
         if side == "gptlab":
-            from gptlab.tasks.checkpoint import load_backbone
+            from gptlab.weights.checkpoint import load_backbone
 
             model = load_backbone(weights, drop_rate=0.0).to(device).train()
             g.watch(model.tok_emb)
@@ -385,7 +387,7 @@ def train_rate_worker(spec: dict, device: str, g) -> None:
 
     from gptlab.model.config import GPTConfig
     from gptlab.model.gpt import GPT
-    from gptlab.tasks.optim import DEFAULT_OPTIMIZER, build_optimizer, parameter_groups
+    from gptlab.optim import DEFAULT_OPTIMIZER, build_optimizer, parameter_groups
 
     config = GPTConfig.from_name(spec["model"], drop_rate=0.0)
     model = GPT(config).to(device).train()

@@ -54,7 +54,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from gptlab.config_tree import CONFIG_DIR, read_keys, render
+from gptlab.config_tree import CONFIG_DIR, read_keys, register_model_presets, render
 from gptlab.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -124,6 +124,7 @@ def call_hydra(config: str, prog: str, job: Callable[[DictConfig], Any], argv: l
 
     with refusals:
         try:
+            register_model_presets()
             hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config)(task)()
         except Exception as exc:  # noqa: BLE001 - a refusal is reported below, anything else re-raised
             lines = None if started else explain_refusal(exc, config, argv)
@@ -323,6 +324,7 @@ def unknown_keys(config_name: str, argv: Sequence[str]) -> list[tuple[str, str, 
     overrides = [a for a in argv[1:] if "=" in a and not a.startswith(("-", "+", "~", "hydra."))]
     group_choices = [a for a in overrides if (Path(CONFIG_DIR) / a.split("=", 1)[0]).is_dir()]  # task=dpo, ...
     GlobalHydra.instance().clear()
+    register_model_presets()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name, overrides=group_choices + _search_path(argv))
@@ -374,6 +376,6 @@ def closest_key(key: str, every: Sequence[str]) -> str | None:
     return match[0] if match else None
 
 
-__all__ = ["entry_point", "call_hydra", "CONFIG_DIR", "handle_help", "check_plugins", "PLUGINS", "pop_text_argument",
+__all__ = ["entry_point", "call_hydra", "CONFIG_DIR", "register_model_presets", "handle_help", "check_plugins", "PLUGINS", "pop_text_argument",
            "require_values", "user_errors", "user_error", "USER_ERRORS", "WORK_FAILURES", "full_tracebacks",
            "explain_refusal", "unknown_keys", "closest_key", "closest_first"]

@@ -18,7 +18,7 @@ from gptlab.cli import entry_point
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from gptlab.data.instruct import PromptStyle
+    from gptlab.data.prompt_styles import PromptStyle
     from gptlab.inference import LoadedModel
     from gptlab.model.gpt import GPT
 
@@ -44,7 +44,7 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
     import torch  # the heavy imports wait until a model is wanted: --help stays instant
 
     from gptlab.cli.validation import validate_chat_config
-    from gptlab.data.instruct import get_prompt_style
+    from gptlab.data.prompt_styles import get_prompt_style
     from gptlab.inference import load_model
 
     validate_chat_config(cfg)

@@ -56,8 +56,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
     import torch  # the heavy imports wait until a model is wanted: --help stays instant
 
     from gptlab.cli.validation import validate_classify_config
-    from gptlab.inference import load_model
-    from gptlab.tasks.classify import predict_texts
+    from gptlab.inference import load_model, predict_texts
 
     validate_classify_config(cfg, text)
     out = out or sys.stdout

@@ -30,9 +30,10 @@ def run(cfg: DictConfig) -> Path:
     from hydra.utils import instantiate  # the heavy imports wait until a model is wanted
     from omegaconf import OmegaConf
 
-    from gptlab.inference import load_model
-    from gptlab.tasks.instruct import answer_entries
+    from gptlab.cli.validation import validate_respond_config
+    from gptlab.inference import answer_entries, load_model
 
+    validate_respond_config(cfg)
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}; valid choices: {list(SPLITS)}")
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,

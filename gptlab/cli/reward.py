@@ -57,10 +57,11 @@ def run(cfg: DictConfig, out: TextIO | None = None, prompt: str | None = None,
         response: str | None = None) -> dict[str, Any]:
     """Score ``cfg.responses`` (against ``cfg.baseline`` when set) or one ``prompt``/``response``;
     writes ``rewards.json`` for files and returns the report."""
-    from gptlab.inference import load_model  # the heavy imports wait until a model is wanted
+    from gptlab.cli.validation import validate_reward_config  # the heavy imports wait until a model is wanted
+    from gptlab.inference import load_model, score_responses
     from gptlab.judge import load_responses, pair_responses
-    from gptlab.tasks.reward import score_responses
 
+    validate_reward_config(cfg)
     out = out or sys.stdout
     prompt = prompt if prompt is not None else cfg.get("prompt")
     response = response if response is not None else cfg.get("response")

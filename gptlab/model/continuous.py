@@ -20,7 +20,8 @@ from typing import Hashable, Sequence
 
 import torch
 
-from gptlab.model.generation import _last_logits, _padding_masks, sample_rows, sampling_problems
+from gptlab.checks import Problem, check_node, integer
+from gptlab.model.generation import SAMPLING_RULES, _last_logits, _padding_masks, sample_rows
 from gptlab.model.gpt import GPT, KVCache, RowKVCache
 
 
@@ -35,12 +36,11 @@ class Sampling:
     top_p: float | None = None
     seed: int | None = None
 
-    def problems(self) -> list[tuple[str, object, str]]:
-        """``(name, value, what is allowed)`` per bad setting (see ``sampling_problems``)."""
-        found = sampling_problems(0, self.temperature, self.top_k, self.top_p)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            found.append(("seed", self.seed, "an integer or null"))
-        return found
+    def problems(self) -> list[Problem]:
+        """One :class:`~gptlab.checks.Problem` per bad setting (the rules of
+        :data:`~gptlab.model.generation.SAMPLING_RULES`; ``seed`` an integer or null)."""
+        return check_node({"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                           "seed": self.seed}, {**SAMPLING_RULES, "seed": integer(optional=True)})
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,10 @@ class ContinuousBatch:
 
     def check(self, prompt_len: int, max_new_tokens: int, sampling: Sampling) -> None:
         """Raise ``ValueError`` naming what does not fit or is out of range for one sequence."""
-        problems = sampling.problems()
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            problems.append(("max_new_tokens", max_new_tokens, "an integer >= 1"))
+        problems = sampling.problems() + check_node({"max_new_tokens": max_new_tokens},
+                                                    {"max_new_tokens": integer(ge=1)})
         if problems:
-            raise ValueError("; ".join(f"{n}={v!r}: expected {a}" for n, v, a in problems))
+            raise ValueError("; ".join(str(p) for p in problems))
         if prompt_len < 1:
             raise ValueError("an empty prompt gives the model nothing to continue")
         if prompt_len + max_new_tokens > self.max_len:

@@ -9,45 +9,29 @@ on top (a CUDA graph on GPU), the fast route for batch-1 decoding on a GPU.
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from gptlab.checks import check_node, integer, number
 from gptlab.model.gpt import GPT, KVCache
 
 
-def sampling_problems(max_new_tokens: Any, temperature: Any = 0.0, top_k: Any = None,
-                      top_p: Any = None) -> list[tuple[str, Any, str]]:
-    """What is wrong with these sampling arguments: ``(name, value, what is allowed)`` per bad one;
-    empty when all are valid. ``temperature`` >= 0 (0 or None: greedy), ``top_k`` >= 0 (0 or None:
-    off), ``0 < top_p <= 1`` (1 or None: off), ``max_new_tokens`` >= 0."""
-    def integer(v: Any) -> bool:
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    def number(v: Any) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-    problems = []
-    if not (integer(max_new_tokens) and max_new_tokens >= 0):
-        problems.append(("max_new_tokens", max_new_tokens, "an integer >= 0"))
-    if temperature is not None and not (number(temperature) and temperature >= 0):
-        problems.append(("temperature", temperature, "a number >= 0 (0 = greedy)"))
-    if top_k is not None and not (integer(top_k) and top_k >= 0):
-        problems.append(("top_k", top_k, "an integer >= 0 or null (0 or null = off)"))
-    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
-        problems.append(("top_p", top_p, "a number in (0, 1] or null (1 or null = off)"))
-    return problems
+SAMPLING_RULES = {"max_new_tokens": integer(ge=0), "temperature": number(ge=0, optional=True, note="0 = greedy"),
+                  "top_k": integer(ge=0, optional=True, note="0 or null = off"),
+                  "top_p": number(gt=0, le=1, optional=True, note="1 or null = off")}
+"""The rule of every sampling argument: ``temperature`` >= 0 (0 or None: greedy), ``top_k`` >= 0
+(0 or None: off), ``0 < top_p <= 1`` (1 or None: off), ``max_new_tokens`` >= 0."""
 
 
 def check_sampling_args(max_new_tokens: Any, temperature: Any = 0.0, top_k: Any = None, top_p: Any = None) -> None:
-    """Raise ``ValueError`` naming every sampling argument out of its range (see :func:`sampling_problems`)."""
-    problems = sampling_problems(max_new_tokens, temperature, top_k, top_p)
+    """Raise ``ValueError`` naming every sampling argument out of its range (:data:`SAMPLING_RULES`)."""
+    problems = check_node(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p),
+                          SAMPLING_RULES)
     if problems:
-        raise ValueError("; ".join(f"{name}={value!r}: expected {allowed}" for name, value, allowed in problems))
+        raise ValueError("; ".join(p.at() for p in problems))
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

@@ -22,7 +22,7 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from gptlab.data.instruct import get_prompt_style
+from gptlab.data.prompt_styles import get_prompt_style
 from gptlab.errors import InvalidInput
 from gptlab.inference import LoadedModel
 from gptlab.serving.engine import Closed, Engine, QueueFull, Update

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import tiktoken
 
-from gptlab.data.instruct import PromptStyle
+from gptlab.data.prompt_styles import PromptStyle
 from gptlab.model.continuous import Sampling
 from gptlab.tokenizer import EOT_TOKEN
 

@@ -26,10 +26,14 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 4e-4,
-                                     "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "fused": None}
-"""The optimizer of a task built in Python without one (the YAML nodes set their own values)."""
-DEFAULT_LR_SCHEDULE: dict[str, Any] = {"name": "cosine", "warmup_steps": 0, "min_lr": 0.0}
+from gptlab.checks import Predicate, boolean, check_node, choice, is_number, number, raise_problems, unknown_keys
+
+DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 5e-5,
+                                     "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1, "fused": None}
+"""The optimizer of a task built without one: ``conf/task/optimizer/adamw.yaml``'s values
+(``tests/test_configs.py`` keeps the two equal)."""
+DEFAULT_LR_SCHEDULE: dict[str, Any] = {"name": "constant", "warmup_steps": 0, "min_lr": 0.0}
+"""``conf/task/lr_schedule/warmup_decay.yaml``'s values (kept equal by the same test)."""
 LR_SCHEDULES = ("constant", "cosine", "linear")
 WEIGHT_DECAY_ON = ("matrices", "all")
 """Which trainable parameters get the optimizer's ``weight_decay``: ``matrices`` the weight matrices
@@ -37,11 +41,32 @@ of linear layers only (biases, norms, embeddings and a head tied to them get 0: 
 GPT-2/nanoGPT); ``all`` every one (the book's ``AdamW(model.parameters(), weight_decay=0.1)``)."""
 
 
+def _warmup_ok(v: Any) -> bool:
+    return is_number(v) and v >= 0 and (v < 1 or float(v).is_integer())
+
+
+OPTIMIZER_RULES = {"_target_": Predicate(lambda v: _is_optimizer_class(_named_class(v)),
+                                         "an optimizer of torch.optim (e.g. torch.optim.AdamW, torch.optim.SGD)"),
+                   "_partial_": Predicate(lambda v: v is True, "true (the task passes the parameter groups itself)"),
+                   "lr": number(gt=0), "weight_decay": number(ge=0), "eps": number(gt=0),
+                   "fused": boolean(optional=True)}
+"""The rule of the ``task.optimizer`` node's keys (others are the optimizer class's own arguments)."""
+LR_SCHEDULE_RULES = {"name": choice(*LR_SCHEDULES, name="task.lr_schedule.name"),
+                     "warmup_steps": Predicate(_warmup_ok, "an integer >= 0 (steps) or a number in [0, 1) (a fraction "
+                                                           "of all steps)"),
+                     "min_lr": number(ge=0)}
+"""The rule of every ``task.lr_schedule`` key."""
+
+
+def _named_class(target: Any) -> Any:
+    module, _, name = str(target).rpartition(".")
+    return getattr(torch.optim, name, None) if module == "torch.optim" else None
+
+
 def optimizer_class(target: str) -> type[torch.optim.Optimizer]:
     """The ``torch.optim`` optimizer class ``target`` names (``torch.optim.AdamW``); anything else
     raises, naming the valid choices."""
-    module, _, name = str(target).rpartition(".")
-    cls = getattr(torch.optim, name, None) if module == "torch.optim" else None
+    cls = _named_class(target)
     if not _is_optimizer_class(cls):
         valid = sorted(f"torch.optim.{n}" for n, c in vars(torch.optim).items() if _is_optimizer_class(c))
         raise ValueError(f"task.optimizer._target_={target!r} is not an optimizer of torch.optim; "
@@ -65,20 +90,20 @@ def optimizer_config(node: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError("task.optimizer._partial_ must be true: the task passes the parameter groups itself")
     if "lr" not in node:
         raise ValueError(f"task.optimizer has no lr: {node}")
+    raise_problems(check_node(node, OPTIMIZER_RULES), "task.optimizer setting")
     return node
 
 
 def lr_schedule_config(node: Mapping[str, Any] | None) -> dict[str, Any]:
     """A complete LR-schedule node (:data:`DEFAULT_LR_SCHEDULE` updated by ``node``), validated."""
     node = {**DEFAULT_LR_SCHEDULE, **dict(node or {})}
-    unknown = sorted(set(node) - set(DEFAULT_LR_SCHEDULE))
-    if unknown:
-        raise ValueError(f"task.lr_schedule has unknown key(s) {unknown}; valid keys: {sorted(DEFAULT_LR_SCHEDULE)}")
-    if node["name"] not in LR_SCHEDULES:
-        raise ValueError(f"unknown task.lr_schedule.name {node['name']!r}; valid choices: {list(LR_SCHEDULES)}")
-    if node["warmup_steps"] < 0:
-        raise ValueError(f"task.lr_schedule.warmup_steps must be >= 0, got {node['warmup_steps']}")
+    raise_problems(check_lr_schedule_config(node), "task.lr_schedule setting")
     return node
+
+
+def check_lr_schedule_config(node: Mapping[str, Any]) -> list:
+    """Every problem of a ``task.lr_schedule`` node (:data:`LR_SCHEDULE_RULES`, unknown keys)."""
+    return unknown_keys(node, LR_SCHEDULE_RULES, "task.lr_schedule") + check_node(node, LR_SCHEDULE_RULES)
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, weight_decay_on: str = "matrices") -> list[dict[str, Any]]:
