@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import tiktoken
-from omegaconf import OmegaConf
 
 from gptlab.errors import InvalidInput
 
@@ -443,17 +442,18 @@ def hf_vocab_and_merges(tokenizer: tiktoken.Encoding) -> tuple[dict[str, int], l
 
 
 def register_resolvers() -> None:
-    """The config interpolations that read a run's tokenizer, registered when this module is first
-    imported (every gptlab import does), so any composed config resolves them:
-    ``${gptlab.vocab_size:${tokenizer}}`` (its ids: ``model.vocab_size`` follows the tokenizer) and
-    ``${gptlab.eot_id:${tokenizer}}`` (its ``<|endoftext|>`` id)."""
+    """The config interpolations that read a run's tokenizer: ``${gptlab.vocab_size:${tokenizer}}``
+    (its ids: ``model.vocab_size`` follows the tokenizer) and ``${gptlab.eot_id:${tokenizer}}`` (its
+    ``<|endoftext|>`` id). :func:`gptlab.config_tree.register_model_presets` calls it before any config
+    is composed (the entry factory, the tests and the benchmarks call that); calling it again changes
+    nothing."""
+    from omegaconf import OmegaConf
+
     if not OmegaConf.has_resolver("gptlab.vocab_size"):
         OmegaConf.register_new_resolver("gptlab.vocab_size", lambda name: get_tokenizer(name).n_vocab)
     if not OmegaConf.has_resolver("gptlab.eot_id"):
         OmegaConf.register_new_resolver("gptlab.eot_id", lambda name: get_tokenizer(name).eot_token)
 
-
-register_resolvers()
 
 __all__ = ["ASSETS", "EOT_TOKEN", "EOT_ID", "GPT2_VOCAB_SIZE", "GPT2_PAT_STR", "GPT2_RANKS_SHA256", "GPT2_SHA256",
            "MANIFEST_FILE", "RANKS_FILE", "MAX_VOCAB_SIZE", "TokenizerError", "TokenizerMismatch", "TokenizerInfo",

@@ -239,7 +239,7 @@ def test_a_folder_holding_files_is_not_overwritten_unless_asked(tmp_path):
 
 
 def test_streamed_decoding_gives_the_text_of_the_whole_sequence(any_tokenizer):
-    from gptlab.cli.generate import StreamDecoder
+    from gptlab.streaming import StreamDecoder
 
     # random ids of a byte-level vocabulary: characters split over tokens, and bytes that never form one
     ids = random.Random(2).choices(range(any_tokenizer.n_vocab - 1), k=5000) + [any_tokenizer.encode_single_token(b"\xe4")]

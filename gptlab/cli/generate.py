@@ -2,41 +2,24 @@
 
 from __future__ import annotations
 
-import codecs
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
-import hydra
-import torch
-from omegaconf import DictConfig
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.inference import load_model
-from gptlab.cli.validation import validate_generate_config
-from gptlab.model.generation import generate_stream
-from gptlab.tokenizer import get_tokenizer
-
-
-class StreamDecoder:
-    """Decode token ids incrementally with ``tokenizer`` (None = GPT-2's): bytes of a character split
-    over tokens are held back until it is complete; bytes that can never form one become U+FFFD, as
-    ``tokenizer.decode`` of the whole sequence gives them (a byte-level vocabulary samples such bytes)."""
-
-    def __init__(self, tokenizer: Any = None) -> None:
-        self.tok = tokenizer or get_tokenizer()
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        return self.utf8.decode(self.tok.decode_single_token_bytes(token_id))
-
-    def flush(self) -> str:
-        """What is left of a character cut short at the end (U+FFFD), else ``""``."""
-        return self.utf8.decode(b"", final=True)
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def run(cfg: DictConfig) -> str:
     """Generate from ``cfg``; prints as it goes when ``cfg.stream``; returns the full text."""
+    import torch  # the heavy imports wait until a model is wanted: --help stays instant
+
+    from gptlab.cli.validation import validate_generate_config
+    from gptlab.inference import load_model
+    from gptlab.model.generation import generate_stream
+    from gptlab.streaming import StreamDecoder
+
     validate_generate_config(cfg)
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
@@ -59,9 +42,10 @@ def run(cfg: DictConfig) -> str:
         if cfg.stream and piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    out.append(dec.flush())
-    if cfg.stream:
-        sys.stdout.write(out[-1])
+    tail = dec.flush()
+    out.append(tail)
+    if cfg.stream and tail:
+        sys.stdout.write(tail)
     text = "".join(out)
     if cfg.stream:
         sys.stdout.write("\n")
@@ -70,18 +54,7 @@ def run(cfg: DictConfig) -> str:
     return text
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "generate", "gptlab-generate")
-    with user_errors("gptlab-generate"):
-        run(cfg)
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; everything else through Hydra."""
-    handle_help("generate", "gptlab-generate")
-    call_hydra(_hydra_main, "generate", "gptlab-generate")
-
+main = entry_point("generate", run)
 
 if __name__ == "__main__":
     main()

@@ -13,29 +13,26 @@ The first argument is the command; the rest are Hydra overrides of ``conf/tokeni
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import sys
-from functools import partial
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from gptlab.cli import entry_point, handle_help
+from gptlab.errors import InvalidInput
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, pop_text_argument, require_values, user_errors
-from gptlab.data.pretrain import read_text, resolve_sources
-from gptlab.tokenizer import (TokenizerError, check_special_tokens, describe, get_tokenizer, tokenizer_info)
-from gptlab.tokenizer_training import train_bpe
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 PROG = "gptlab-tokenizer"
 COMMANDS = ("train", "encode", "decode", "stats")
-_ARGS: list[Any] = []
-"""This call's command and verbatim ``text=`` (main may run twice in one process)."""
 
 
 def run(cfg: DictConfig, command: str, text: str | None = None, out: TextIO | None = None) -> Any:
     """Run ``command`` (one of :data:`COMMANDS`) with ``cfg``; ``text``: a verbatim ``text=``."""
+    from gptlab.tokenizer import get_tokenizer  # heavy imports wait until a command runs: --help stays instant
+
     out = out or sys.stdout
     if command == "train":
         return train(cfg, out)
@@ -50,19 +47,24 @@ def run(cfg: DictConfig, command: str, text: str | None = None, out: TextIO | No
 
 def train(cfg: DictConfig, out: TextIO) -> Path:
     """``train``: the corpus of ``data.path`` -> a tokenizer folder at ``out``; returns the folder."""
+    from omegaconf import ListConfig, OmegaConf
+
+    from gptlab.data.pretrain import read_text, resolve_sources
+    from gptlab.tokenizer_training import train_bpe
+
     if cfg.data.path is None:
-        raise TokenizerError("train needs data.path=<the corpus: a text file, a folder of .txt files or a glob>")
+        raise InvalidInput("train needs data.path=<the corpus: a text file, a folder of .txt files or a glob>")
     if cfg.out is None:
-        raise TokenizerError("train needs out=<the folder to write the tokenizer to>")
+        raise InvalidInput("train needs out=<the folder to write the tokenizer to>")
     try:
         files = resolve_sources(OmegaConf.to_container(cfg.data.path) if isinstance(cfg.data.path, ListConfig)
                                 else cfg.data.path)
     except FileNotFoundError as e:
-        raise TokenizerError(str(e)) from None
+        raise InvalidInput(str(e)) from None
     strip = bool(cfg.data.strip_gutenberg)
     reading = "UTF-8, BOM removed, CRLF -> LF" + (", Project Gutenberg header and trailer removed" if strip else "")
     result = train_bpe(files, cfg.vocab_size, cfg.out, special_tokens=list(cfg.special_tokens),
-                       min_frequency=cfg.min_frequency, read_text=partial(read_text, strip_gutenberg=strip),
+                       min_frequency=cfg.min_frequency, read_text=functools.partial(read_text, strip_gutenberg=strip),
                        progress=bool(cfg.progress), overwrite=bool(cfg.overwrite), reading=reading)
     for line in result.summary():
         out.write(line + "\n")
@@ -73,21 +75,23 @@ def input_text(cfg: DictConfig, text: str | None, required: bool) -> str | None:
     """The text of ``text=`` (verbatim) or ``file=``; exactly one unless not ``required`` (None then)."""
     text = text if text is not None else cfg.get("text")
     if text is not None and cfg.file is not None:
-        raise TokenizerError("give text=\"...\" or file=<path>, not both")
+        raise InvalidInput("give text=\"...\" or file=<path>, not both")
     if cfg.file is not None:
         path = Path(str(cfg.file)).expanduser()
         if not path.is_file():
-            raise TokenizerError(f"file={str(cfg.file)!r}: no such file")
+            raise InvalidInput(f"file={str(cfg.file)!r}: no such file")
         try:
             return path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            raise TokenizerError(f"file={str(cfg.file)!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise InvalidInput(f"file={str(cfg.file)!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if text is None and required:
-        raise TokenizerError("encode needs text=\"...\" or file=<path>")
+        raise InvalidInput("encode needs text=\"...\" or file=<path>")
     return None if text is None else str(text)
 
 
 def _encode(tok: Any, text: str, special: bool) -> list[int]:
+    from gptlab.tokenizer import check_special_tokens
+
     if not special:
         return tok.encode_ordinary(text)
     check_special_tokens(text, tok)
@@ -105,6 +109,8 @@ def token_text(tok: Any, token_id: int) -> str:
 
 def encode(tok: Any, text: str, special: bool, out: TextIO) -> list[int]:
     """``encode``: the ids of ``text`` (a JSON list), its tokens, and tokens per character."""
+    from gptlab.tokenizer import describe
+
     ids = _encode(tok, text, special)
     out.write(json.dumps(ids) + "\n")
     out.write("[" + ", ".join(token_text(tok, i) for i in ids) + "]\n")
@@ -115,15 +121,19 @@ def encode(tok: Any, text: str, special: bool, out: TextIO) -> list[int]:
 
 def decode(tok: Any, ids: Any, out: TextIO) -> str:
     """``decode``: the text of ``ids`` (bytes that are not UTF-8 shown as U+FFFD)."""
+    from omegaconf import ListConfig, OmegaConf
+
+    from gptlab.tokenizer import describe
+
     if isinstance(ids, ListConfig):
         ids = OmegaConf.to_container(ids)
     if isinstance(ids, int) and not isinstance(ids, bool):
         ids = [ids]
     if not isinstance(ids, list) or not ids:
-        raise TokenizerError(f"ids={ids!r}: expected a list of token ids, e.g. ids=[1204,3290,5]")
+        raise InvalidInput(f"ids={ids!r}: expected a list of token ids, e.g. ids=[1204,3290,5]")
     bad = [i for i in ids if type(i) is not int or not 0 <= i < tok.n_vocab]
     if bad:
-        raise TokenizerError(f"ids: {bad[0]!r} is not an id of {describe(tok)} (0..{tok.n_vocab - 1})")
+        raise InvalidInput(f"ids: {bad[0]!r} is not an id of {describe(tok)} (0..{tok.n_vocab - 1})")
     text = tok.decode(ids, errors="replace")
     out.write(text + "\n")
     return text
@@ -132,6 +142,8 @@ def decode(tok: Any, ids: Any, out: TextIO) -> str:
 def stats(tok: Any, text: str | None, special: bool, out: TextIO) -> dict[str, Any]:
     """``stats``: the tokenizer (vocabulary, hash, training corpus) and, given a text, tokens per
     character / byte / word and how much of the vocabulary the text uses."""
+    from gptlab.tokenizer import tokenizer_info
+
     info = tokenizer_info(tok)
     report: dict[str, Any] = {"tokenizer": info.name, "sha256": info.sha256, "vocab_size": tok.n_vocab,
                               "special_tokens": sorted(tok.special_tokens_set)}
@@ -159,19 +171,9 @@ def stats(tok: Any, text: str | None, special: bool, out: TextIO) -> dict[str, A
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="tokenizer")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "tokenizer", PROG)
-    command, text = _ARGS
-    with user_errors(PROG):
-        run(cfg, command, text)
-
-
-def main() -> None:
-    """Console entry: ``gptlab-tokenizer <command> key=value ...``; ``--help`` is the page of
-    ``conf/tokenizer.yaml``."""
-    handle_help("tokenizer", PROG)
-    argv = sys.argv
+def take_command(argv: list[str]) -> str:
+    """Remove the command (the first argument) from ``argv`` and return it; a missing or unknown one
+    is one ``gptlab-tokenizer: error:`` line and exit status 2."""
     command = argv[1] if len(argv) > 1 else None
     if command not in COMMANDS:
         what = "no command" if command is None or "=" in command or command.startswith("-") else \
@@ -181,9 +183,15 @@ def main() -> None:
                          f"; the first argument is one of: {', '.join(COMMANDS)} (see {PROG} --help)\n")
         raise SystemExit(2)
     del argv[1]
-    text = pop_text_argument(argv)
-    _ARGS[:] = [command, text]
-    call_hydra(_hydra_main, "tokenizer", PROG)
+    return command
+
+
+def main() -> None:
+    """Console entry: ``gptlab-tokenizer <command> key=value ...``; ``--help`` is the page of
+    ``conf/tokenizer.yaml``; the rest goes through the entry factory (``text=`` taken verbatim)."""
+    handle_help("tokenizer", PROG)
+    command = take_command(sys.argv)
+    entry_point("tokenizer", functools.partial(run, command=command), prog=PROG, verbatim=("text",))()
 
 
 if __name__ == "__main__":
