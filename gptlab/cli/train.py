@@ -104,7 +104,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from gptlab.cli.runs import announce_end, announce_start
     from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
     from gptlab.results import write_result
-    from gptlab.tokenizer import get_tokenizer
+    from gptlab.tokenizer import describe, get_tokenizer
 
     validate_train_config(cfg)
     if rank_zero_only.rank == 0:  # DDP processes start after rank 0 has checked (and may have saved)
@@ -115,7 +115,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer(cfg.get("tokenizer"))
+    log.info("tokenizer: %s, %s ids", describe(tokenizer), f"{tokenizer.n_vocab:,}")
     log.info("data: %s", cfg.data._target_)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
     # read the data first: a bad data file is reported before the model, logger or trainer exist
@@ -123,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.prepare_data()
     datamodule.setup("fit")
     log.info("task: %s", cfg.task._target_)
-    task = build_task(cfg)
+    task = build_task(cfg, tokenizer=tokenizer)
     n_total = task.model.num_params()
     n_train = task.trainable_parameter_count()
     log.info("parameters: %s total, %s trainable (%.2f%%)", f"{n_total:,}", f"{n_train:,}",
