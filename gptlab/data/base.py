@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gptlab.checks import ConfigRules, boolean, integer, raise_problems
@@ -72,10 +72,17 @@ class GPTDataModule(ConfigRules, L.LightningDataModule):
             raise ValueError(f"{type(self).__name__}: this split is empty (check the data's split ratios)")
         hp = self.hparams
         workers = int(hp.get("num_workers") or 0)
+        shuffle = train and bool(hp.get("shuffle", True))
+        sampler = None
+        distributed = getattr(getattr(self, "trainer", None), "distributed_sampler_kwargs", None)
+        if train and not shuffle and distributed:
+            # Lightning's own distributed sampler always shuffles the training set: keep the
+            # configured order, each rank taking every world_size-th example
+            sampler = DistributedSampler(dataset, shuffle=False, **distributed)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch function deprecated in 2.13
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             return StatefulDataLoader(
-                dataset, batch_size=batch_size, shuffle=train and bool(hp.get("shuffle", True)),
+                dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                 drop_last=train and bool(hp.get("drop_last", False)), num_workers=workers,
                 persistent_workers=workers > 0, collate_fn=collate_fn,
                 pin_memory=bool(hp.get("pin_memory", False)) and torch.cuda.is_available())
