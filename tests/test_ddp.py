@@ -106,7 +106,7 @@ def run(name: str, devices: int, folder: Path, extra: list[str] = ()) -> dict[st
     logged (``steps``: ``train/loss_step`` per step, ``metrics``: the last value of every key,
     ``texts``), the ranks that logged, and the run folder."""
     folder.mkdir(parents=True)
-    cfg = compose_task(name, [f"data.batch_size={GLOBAL_BATCH // devices}", *extra])
+    cfg = compose_task(name, [f"data.global_batch_size={GLOBAL_BATCH}", *extra])
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, tokenizer=get_tokenizer(), _convert_="all")
     task = build_task(cfg)
@@ -207,3 +207,39 @@ def test_ppo_under_ddp_logs_every_ranks_samples_and_answers(runs):
     assert [r["instruction"] for r in written] == [e["instruction"] for e in datamodule.test_set.entries]
     # every file but rank 0's logger record was written once: by rank 0
     assert not list(two["folder"].glob("*rank1*.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pretrain", "classify", "instruct"])
+def test_a_global_batch_size_keeps_the_effective_batch_over_devices(runs, name):
+    # data.global_batch_size=4 on 1 and on 2 processes: 4 examples per optimizer step either way
+    for devices in (1, 2):
+        assert runs[name, devices]["metrics"]["train/examples_seen"] == GLOBAL_BATCH * STEPS
+
+
+def test_per_device_batch_is_the_global_batch_split_over_processes_and_accumulation(tmp_path):
+    from gptlab.data.pretrain import PretrainDataModule
+    from gptlab.errors import ConfigError
+
+    dm = PretrainDataModule(max_length=8, batch_size=3, global_batch_size=16)
+    assert [dm.per_device_batch_size(w, a) for w, a in ((1, 1), (2, 1), (2, 2), (8, 2))] == [16, 8, 4, 1]
+    assert PretrainDataModule(max_length=8, batch_size=3).per_device_batch_size(4, 2) == 3  # per device as given
+    with pytest.raises(ConfigError, match=r"data.global_batch_size=16 is not a multiple of .* = 3 x 1 = 3"):
+        dm.per_device_batch_size(3, 1)
+
+
+def test_console_shows_the_effective_batch_and_refuses_one_that_does_not_split(run_entry, tmp_path, monkeypatch):
+    from gptlab.cli.train import main
+
+    monkeypatch.setenv("GPTLAB_OUTPUTS", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    base = ["model=gpt2-tiny", "train=false", "logger=none", "data.max_length=16"]
+    code, out, err = run_entry(main, "gptlab-train", *base, "data.global_batch_size=8",
+                               "trainer.accumulate_grad_batches=2")
+    assert code == 0, err
+    assert ("effective batch: 8 = 4 per device x 1 device(s) x 1 node(s) x 2 accumulated batch(es) per optimizer "
+            "step") in out + err
+    code, out, err = run_entry(main, "gptlab-train", *base, "data.global_batch_size=6",
+                               "trainer.accumulate_grad_batches=4")
+    assert code == 2
+    assert "data.global_batch_size=6 is not a multiple of devices x nodes x accumulate_grad_batches = 1 x 4 = 4" in err
