@@ -69,12 +69,12 @@ class Benchmark:
 BENCHMARKS: list[Benchmark] = [
     Benchmark("throughput_b16", "Training throughput, gpt2-small, context 1024, batch 16 (gptlab vs book reference)",
               "experiments/throughput/run.py", ["--preset", "gpu", "--batch", "16"],
-              ["--preset", "smoke"], 65, "experiments/throughput/README.md"),
+              ["--preset", "smoke"], 45, "experiments/throughput/README.md"),
     Benchmark("throughput_b32", "Training throughput, gpt2-small, context 1024, batch 32 (gptlab vs book reference)",
               "experiments/throughput/run.py", ["--preset", "gpu", "--batch", "32"],
               ["--preset", "smoke", "--batch", "4"], 50, "experiments/throughput/README.md"),
     Benchmark("progress_bar", "Progress bar and logging on vs off the critical path (gptlab, gpt2-small, batch 16)",
-              "experiments/progress_bar/run.py", ["--preset", "gpu"], ["--preset", "smoke"], 60,
+              "experiments/progress_bar/run.py", ["--preset", "gpu"], ["--preset", "smoke"], 45,
               "experiments/progress_bar/README.md"),
     Benchmark("generation_b1", "Decoding speed, batch 1: dynamic / static / compiled (CUDA graph) KV cache vs recompute",
               "experiments/generation_speed/run.py",
@@ -108,7 +108,11 @@ BENCHMARKS: list[Benchmark] = [
     # without transformers/TRL on the machine the gptlab sides still run, the peer columns say why not
     Benchmark("peers", "gptlab vs a nanoGPT-style loop and TRL's RewardTrainer: training and reward-model steps (bf16)",
               "experiments/peers/run.py", ["--preset", "gpu", "--only", "train,reward"],
-              ["--quick", "--only", "fwdbwd", "--no-peers", "--reps", "1"], 60, "experiments/peers/README.md"),
+              ["--quick", "--only", "fwdbwd", "--no-peers", "--reps", "1"], 50, "experiments/peers/README.md"),
+    # the DDP and FSDP code paths on one device (FSDP refuses a CPU): losses vs trainer=gpu, checkpoint resumed
+    Benchmark("fsdp_ddp", "trainer=ddp / trainer=fsdp (FullShard) on one GPU vs trainer=gpu: losses, checkpoint, resume",
+              "experiments/strategies/run.py", ["--steps", "5"], ["--smoke", "--steps", "2"], 45,
+              "experiments/strategies/README.md"),
 ]
 SMOKE_CAP_S = 120
 

@@ -115,6 +115,7 @@ def test_each_ddp_child_runs_its_own_jobs_config(ddp_sweep):
 def test_multirun_with_ddp_keeps_hydras_folders(ddp_sweep):
     outputs, console = ddp_sweep
     assert console.count("Launching 2 jobs") == 1  # the children did not re-launch the sweep
+    assert "sync_dist" not in console  # every epoch-level metric is reduced over the ranks
     assert not (outputs / "pretrain" / "runs").exists()
     jobs = job_folders(outputs)
     assert [j.name for j in jobs] == ["0", "1"]

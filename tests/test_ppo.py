@@ -425,7 +425,7 @@ def test_samples_table_goes_to_tensorboard(tmp_path):
     tables = events.Tensors("samples/text_summary")
     assert [t.step for t in tables] == [0, 2]
     text = tables[0].tensor_proto.string_val[0].decode()
-    assert text.startswith("| prompt | response | score | KL |") and text.count("\n") == 4
+    assert text.startswith("| prompt | response | score | KL | rank |") and text.count("\n") == 4
     assert "objective/scores" in events.Tags()["scalars"]
 
 

@@ -140,6 +140,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        announce_effective_batch(trainer, datamodule)
         for lg in loggers:
             lg.log_metrics({"params/total": n_total, "params/trainable": n_train}, step=0)
         if HydraConfig.initialized():
@@ -170,6 +171,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_result(out, "ok", metrics, cfg.get("optimized_metric"), time.perf_counter() - started)
         announce_end(out, "finished", metrics, started, cfg.get("optimized_metric"))
     return metrics
+
+
+def announce_effective_batch(trainer: L.Trainer, datamodule: L.LightningDataModule) -> int:
+    """Log and return the effective batch: examples per optimizer step over all processes
+    (per-device batch x devices x nodes x accumulated batches). Raises the data module's
+    ConfigError when ``data.global_batch_size`` does not split over them."""
+    accumulate = trainer.accumulate_grad_batches
+    per_device = datamodule.per_device_batch_size(trainer.world_size, accumulate)
+    effective = per_device * trainer.world_size * accumulate
+    log.info("effective batch: %d = %d per device x %d device(s) x %d node(s) x %d accumulated batch(es) per "
+             "optimizer step", effective, per_device, trainer.num_devices, trainer.num_nodes, accumulate)
+    return effective
 
 
 def checkpoint_folders(cfg: DictConfig) -> list[str]:

@@ -18,10 +18,11 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gptlab.checks import ConfigRules, boolean, integer, raise_problems
+from gptlab.errors import ConfigError
 
 STAGES = ("train", "val", "test")
 
@@ -33,7 +34,9 @@ class GPTDataModule(ConfigRules, L.LightningDataModule):
     ``__init__`` (its arguments become ``self.hparams``; the run's config is logged by
     ``gptlab-train`` itself), fills ``train_set`` / ``val_set`` / ``test_set`` in ``setup`` and may
     return a collate function per stage from :meth:`collate_fn`. Loader settings come from the
-    hparams ``batch_size``, ``val_batch_size`` (None = ``batch_size``), ``num_workers``, ``shuffle``
+    hparams ``batch_size`` (per device), or ``global_batch_size`` (optional: the effective batch, split
+    over devices × nodes × gradient accumulation, see :meth:`per_device_batch_size`), ``val_batch_size``
+    (None = the per-device training batch), ``num_workers``, ``shuffle``
     and ``drop_last`` (training loader only) and ``pin_memory`` (only when CUDA is there).
 
     Each data module states its arguments' rules in ``RULES`` (:class:`~gptlab.checks.ConfigRules`)
@@ -41,7 +44,8 @@ class GPTDataModule(ConfigRules, L.LightningDataModule):
     before anything is built (``gptlab-train``'s pre-flight).
     """
 
-    RULES = {"batch_size": integer(ge=1), "val_batch_size": integer(ge=1, optional=True),
+    RULES = {"batch_size": integer(ge=1), "global_batch_size": integer(ge=1, optional=True),
+             "val_batch_size": integer(ge=1, optional=True),
              "num_workers": integer(ge=0), "shuffle": boolean(), "drop_last": boolean(), "pin_memory": boolean()}
 
     train_set: Dataset | None = None
@@ -52,13 +56,32 @@ class GPTDataModule(ConfigRules, L.LightningDataModule):
         """Raise a :class:`~gptlab.errors.ConfigError` naming every argument out of its rule."""
         raise_problems(type(self).check_config(self.hparams), "data setting")
 
+    def per_device_batch_size(self, world_size: int = 1, accumulate: int = 1) -> int:
+        """The training batch of one process for ``world_size`` processes (devices × nodes) that
+        each accumulate ``accumulate`` batches per optimizer step: ``global_batch_size`` divided by
+        both when it is set (so a sweep over ``trainer.devices`` keeps the effective batch), else
+        ``batch_size``. Raises :class:`~gptlab.errors.ConfigError` when it does not divide."""
+        total = self.hparams.get("global_batch_size")
+        if not total:
+            return int(self.hparams.batch_size)
+        share = world_size * accumulate
+        if total % share:
+            raise ConfigError(f"data.global_batch_size={total} is not a multiple of devices x nodes x "
+                              f"accumulate_grad_batches = {world_size} x {accumulate} = {share}; use a multiple of "
+                              f"{share}, or set data.batch_size (per device) instead")
+        return total // share
+
     @property
     def batch_size(self) -> int:
-        return int(self.hparams.batch_size)
+        """The per-device training batch (:meth:`per_device_batch_size` for the attached trainer)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return self.per_device_batch_size()
+        return self.per_device_batch_size(trainer.world_size, trainer.accumulate_grad_batches)
 
     @property
     def val_batch_size(self) -> int:
-        return int(self.hparams.get("val_batch_size") or self.hparams.batch_size)
+        return int(self.hparams.get("val_batch_size") or self.batch_size)
 
     def collate_fn(self, stage: str) -> Callable[[list[Any]], Any] | None:
         """The collate function of ``stage`` (``train``, ``val`` or ``test``); None = torch's default."""
@@ -72,10 +95,17 @@ class GPTDataModule(ConfigRules, L.LightningDataModule):
             raise ValueError(f"{type(self).__name__}: this split is empty (check the data's split ratios)")
         hp = self.hparams
         workers = int(hp.get("num_workers") or 0)
+        shuffle = train and bool(hp.get("shuffle", True))
+        sampler = None
+        distributed = getattr(getattr(self, "trainer", None), "distributed_sampler_kwargs", None)
+        if train and not shuffle and distributed:
+            # Lightning's own distributed sampler always shuffles the training set: keep the
+            # configured order, each rank taking every world_size-th example
+            sampler = DistributedSampler(dataset, shuffle=False, **distributed)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch function deprecated in 2.13
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             return StatefulDataLoader(
-                dataset, batch_size=batch_size, shuffle=train and bool(hp.get("shuffle", True)),
+                dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                 drop_last=train and bool(hp.get("drop_last", False)), num_workers=workers,
                 persistent_workers=workers > 0, collate_fn=collate_fn,
                 pin_memory=bool(hp.get("pin_memory", False)) and torch.cuda.is_available())

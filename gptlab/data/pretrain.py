@@ -339,7 +339,8 @@ class PretrainDataModule(GPTDataModule):
              "endoftext_token": boolean()}
 
     def __init__(self, path: str | Sequence[str] | None = None, train_ratio: float = 0.9, max_length: int = 256,
-                 stride: int | None = None, batch_size: int = 8, val_batch_size: int | None = None,
+                 stride: int | None = None, batch_size: int = 8,
+                 global_batch_size: int | None = None, val_batch_size: int | None = None,
                  num_workers: int = 0, shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
                  memmap: bool | str = "auto", cache_dir: str | None = None, strip_gutenberg: bool = False,
                  endoftext_token: bool = True, tokenizer=None):

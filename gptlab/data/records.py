@@ -140,7 +140,8 @@ class RecordDataModule(GPTDataModule):
     def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
                  train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
                  split_seed: int = 123, max_entries: int | None = None, max_prompt_length: int | None = None,
-                 pad_id: int | None = None, batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
+                 pad_id: int | None = None, batch_size: int = 8,
+                 global_batch_size: int | None = None, val_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)  # the subclass's arguments too

@@ -303,6 +303,7 @@ class TextClassificationDataModule(GPTDataModule):
                  train_ratio: float = 0.7, val_ratio: float = 0.1, shuffle_before_split: bool = True,
                  split_seed: int = 123, max_examples: int | None = None, max_length: int | None = None,
                  pad_to_max_length: bool = True, pad_id: int | None = None, batch_size: int = 8,
+                 global_batch_size: int | None = None,
                  val_batch_size: int | None = None, num_workers: int = 0, shuffle: bool = True,
                  drop_last: bool = True, pin_memory: bool = True):
         super().__init__()

@@ -30,7 +30,8 @@ class RandomTokenDataModule(GPTDataModule):
     RULES = {"max_length": integer(ge=1), "num_train": integer(ge=1), "num_val": integer(ge=1),
              "vocab_size": integer(ge=1)}
 
-    def __init__(self, max_length: int = 1024, batch_size: int = 16, num_train: int = 10_000, num_val: int = 64,
+    def __init__(self, max_length: int = 1024, batch_size: int = 16,
+                 global_batch_size: int | None = None, num_train: int = 10_000, num_val: int = 64,
                  vocab_size: int = 50257, num_workers: int = 0, pin_memory: bool = True, shuffle: bool = True,
                  drop_last: bool = True, tokenizer=None):
         super().__init__()

@@ -340,14 +340,16 @@ class GPT(nn.Module):
         return self.logits(self.hidden_states(input_ids, kv_cache=kv_cache, position_ids=position_ids,
                                               attn_mask=attn_mask, input_pos=input_pos))
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy; ``labels`` (B, T) are already shifted, ``-100`` = ignored.
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+             reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy, the mean (or with ``reduction="sum"`` the sum) over the target
+        tokens; ``labels`` (B, T) are already shifted, ``-100`` = ignored.
 
         The training path: returns a scalar, so a compiled step never materialises logits for
         the caller.
         """
         logits = self(input_ids)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction=reduction)
 
     def num_params(self, trainable_only: bool = False) -> int:
         """Parameter count; a tied head is counted once."""

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn
@@ -190,13 +191,14 @@ class GPTTask(ConfigRules, L.LightningModule):
             self._compiled[fn] = torch.compile(fn, **options)
         return self._compiled[fn]
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scalar next-token loss of ``batch`` (``input_ids``, ``labels``)."""
-        return self.model.loss(batch["input_ids"], batch["labels"])
+    def compute_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+        """Scalar next-token loss of ``batch`` (``input_ids``, ``labels``): the mean over its target
+        tokens, or their sum (``reduction="sum"``)."""
+        return self.model.loss(batch["input_ids"], batch["labels"], reduction=reduction)
 
-    def loss_fn(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_fn(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
         """:meth:`compute_loss`, through :meth:`compiled`."""
-        return self.compiled(self.compute_loss)(batch)
+        return self.compiled(self.compute_loss)(batch, reduction)
 
     def log_progress(self, batch: dict[str, torch.Tensor]) -> None:
         """Count this training batch and log ``train/tokens_seen`` (input tokens, pads included, as
@@ -208,6 +210,16 @@ class GPTTask(ConfigRules, L.LightningModule):
         self.examples_seen += ids.size(0) * world
         self.log_dict({"train/tokens_seen": float(self.tokens_seen), "train/examples_seen": float(self.examples_seen)},
                       on_step=True, on_epoch=False)
+
+    def gather_rows(self, rows: list[Any]) -> list[Any]:
+        """Every rank's ``rows`` (any picklable objects), concatenated in rank order, on every rank;
+        ``rows`` itself on one process. Every rank must call it (a collective): for test-stage
+        outputs and sample tables that rank 0 writes alone."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return list(rows)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, list(rows))
+        return [row for part in gathered for row in part]
 
     def on_fit_start(self) -> None:
         # trainer.validate before fit (validate_before_fit) updates the metrics under inference mode,
@@ -295,15 +307,28 @@ class GPTTask(ConfigRules, L.LightningModule):
 
 class LanguageModelTask(GPTTask):
     """What next-token tasks share (pretraining, instruction SFT): ``train/loss`` per step and
-    epoch, and a token-weighted ``val/loss`` / ``val/ppl`` over the whole validation set."""
+    epoch, and a token-weighted ``val/loss`` / ``val/ppl`` over the whole validation set.
+
+    Under DDP the training loss is the mean over the target tokens of the GLOBAL batch (every
+    rank's), as on one process with the same batch: each rank's token mean is scaled by its share
+    of the global token count before DDP averages the gradients (one all-reduce of a count per
+    step; ranks whose batches hold different numbers of unmasked tokens would otherwise weigh a
+    token differently, and a rank without any would make the loss NaN). ``train/loss`` is then reduced over ranks (``sync_dist``).
+    """
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self.val_loss = torchmetrics.MeanMetric()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # the sum over this rank's tokens (0, not NaN, when a rank's batch has none)
+            total = self.trainer.strategy.reduce((batch["labels"] != -100).sum().float(), reduce_op="sum")
+            loss = self.loss_fn(batch, "sum") * (world / total.clamp(min=1))
+        else:
+            loss = self.loss_fn(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log_progress(batch)
         return loss
 
@@ -360,7 +385,8 @@ def _metric_key(name: str) -> str:
 
 class PairwiseTask(GPTTask):
     """What tasks trained on preference pairs share (DPO, the reward model): one dict of metrics per
-    batch (:meth:`pair_metrics`, ``loss`` first), logged as ``train/<name>`` per step and epoch, and
+    batch (:meth:`pair_metrics`, ``loss`` first), logged as ``train/<name>`` per step and epoch
+    (means over every rank's pairs under DDP: the ranks' batches are equally large), and
     as example-weighted means over the whole validation / test set (``val/<name>``, ``test/<name>``).
 
     Subclasses set :attr:`metrics` (the names :meth:`pair_metrics` returns) and :attr:`progress_bar`.
@@ -382,7 +408,7 @@ class PairwiseTask(GPTTask):
         B = batch["chosen_input_ids"].size(0)
         for name, value in metrics.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=B,
-                     prog_bar=name in self.progress_bar)
+                     prog_bar=name in self.progress_bar, sync_dist=True)
         return metrics["loss"]
 
     def _accumulate(self, stage: str, batch: dict[str, torch.Tensor]) -> None:

@@ -141,9 +141,9 @@ class ClassificationTask(GPTTask):
         """:meth:`forward` on a batch, through :meth:`compiled`."""
         return self.compiled(self.forward)(batch["input_ids"], batch.get("attention_mask"))
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy of a batch's class logits and its ``label``."""
-        return F.cross_entropy(self.logits_fn(batch), batch["label"])
+    def compute_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of a batch's class logits and its ``label`` (mean or sum over the batch)."""
+        return F.cross_entropy(self.logits_fn(batch), batch["label"], reduction=reduction)
 
     # ----------------------------------------------------------------- fit
     def setup(self, stage: str) -> None:
@@ -165,7 +165,7 @@ class ClassificationTask(GPTTask):
         logits = self.logits_fn(batch)
         loss = F.cross_entropy(logits, batch["label"])
         self.train_acc(logits.argmax(dim=-1), batch["label"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log_progress(batch)
         return loss

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -58,11 +57,7 @@ class ResponseGenerationMixin:
 
     def flush_responses(self) -> None:
         """Gather the collected answers from every rank, write them in test-set order, log examples."""
-        responses = getattr(self, "_responses", [])
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, responses)
-            responses = [r for part in gathered for r in part]
+        responses = self.gather_rows(getattr(self, "_responses", []))
         # entries in test-set order; a DistributedSampler may have repeated a few to even out ranks
         ordered = [entry for _, entry in sorted(dict(responses).items())]
         self.reset_responses()

@@ -320,7 +320,7 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         B = len(rollout)
         for name, value in metrics.items():
-            self.log(name, value, on_step=True, on_epoch=False, batch_size=B,
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=B, sync_dist=True,
                      prog_bar=name in ("objective/scores", "objective/kl"))
         every = self.hparams.log_samples_every_n
         if every and iteration % every == 0:
@@ -341,19 +341,22 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
                 "val/num_eos_tokens": ended.sum().float()}
 
     def log_sample_table(self, rollout: Rollout, iteration: int) -> None:
-        """A markdown table of the first ``log_samples`` prompts, responses and scores to every
-        logger that takes text (TensorBoard: the TEXT tab, tag ``samples``)."""
+        """A markdown table of the first ``log_samples`` prompts, responses and scores of every rank's
+        rollout (rank 0's rows first) to every logger that takes text (TensorBoard: the TEXT tab, tag
+        ``samples``), written by rank 0. Every rank calls it (the rows are gathered)."""
         n = self.hparams.log_samples
-        writers = [lg.experiment for lg in self.loggers if hasattr(getattr(lg, "experiment", None), "add_text")]
-        if not n or not writers or not self.trainer.is_global_zero:
+        if not n or not self.loggers:
             return
-        rows = ["| prompt | response | score | KL |", "|---|---|---:|---:|"]
         kl = torch.where(rollout.mask, rollout.kl, 0.0).sum(dim=1).tolist()
-        for i in range(min(n, len(rollout))):
-            rows.append(f"| {_cell(rollout.prompts[i])} | {_cell(rollout.completions[i])} | "
-                        f"{float(rollout.scores[i]):.3f} | {kl[i]:.3f} |")
+        mine = [f"| {_cell(rollout.prompts[i])} | {_cell(rollout.completions[i])} | "
+                f"{float(rollout.scores[i]):.3f} | {kl[i]:.3f} | {self.global_rank} |" for i in range(min(n, len(rollout)))]
+        rows = self.gather_rows(mine)
+        writers = [lg.experiment for lg in self.loggers if hasattr(getattr(lg, "experiment", None), "add_text")]
+        if not self.trainer.is_global_zero:
+            return
+        table = "\n".join(["| prompt | response | score | KL | rank |", "|---|---|---:|---:|---:|", *rows])
         for writer in writers:
-            writer.add_text("samples", "\n".join(rows), global_step=iteration)
+            writer.add_text("samples", table, global_step=iteration)
 
     # ----------------------------------------------------------------- test: answers + scores
     def on_test_epoch_start(self) -> None:
@@ -364,10 +367,10 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         sampled = self.sample(batch, self.hparams.test_temperature)
         responses, mask = sampled.tokens, sampled.mask
         B = responses.size(0)
-        self.log("test/response_length", mask.sum(1).float().mean(), batch_size=B)
+        self.log("test/response_length", mask.sum(1).float().mean(), batch_size=B, sync_dist=True)
         if self.reward_fn is not None:
             scores, _, completions = self.score(batch, sampled.prompt_ids, sampled.prompt_mask, responses, mask)
-            self.log("test/scores", scores.mean(), batch_size=B)
+            self.log("test/scores", scores.mean(), batch_size=B, sync_dist=True)
             scores = scores.tolist()
         else:
             tok = self.tokenizer

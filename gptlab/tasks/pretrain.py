@@ -44,7 +44,7 @@ class PretrainTask(LanguageModelTask):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self.loss_fn(batch)
-        self.log("test/loss", loss, on_epoch=True)
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
 
     def log_sample(self) -> str:
         """Continue ``sample_prompt`` with the current weights; log and return the text."""
