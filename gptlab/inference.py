@@ -28,6 +28,7 @@ from gptlab.tasks.checkpoint import CheckpointError, check_gptlab_checkpoint, lo
 from gptlab.tasks.registry import load_task, task_class
 from gptlab.tokenizer import get_tokenizer
 from gptlab.weights import is_training_checkpoint, safe_torch_load
+from gptlab.weights.checks import refuse_non_finite
 from gptlab.weights.loading import TORCH_SUFFIXES
 
 KINDS = {"lm": "language model", "classifier": "classifier", "reward": "reward model"}
@@ -146,7 +147,8 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
         kind = "lm"
     if adapter_path is not None:
         source = f"{source} + {adapter_path}"
-        _, adapter_cfg = read_adapter(adapter_path)
+        adapter_tensors, adapter_cfg = read_adapter(adapter_path)
+        refuse_non_finite(adapter_tensors, adapter_path)
         meta.update({k: adapter_cfg[k] for k in meta if adapter_cfg.get(k) is not None})
         task_name, kind = _adapter_kind(adapter_cfg, adapter_path, task_name, kind)
         load_qlora_adapter(model, adapter_path)  # a LoRA file as load_adapter; a QLoRA file on its re-quantized base

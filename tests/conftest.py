@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -51,6 +52,9 @@ def run_entry(monkeypatch, capsys):
         GlobalHydra.instance().clear()
         monkeypatch.setattr(sys, "argv", [prog, *args])
         capsys.readouterr()
+        # Hydra's job logging points the root logger at this test's captured stderr: put the
+        # handlers back after the run, so a later test's log line is not written to a closed stream
+        handlers, level = logging.root.handlers[:], logging.root.level
         try:
             main()
             code = 0
@@ -58,6 +62,8 @@ def run_entry(monkeypatch, capsys):
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         finally:
             GlobalHydra.instance().clear()
+            logging.root.handlers[:] = handlers
+            logging.root.setLevel(level)
         out, err = capsys.readouterr()
         return code, out, err
     return run

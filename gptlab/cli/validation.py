@@ -38,6 +38,7 @@ from gptlab.model.generation import sampling_problems
 from gptlab.model.lora import SCALINGS as LORA_SCALINGS
 from gptlab.model.lora import TARGETS as LORA_TARGETS
 from gptlab.weights.formats import pretrained_names, resolve_pretrained_name
+from gptlab.weights.checks import refuse_non_finite
 from gptlab.weights.readers import safe_torch_load
 from gptlab.tasks.classify import POOLINGS, TRAINABLE
 from gptlab.tasks.optim import LR_SCHEDULES, WEIGHT_DECAY_ON, optimizer_class
@@ -384,6 +385,7 @@ def _checkpoint(key: str, path: Any, *, resumable: bool = False) -> list[str]:
             if "optimizer_states" not in ckpt or "loops" not in ckpt:
                 return [f"{key}={str(path)!r}: holds weights only (a best-* checkpoint), not the training state "
                         f"a resume needs; resume from last.ckpt, or start from these weights with init_from="]
+            refuse_non_finite(ckpt.get("state_dict") or {}, p)
         elif p.suffix == ".ckpt" or _is_zip(p):
             verify_checkpoint(p)
     except InvalidInput as e:

@@ -26,6 +26,7 @@ from gptlab.model.gpt import GPT
 from gptlab.tasks.adapters import apply_adapter, unquantized
 from gptlab.weights import (MappingReader, is_training_checkpoint, load_from_reader, load_pretrained,
                             plain_state_dict, safe_torch_load)
+from gptlab.weights.checks import refuse_non_finite
 from gptlab.weights.loading import TORCH_SUFFIXES, load_state_dict_object
 from gptlab.weights.readers import UnreadableCheckpointError
 
@@ -49,6 +50,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     check_gptlab_checkpoint(ckpt, path)
+    refuse_non_finite(ckpt["state_dict"], path)
     return ckpt
 
 
@@ -83,6 +85,7 @@ def backbone_from_checkpoint(ckpt: Mapping[str, Any], source: str, overrides: Ma
         raise CheckpointError(f"{source} has no 'model.*' weights; not a gptlab checkpoint")
     config = checkpoint_model_config(ckpt)
     if any(".lora_A" in k or ".lora_B" in k for k in state):
+        refuse_non_finite(state, source)  # before folding: the message names the LoRA tensor, not its base
         state = _fold_adapter(state, config, (ckpt.get("hyper_parameters") or {}).get("adapter") or {})
     return load_from_reader(MappingReader(state), source, config, overrides, dtype, kind="native")
 
