@@ -141,6 +141,7 @@ CASES = [
     ("judge", ["responses={files}/responses.json", "judge.timeout=0"], "judge.timeout=0"),
     ("judge", ["responses={files}/responses.json", "judge.url=ftp://example.org"], "judge.url='ftp://example.org'"),
     ("judge", ["responses={files}/responses.json", "judge.retries=-1"], "judge.retries=-1"),
+    ("judge", ["responses={files}/responses.json", "judge.max_answer_bytes=0"], "judge.max_answer_bytes=0: expected an integer >= 1"),
     ("judge", ["responses={files}/broken.json"], "{files}/broken.json: invalid JSON at line 2"),
 ]
 
