@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,7 @@ class FakeServer:
 
     def __init__(self, replies: list[tuple[int, dict, float]] | Callable[[dict], tuple[int, dict, float]]):
         self.replies, self.requests = (replies if callable(replies) else list(replies)), []
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,7 +37,7 @@ class FakeServer:
                     status, reply, delay = server.replies(body)
                 else:
                     status, reply, delay = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
-                time.sleep(delay)
+                server.release.wait(delay)  # a long delay ends when the test does
                 data = json.dumps(reply).encode()
                 try:
                     self.send_response(status)
@@ -61,8 +61,13 @@ class FakeServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+NEVER = 3600.0
+"""A reply delay no request waits out: the server answers only when the test has ended."""
 
 
 def ollama(text: str, status: int = 200, delay: float = 0.0) -> tuple[int, dict, float]:
@@ -135,7 +140,7 @@ def test_persistent_server_error_gives_up_with_the_status(entries):
 
 
 def test_timeout_is_retried_then_a_clear_error(entries):
-    with FakeServer([ollama("50", delay=1.0)]) as srv:
+    with FakeServer([ollama("50", delay=NEVER)]) as srv:
         with pytest.raises(JudgeError, match=r"timed out after 0.2 s \(2 attempts; judge.timeout bounds each whole "
                                              r"request.*raise judge.timeout"):
             fast_judge(srv.url, timeout=0.2, retries=1).score(entries[0])
@@ -143,8 +148,8 @@ def test_timeout_is_retried_then_a_clear_error(entries):
 
 
 def test_slow_first_answer_then_success(entries):
-    with FakeServer([ollama("50", delay=1.0), ollama("60")]) as srv:
-        assert fast_judge(srv.url, timeout=0.3).score(entries[0]).score == 60
+    with FakeServer([ollama("50", delay=NEVER), ollama("60")]) as srv:
+        assert fast_judge(srv.url, timeout=3).score(entries[0]).score == 60
 
 
 def test_unparseable_answer_is_asked_again_then_recorded_as_none(entries):
@@ -232,6 +237,7 @@ class RawServer(FakeServer):
 
     def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None):
         self.seen_headers: list[dict[str, str]] = []
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -328,13 +334,13 @@ OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
 @pytest.mark.parametrize("where", ["headers", "body"])
 def test_the_timeout_bounds_the_whole_request_not_each_read(entries, where):
     """A server sending its answer one byte every 10 ms never lets a single read wait the 1 s of
-    judge.timeout, and needs over 5 s to finish; the request still ends at judge.timeout, with
+    judge.timeout, and needs over 20 s to finish; the request still ends at judge.timeout, with
     the timeout error, while the server is sending."""
-    pad = b"X-Pad: " + b"p" * 500 + b"\r\n"
+    pad = b"X-Pad: " + b"p" * 2000 + b"\r\n"
     if where == "headers":
         head, drip = b"", OK_HEAD + pad + f"Content-Length: {len(ANSWER)}\r\n\r\n".encode() + ANSWER
     else:  # the declared length covers the padding: the answer is complete only at its end
-        drip = ANSWER + b" " * 500
+        drip = ANSWER + b" " * 2000
         head = OK_HEAD + f"Content-Length: {len(drip)}\r\n\r\n".encode()
     with DripServer(head, drip, interval=0.01) as srv:
         with pytest.raises(JudgeError, match=r"timed out after 1 s \(1 attempt; judge.timeout bounds each whole request"):
