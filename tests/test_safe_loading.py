@@ -228,6 +228,18 @@ def test_non_finite_weights_are_refused_by_every_loader_naming_the_tensor(weight
     assert ("NaN" if name.startswith("nan") else "infinite") in message
 
 
+@pytest.mark.parametrize("name", ["nan_hf", "nan_ckpt"])
+def test_train_init_from_refuses_non_finite_weights(weights, tmp_path, name):
+    cfg = cli_config("train", "model=gpt2-tiny", "model.context_length=16", f"init_from={weights[name]}",
+                     f"paths.output_dir={tmp_path / 'run'}",
+                     "data.max_length=16", "logger=csv")
+    with pytest.raises(Exception) as e:
+        train(cfg)
+    cause = e.value if isinstance(e.value, NonFiniteWeightsError) else e.value.__cause__  # Hydra wraps it
+    assert isinstance(cause, NonFiniteWeightsError) and str(weights[name]) in str(cause)
+    assert f"{NON_FINITE[name].removeprefix('model.')}' holds 1 NaN" in str(cause)
+
+
 def test_load_pretrained_sends_a_training_checkpoint_to_load_backbone(weights):
     with pytest.raises(TrainingCheckpointError, match="load_backbone"):
         load_pretrained(weights["nan_ckpt"])
@@ -252,7 +264,8 @@ def test_a_resume_from_a_checkpoint_with_nan_weights_is_refused_before_anything_
 
 
 def test_an_adapter_with_nan_weights_is_refused_naming_the_tensor(weights):
-    with pytest.raises(NonFiniteWeightsError, match=r"nan_adapter.safetensors: tensor 'blocks.0.mlp.fc.lora_B' holds 1 NaN"):
+    with pytest.raises(NonFiniteWeightsError,
+                       match=r"nan_adapter.safetensors: tensor 'blocks.0.mlp.fc.lora_B' holds 1 NaN"):
         load_model(init_from=weights["hf"], adapter_path=weights["nan_adapter"])
 
 

@@ -30,10 +30,14 @@ def count_non_finite(tensor: torch.Tensor) -> tuple[int, int]:
     if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
         return 0, 0
     t = tensor.detach()
-    # a contiguous tensor is checked a slice at a time: no scratch copy the size of the tensor
-    chunks = t.reshape(-1).split(_CHUNK) if t.is_contiguous() else (t,)
-    if all(bool(torch.isfinite(c).all()) for c in chunks):
+    # the fast test: a NaN or an infinity makes the sum non-finite, and a finite sum proves there is
+    # none (a float32 sum is ~10x faster than torch.isfinite on CPU and allocates nothing); only a sum
+    # that is not finite (or overflowed) pays for the exact count below
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    if bool(torch.isfinite(total).all()):
         return 0, 0
+    # a contiguous tensor is counted a slice at a time: no scratch copy the size of the tensor
+    chunks = t.reshape(-1).split(_CHUNK) if t.is_contiguous() else (t,)
     nan = sum(int(torch.isnan(c).sum()) for c in chunks)
     inf = sum(int(torch.isinf(c).sum()) for c in chunks)
     return nan, inf

@@ -103,7 +103,7 @@ def detect_format(keys: list[str], source: str = "the weights") -> str:
     if "tok_emb.weight" in keys or any(k.replace("_orig_mod.", "").startswith("blocks.") for k in keys):
         return "native"
     raise InvalidWeightsError(f"{source}: unrecognised weights (first keys: {keys[:4]}); expected Hugging Face GPT-2 "
-                     "(h.N.attn.c_attn...), the book's GPTModel (trf_blocks.N...) or gptlab (blocks.N...)")
+                              "(h.N.attn.c_attn...), the book's GPTModel (trf_blocks.N...) or gptlab (blocks.N...)")
 
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
@@ -115,7 +115,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> dict[s
     act = hf.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
         raise InvalidWeightsError(f"{source}: activation_function {act!r} is not supported; gptlab uses the tanh "
-                         f"GELU ({' / '.join(_HF_ACTIVATIONS)})")
+                                  f"GELU ({' / '.join(_HF_ACTIVATIONS)})")
     for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
                     ("add_cross_attention", False)):
         if bool(hf.get(key, ok)) != ok:

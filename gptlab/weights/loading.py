@@ -113,7 +113,7 @@ def _book_entries(r: Reader, source: str) -> dict[str, _Entry]:
             shapes = [r.shape(k) for k in parts]
             if any(len(sh) != len(shapes[0]) or not sh or sh[1:] != shapes[0][1:] for sh in shapes):
                 raise InvalidWeightsError(f"{source}: block {i} W_query/W_key/W_value .{suffix} have shapes "
-                                 f"{[list(sh) for sh in shapes]}, which do not stack")
+                                          f"{[list(sh) for sh in shapes]}, which do not stack")
             shape = (sum(sh[0] for sh in shapes), *shapes[0][1:])
             out[f"blocks.{i}.attn.qkv.{suffix}"] = _Entry(
                 shape, lambda ks=tuple(parts): torch.cat([r.get(k) for k in ks], dim=0),
@@ -127,7 +127,8 @@ def _native_entries(r: Reader, source: str) -> dict[str, _Entry]:
     lora = [k for k in out if ".lora_A" in k or ".lora_B" in k]
     if lora:
         raise InvalidWeightsError(f"{source} holds LoRA weights ({lora[0]}, ...); load it with "
-                         "gptlab.tasks.checkpoint.load_backbone (it merges LoRA), or export the merged model first")
+                                  "gptlab.tasks.checkpoint.load_backbone (it merges LoRA), or export the merged "
+                                  "model first")
     return out
 
 
@@ -140,8 +141,8 @@ def _infer_config(entries: Mapping[str, _Entry], hints: Mapping[str, Any], overr
         if key not in entries:
             raise InvalidWeightsError(f"{source}: no tensor for {key!r}; found {sorted(entries)[:6]} ...")
         if len(entries[key].shape) != 2 or 0 in entries[key].shape:
-            raise InvalidWeightsError(f"{source}: tensor {entries[key].key or key!r} has shape {list(entries[key].shape)}; "
-                             "expected a non-empty 2-D matrix")
+            raise InvalidWeightsError(f"{source}: tensor {entries[key].key or key!r} has shape "
+                                      f"{list(entries[key].shape)}; expected a non-empty 2-D matrix")
     rows, d = entries["tok_emb.weight"].shape
     layers = sorted({int(k.split(".")[1]) for k in entries if k.startswith("blocks.")})
     if layers != list(range(len(layers))):
@@ -161,8 +162,8 @@ def _infer_config(entries: Mapping[str, _Entry], hints: Mapping[str, Any], overr
             log.info("%s: n_heads=%d taken from preset %s (emb_dim=%d)", source, cfg["n_heads"], preset, d)
         else:
             raise InvalidWeightsError(f"{source}: the number of attention heads cannot be read from the weights "
-                             f"(emb_dim={d} matches no preset); pass n_heads=... (load_pretrained(path, n_heads=...), "
-                             f"or n_heads=... on the gptlab-export / gptlab-eval command line)")
+                                      f"(emb_dim={d} matches no preset); pass n_heads=... (load_pretrained(path, "
+                                      f"n_heads=...), or n_heads=... on the gptlab-export / gptlab-eval command line)")
     unknown = sorted(set(overrides) - _CONFIG_FIELDS)
     if unknown:
         raise InvalidWeightsError(f"unknown GPTConfig field(s) {unknown}; valid fields: {sorted(_CONFIG_FIELDS)}")
@@ -171,14 +172,14 @@ def _infer_config(entries: Mapping[str, _Entry], hints: Mapping[str, Any], overr
         have = cfg.get(key)
         if key in fixed and value != have:
             raise InvalidWeightsError(f"{source} has {key}={have}; it cannot be overridden to {value} (shapes are "
-                             f"fixed by the weights)")
+                                      f"fixed by the weights)")
         if key == "context_length" and value > have:
             raise InvalidWeightsError(f"{source} has {have} learned positions; context_length={value} is longer")
         if key == "qkv_bias" and have and not value:
             raise InvalidWeightsError(f"{source} has q/k/v biases; qkv_bias=False would drop them")
         if key == "tie_weights" and value and not cfg.get("tie_weights"):
             raise InvalidWeightsError(f"{source} has an output head separate from the token embedding; "
-                             "tie_weights=True would drop it")
+                                      "tie_weights=True would drop it")
     cfg.update(overrides)
     if "name" not in overrides and cfg.get("name", "custom") == "custom":
         cfg["name"] = preset_for(d, len(layers)) or "custom"
@@ -192,6 +193,10 @@ def _check_shapes(entries: Mapping[str, _Entry], want: Mapping[str, torch.Tensor
     the declared shapes, so a file that lies about them allocates nothing. The embedding, the head
     and the position table may have more rows (cut) or, for the vocabulary, fewer (padded)."""
     D = config.emb_dim
+    head, tok = entries.get("out_head.weight"), entries["tok_emb.weight"]
+    if head is not None and head.shape[0] not in (tok.shape[0], config.vocab_size, config.padded_vocab_size):
+        raise InvalidWeightsError(f"{source}: out_head has {head.shape[0]} rows, not a language-model head over "
+                                  f"{tok.shape[0]} tokens (a classifier checkpoint?)")
     wrong = []
     for name, entry in entries.items():
         if name not in want:
@@ -234,9 +239,6 @@ def _build(entries: dict[str, _Entry], config: GPTConfig, source: str, dtype: to
     sd: dict[str, torch.Tensor] = {}
     tok = fetch("tok_emb.weight")
     head = entries.get("out_head.weight")
-    if head is not None and head.shape[0] not in (tok.size(0), config.vocab_size, V):
-        raise InvalidWeightsError(f"{source}: out_head has {head.shape[0]} rows, not a language-model head over "
-                         f"{tok.size(0)} tokens (a classifier checkpoint?)")
     if head is not None:
         head_t = fetch("out_head.weight")
         tied = head_tied_in_file
@@ -388,8 +390,9 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = torch.
     ``overrides``: GPTConfig fields applied on top of what the weights say, e.g. ``drop_rate=0.0``,
     ``context_length=256`` (the position table is cut), ``tie_weights=False`` (the head becomes a
     copy), ``pad_vocab_multiple=64``, ``n_heads=...`` (required for book/gptlab state dicts whose
-    width matches no preset). Shape fields that contradict the weights raise :class:`~gptlab.weights.checks.InvalidWeightsError`
-    (a ValueError).
+    width matches no preset). Shape fields that contradict the weights raise
+    :class:`~gptlab.weights.checks.InvalidWeightsError` (a ValueError), as does a file that lies
+    (a malformed header, NaN or infinite weights).
     ``dtype``: cast floating tensors to it (default float32; None keeps the file's dtype).
     """
     path = Path(name_or_path).expanduser()
@@ -404,7 +407,7 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = torch.
         if path.suffix in TORCH_SUFFIXES:
             return load_state_dict_object(safe_torch_load(path), source, overrides, dtype)
         raise InvalidWeightsError(f"{path}: unsupported file type {path.suffix!r}; expected a folder, .safetensors "
-                         f"or one of {list(TORCH_SUFFIXES)}")
+                                  f"or one of {list(TORCH_SUFFIXES)}")
     preset = resolve_pretrained_name(str(name_or_path))
     if preset is None:
         raise FileNotFoundError(f"{name_or_path!r} is neither an existing file or folder ({path.resolve()} "

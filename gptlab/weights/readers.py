@@ -4,7 +4,9 @@ and the one safe ``torch.load`` of gptlab: weights only, never code.
 Memory: a :class:`SafetensorsReader` reads each tensor straight into its final memory (a
 transposed one through a 16 MiB buffer), so loading a model needs about its own size in RAM;
 ``safetensors.safe_open`` keeps every mapped page resident until the file closes, which with the
-transposed Conv1D copies costs ~2x (measured: ``experiments/pretrained_memory``).
+transposed Conv1D copies costs ~2x (measured: ``experiments/pretrained_memory``). Every header
+is checked as the ``safetensors`` library checks it before anything is allocated from it
+(:func:`read_safetensors_header`).
 """
 
 from __future__ import annotations
@@ -250,5 +252,5 @@ def safe_torch_load(path: str | Path) -> Any:
             f"that could run code when read") from None
 
 
-__all__ = ["SafetensorsReader", "InvalidSafetensorsError", "read_safetensors_header", "MAX_HEADER_BYTES", "MappingReader", "Reader", "safe_torch_load", "UnsafeCheckpointError",
-           "UnreadableCheckpointError"]
+__all__ = ["SafetensorsReader", "InvalidSafetensorsError", "read_safetensors_header", "MAX_HEADER_BYTES",
+           "MappingReader", "Reader", "safe_torch_load", "UnsafeCheckpointError", "UnreadableCheckpointError"]
