@@ -194,7 +194,7 @@ def write_weight_files(folder: str | Path) -> dict[str, Path]:
       resume needs), good / with a NaN in ``model.blocks.0.attn.qkv.weight``;
     * ``adapter`` / ``nan_adapter``: a LoRA adapter (rank 2) for the model, good / with a NaN in
       ``blocks.0.mlp.fc.lora_B``; ``adapter_<name>`` for metadata that lies: ``not_json``,
-      ``list``, ``rank_1e9``, ``rank_mismatch``; ``adapter_garbage``: not safetensors at all.
+      ``list``, ``rank_1e9``, ``rank_float_1e9``, ``rank_mismatch``; ``adapter_garbage``: not safetensors at all.
     """
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
@@ -230,6 +230,7 @@ def write_weight_files(folder: str | Path) -> dict[str, Path]:
     files["nan_adapter"] = d / "nan_adapter.safetensors"
     for name, config_text in (("not_json", "{rank: 2"), ("list", "[2, 4]"),
                               ("rank_1e9", json.dumps({**lora_config, "rank": 10**9})),
+                              ("rank_float_1e9", json.dumps({**lora_config, "rank": 1e9})),
                               ("rank_mismatch", json.dumps({**lora_config, "rank": 3}))):
         save_file(tensors, str(d / f"adapter_{name}.safetensors"), metadata={**meta, "config": config_text})
         files[f"adapter_{name}"] = d / f"adapter_{name}.safetensors"

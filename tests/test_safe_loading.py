@@ -273,6 +273,7 @@ def test_an_adapter_with_nan_weights_is_refused_naming_the_tensor(weights):
     ("adapter_not_json", "its 'config' metadata is not JSON"),
     ("adapter_list", "its 'config' metadata is a JSON list"),
     ("adapter_rank_1e9", "has shape [32, 2], but the adapter's rank is 1000000000"),
+    ("adapter_rank_float_1e9", "rank=1000000000.0 (expected an integer >= 1)"),
     ("adapter_rank_mismatch", "but the adapter's rank is 3"),
     ("adapter_garbage", "is not a valid safetensors file")])
 def test_an_adapter_whose_metadata_lies_is_refused_naming_it(weights, name, expected):
