@@ -10,3 +10,7 @@ class InvalidInput(ValueError):
 
 class ConfigError(InvalidInput):
     """One or more config values out of their type, range or choices (the message lists each key)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, ...); the previous file of that name is unchanged."""

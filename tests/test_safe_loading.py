@@ -10,6 +10,7 @@ checksums), adapters whose metadata is not what gptlab writes."""
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from pathlib import Path
 
@@ -33,10 +34,10 @@ from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import InvalidAdapterError, apply_lora, has_lora, read_adapter
 from gptlab.model.qlora import load_qlora_adapter
-from gptlab.tasks.checkpoint import CheckpointError, load_backbone
 from gptlab.tasks.registry import load_task
 from gptlab.weights import (SafetensorsReader, TrainingCheckpointError, UnsafeCheckpointError, load_pretrained,
                             to_hf_state_dict)
+from gptlab.weights.checkpoint import CheckpointError, load_backbone
 from gptlab.weights.checks import InvalidWeightsError, NonFiniteWeightsError
 from gptlab.weights.readers import InvalidSafetensorsError
 
@@ -273,7 +274,7 @@ def test_an_adapter_with_nan_weights_is_refused_naming_the_tensor(weights):
     ("adapter_not_json", "its 'config' metadata is not JSON"),
     ("adapter_list", "its 'config' metadata is a JSON list"),
     ("adapter_rank_1e9", "has shape [32, 2], but the adapter's rank is 1000000000"),
-    ("adapter_rank_float_1e9", "rank=1000000000.0 (expected an integer >= 1)"),
+    ("adapter_rank_float_1e9", "rank=1000000000.0: expected an integer >= 1"),
     ("adapter_rank_mismatch", "but the adapter's rank is 3"),
     ("adapter_garbage", "is not a valid safetensors file")])
 def test_an_adapter_whose_metadata_lies_is_refused_naming_it(weights, name, expected):
@@ -285,6 +286,24 @@ def test_an_adapter_whose_metadata_lies_is_refused_naming_it(weights, name, expe
     with pytest.raises(InvalidAdapterError):
         load_qlora_adapter(base, path)
     assert not has_lora(base)  # refused before any layer was replaced or allocated
+
+
+@pytest.mark.parametrize("quantization,expected", [
+    ({"block_size": 3}, "quantization.block_size=3: expected an even integer >= 2"),
+    ({"compute_dtype": "int8"}, "quantization.compute_dtype='int8'"),
+    ({"scaler_block_size": 1e9}, "quantization.scaler_block_size=1000000000.0: expected an integer >= 1")])
+def test_qlora_settings_in_an_adapter_file_are_checked_before_anything_is_quantized(weights, tmp_path, quantization,
+                                                                                    expected):
+    with safe_open(str(weights["adapter"]), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    path = tmp_path / "qlora.safetensors"
+    save_file(tensors, str(path), metadata={**meta, "config": json.dumps({**config, "quantization": quantization})})
+    base = load_pretrained(weights["hf"])
+    with pytest.raises(InvalidAdapterError) as e:
+        load_qlora_adapter(base, path)
+    assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
+    assert not has_lora(base)
 
 
 def test_a_lora_rank_beyond_the_layer_width_allocates_nothing():

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.cli.entry import user_errors
+from gptlab.cli import user_errors
 from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
 
 class ValidateTrainConfig(Callback):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from gptlab.checks import Problem, check_node, choice, integer, number, raise_problems, require, strings
 from gptlab.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ update's size), ``plain`` alpha (the book's appendix E), ``rslora`` alpha / sqrt
 APPLY_KEYS = ("rank", "alpha", "dropout", "targets", "scaling", "train_extra")
 """The settings an adapter file must carry to rebuild its layers (the ``apply_lora`` arguments)."""
 ADAPTER_FORMAT = "gptlab-lora"
+LORA_RULES = {"rank": integer(ge=1), "alpha": number(gt=0), "dropout": number(ge=0, lt=1),
+              "scaling": choice(*SCALINGS, name="LoRA scaling"), "targets": strings(TARGETS, nonempty=True),
+              "train_extra": strings()}
+"""The rule of every LoRA setting (the ``apply_lora`` arguments, the ``adapter=lora`` config node)."""
 
 # module-name suffix in the GPT backbone -> target name(s)
 _FUSED_QKV = "attn.qkv"
@@ -108,10 +113,11 @@ class LoRALinear(nn.Linear):
 
     @staticmethod
     def check_rank(rank: Any, in_features: int, layer: str = "the layer") -> None:
-        """Raise ValueError unless ``rank`` is an integer in 1..``in_features``: A is (in, r), so a
-        rank above the input width adds no capacity (the update's rank is at most min(in, r)), only
-        memory; the bound also keeps a rank read from a file from allocating without limit."""
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= in_features:
+        """Raise a ValueError unless ``rank`` passes :data:`LORA_RULES` and is at most ``in_features``:
+        A is (in, r), so a rank above the input width adds no capacity (the update's rank is at most
+        min(in, r)), only memory; the bound also keeps a rank read from a file from allocating without limit."""
+        require("rank", rank, LORA_RULES["rank"])
+        if rank > in_features:
             raise ValueError(f"LoRA rank {rank!r} for {layer}: expected an integer from 1 to its input width "
                              f"{in_features} (a larger rank adds no capacity, only memory)")
 
@@ -213,10 +219,8 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16, dropout: flo
     Returns ``model``; its settings are kept in ``model.lora_config`` (what :func:`save_adapter` stores).
     """
     targets = list(targets)
-    unknown = sorted(set(targets) - set(TARGETS))
-    if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; valid choices: {list(TARGETS)}")
-    lora_scale(rank, alpha, scaling)  # validates ``scaling``
+    raise_problems(check_lora_config(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets, scaling=scaling,
+                                          train_extra=list(train_extra))), "LoRA setting")
     if has_lora(model):
         raise ValueError("LoRA is already applied to this model; call remove_lora(model) first")
     qkv_parts = [t for t in ("q", "k", "v") if t in targets]
@@ -264,6 +268,11 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16, dropout: flo
     log.debug("LoRA rank %d on %d layers: %s trainable parameters", rank, len(replaced),
              f"{trainable_parameters(model):,}")
     return model
+
+
+def check_lora_config(node: Mapping[str, Any]) -> list[Problem]:
+    """Every problem of a LoRA config node (:data:`LORA_RULES`); builds nothing."""
+    return check_node(node, LORA_RULES)
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -415,26 +424,6 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, config
 
 
-def _setting_problem(key: str, value: Any) -> str | None:
-    """What is wrong with one stored LoRA setting (None: nothing)."""
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def strings(v: Any) -> bool:
-        return isinstance(v, list) and all(isinstance(s, str) for s in v)
-
-    ok = {"rank": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-          "alpha": lambda v: number(v) and v > 0,
-          "dropout": lambda v: number(v) and 0 <= v < 1,
-          "targets": lambda v: strings(v) and set(v) <= set(TARGETS),
-          "scaling": lambda v: v in SCALINGS,
-          "train_extra": strings}
-    expected = {"rank": "an integer >= 1", "alpha": "a number > 0", "dropout": "a number in [0, 1)",
-                "targets": f"a list of {list(TARGETS)}", "scaling": f"one of {list(SCALINGS)}",
-                "train_extra": "a list of parameter-name patterns"}
-    return None if ok[key](value) else f"{key}={value!r} (expected {expected[key]})"
-
-
 def check_adapter(tensors: Mapping[str, torch.Tensor], config: Any, path: str | Path) -> None:
     """Raise :class:`InvalidAdapterError` unless ``config`` is an object whose LoRA settings
     (:data:`APPLY_KEYS`, those present) have their types and ranges, and every LoRA tensor is a matrix of the
@@ -443,9 +432,10 @@ def check_adapter(tensors: Mapping[str, torch.Tensor], config: Any, path: str | 
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{path}: its 'config' metadata is a JSON {type(config).__name__}, not an object "
                                   f"of LoRA settings ({', '.join(APPLY_KEYS)})")
-    problems = [p for k in APPLY_KEYS if k in config and (p := _setting_problem(k, config[k]))]
+    problems = check_node(config, {k: LORA_RULES[k] for k in APPLY_KEYS})
     if problems:
-        raise InvalidAdapterError(f"{path}: invalid LoRA setting(s) in its metadata: {'; '.join(problems)}")
+        raise InvalidAdapterError(f"{path}: invalid LoRA setting(s) in its metadata: "
+                                  f"{'; '.join(p.at() for p in problems)}")
     rank, lora = config.get("rank", 16), [k for k in tensors if _is_lora_key(k)]  # 16: apply_lora's default
     if not lora:
         raise InvalidAdapterError(f"{path} holds no LoRA weights (no '.lora_A' / '.lora_B' tensor)")
@@ -507,7 +497,7 @@ def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-__all__ = ["LoRALinear", "TARGETS", "SCALINGS", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora",
+__all__ = ["LoRALinear", "TARGETS", "SCALINGS", "LORA_RULES", "check_lora_config", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora",
            "disable_lora", "lora_state_dict", "save_safetensors", "save_adapter", "load_adapter", "read_adapter",
            "check_adapter", "InvalidAdapterError",
            "adopt_adapter_head", "lora_layers", "has_lora", "trainable_parameters", "lora_scale"]

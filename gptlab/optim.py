@@ -26,10 +26,14 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 4e-4,
-                                     "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "fused": None}
-"""The optimizer of a task built in Python without one (the YAML nodes set their own values)."""
-DEFAULT_LR_SCHEDULE: dict[str, Any] = {"name": "cosine", "warmup_steps": 0, "min_lr": 0.0}
+from gptlab.checks import Predicate, boolean, check_node, choice, is_number, number, raise_problems, unknown_keys
+
+DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 5e-5,
+                                     "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1, "fused": None}
+"""The optimizer of a task built without one: ``conf/task/optimizer/adamw.yaml``'s values
+(``tests/test_configs.py`` keeps the two equal)."""
+DEFAULT_LR_SCHEDULE: dict[str, Any] = {"name": "constant", "warmup_steps": 0, "min_lr": 0.0}
+"""``conf/task/lr_schedule/warmup_decay.yaml``'s values (kept equal by the same test)."""
 LR_SCHEDULES = ("constant", "cosine", "linear")
 WEIGHT_DECAY_ON = ("matrices", "all")
 """Which trainable parameters get the optimizer's ``weight_decay``: ``matrices`` the weight matrices
@@ -37,11 +41,32 @@ of linear layers only (biases, norms, embeddings and a head tied to them get 0: 
 GPT-2/nanoGPT); ``all`` every one (the book's ``AdamW(model.parameters(), weight_decay=0.1)``)."""
 
 
+def _warmup_ok(v: Any) -> bool:
+    return is_number(v) and v >= 0 and (v < 1 or float(v).is_integer())
+
+
+OPTIMIZER_RULES = {"_target_": Predicate(lambda v: _is_optimizer_class(_named_class(v)),
+                                         "an optimizer of torch.optim (e.g. torch.optim.AdamW, torch.optim.SGD)"),
+                   "_partial_": Predicate(lambda v: v is True, "true (the task passes the parameter groups itself)"),
+                   "lr": number(gt=0), "weight_decay": number(ge=0), "eps": number(gt=0),
+                   "fused": boolean(optional=True)}
+"""The rule of the ``task.optimizer`` node's keys (others are the optimizer class's own arguments)."""
+LR_SCHEDULE_RULES = {"name": choice(*LR_SCHEDULES, name="task.lr_schedule.name"),
+                     "warmup_steps": Predicate(_warmup_ok, "an integer >= 0 (steps) or a number in [0, 1) (a fraction "
+                                                           "of all steps)"),
+                     "min_lr": number(ge=0)}
+"""The rule of every ``task.lr_schedule`` key."""
+
+
+def _named_class(target: Any) -> Any:
+    module, _, name = str(target).rpartition(".")
+    return getattr(torch.optim, name, None) if module == "torch.optim" else None
+
+
 def optimizer_class(target: str) -> type[torch.optim.Optimizer]:
     """The ``torch.optim`` optimizer class ``target`` names (``torch.optim.AdamW``); anything else
     raises, naming the valid choices."""
-    module, _, name = str(target).rpartition(".")
-    cls = getattr(torch.optim, name, None) if module == "torch.optim" else None
+    cls = _named_class(target)
     if not _is_optimizer_class(cls):
         valid = sorted(f"torch.optim.{n}" for n, c in vars(torch.optim).items() if _is_optimizer_class(c))
         raise ValueError(f"task.optimizer._target_={target!r} is not an optimizer of torch.optim; "
@@ -65,20 +90,20 @@ def optimizer_config(node: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError("task.optimizer._partial_ must be true: the task passes the parameter groups itself")
     if "lr" not in node:
         raise ValueError(f"task.optimizer has no lr: {node}")
+    raise_problems(check_node(node, OPTIMIZER_RULES), "task.optimizer setting")
     return node
 
 
 def lr_schedule_config(node: Mapping[str, Any] | None) -> dict[str, Any]:
     """A complete LR-schedule node (:data:`DEFAULT_LR_SCHEDULE` updated by ``node``), validated."""
     node = {**DEFAULT_LR_SCHEDULE, **dict(node or {})}
-    unknown = sorted(set(node) - set(DEFAULT_LR_SCHEDULE))
-    if unknown:
-        raise ValueError(f"task.lr_schedule has unknown key(s) {unknown}; valid keys: {sorted(DEFAULT_LR_SCHEDULE)}")
-    if node["name"] not in LR_SCHEDULES:
-        raise ValueError(f"unknown task.lr_schedule.name {node['name']!r}; valid choices: {list(LR_SCHEDULES)}")
-    if node["warmup_steps"] < 0:
-        raise ValueError(f"task.lr_schedule.warmup_steps must be >= 0, got {node['warmup_steps']}")
+    raise_problems(check_lr_schedule_config(node), "task.lr_schedule setting")
     return node
+
+
+def check_lr_schedule_config(node: Mapping[str, Any]) -> list:
+    """Every problem of a ``task.lr_schedule`` node (:data:`LR_SCHEDULE_RULES`, unknown keys)."""
+    return unknown_keys(node, LR_SCHEDULE_RULES, "task.lr_schedule") + check_node(node, LR_SCHEDULE_RULES)
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, weight_decay_on: str = "matrices") -> list[dict[str, Any]]:
@@ -103,11 +128,32 @@ def parameter_groups(module: nn.Module, weight_decay: float, weight_decay_on: st
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+"""Optimizers whose ``fused: null`` becomes ``fused=True`` where torch has the kernel."""
+IMPLEMENTATION_KEYS = ("fused", "foreach")
+"""Param-group keys that choose an optimizer's kernel, not its maths: a resume keeps the run's own."""
+
+
+def fused_kernel_available(params: Iterable[torch.Tensor]) -> bool:
+    """Whether torch has a fused optimizer kernel for every one of ``params`` (floating point, on a
+    device in torch's list: CUDA and CPU in torch >= 2.4, also MPS/XPU)."""
+    try:  # torch's own list; private, so a torch without it falls back to CUDA only
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        devices = {"cuda"}
+    params = list(params)
+    return bool(params) and all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+
+
 def build_optimizer(node: Mapping[str, Any], groups: Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
     """The optimizer ``node`` describes (see :func:`optimizer_config`) over parameter ``groups``.
 
-    Lists become tuples (``betas``). ``fused: null`` means the fused kernel when every parameter is
-    on CUDA (Adam/AdamW/SGD), else the default implementation.
+    Lists become tuples (``betas``). ``fused: null`` means the fused kernel wherever torch has one
+    for every parameter (Adam/AdamW/SGD on CUDA and CPU; measured faster on both,
+    ``experiments/peers``), unless ``foreach: true`` asks for the other kernel. The kernel is an
+    implementation choice, not part of the state: a checkpoint written with either setting resumes
+    with the one this run chose (:func:`keep_implementation_on_load`).
     """
     node = optimizer_config(node)
     cls = optimizer_class(node["_target_"])
@@ -116,9 +162,31 @@ def build_optimizer(node: Mapping[str, Any], groups: Iterable[dict[str, Any]]) -
     if "fused" in kwargs and kwargs["fused"] is None:
         del kwargs["fused"]
         params = [p for g in groups for p in g["params"]]
-        if cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD) and params and all(p.is_cuda for p in params):
+        if (cls in FUSED_OPTIMIZERS and not kwargs.get("foreach") and not kwargs.get("differentiable")
+                and fused_kernel_available(params)):
             kwargs["fused"] = True
-    return cls(groups, **kwargs)
+    return keep_implementation_on_load(cls(groups, **kwargs))
+
+
+def keep_implementation_on_load(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make ``optimizer.load_state_dict`` keep this optimizer's kernel choice (``fused``,
+    ``foreach``): torch takes every group setting from the saved state, so a checkpoint written with
+    ``fused=True`` would otherwise resume fused even where this run asked for ``fused=false`` (or
+    where there is no fused kernel). The ``step`` counters are moved where the kept kernel expects
+    them (the parameter's device for fused/capturable, else the CPU). Returns ``optimizer``."""
+    chosen = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        for group, keep in zip(opt.param_groups, chosen):
+            group.update(keep)
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                step = opt.state.get(p, {}).get("step")
+                if torch.is_tensor(step):
+                    opt.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
+
+    optimizer.register_load_state_dict_post_hook(restore)
+    return optimizer
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
