@@ -35,6 +35,7 @@ from gptlab.model.lora import merge_lora, read_adapter
 from gptlab.model.qlora import load_qlora_adapter
 from gptlab.tokenizer import check_same_tokenizer, get_tokenizer
 from gptlab.weights import is_training_checkpoint, safe_torch_load
+from gptlab.weights.checks import refuse_non_finite
 from gptlab.weights.checkpoint import (LEGACY_TASK_KINDS, PREDICTION_KEYS, CheckpointError, check_gptlab_checkpoint,
                                        checkpoint_adapter, checkpoint_kind, checkpoint_model, checkpoint_tokenizer,
                                        load_backbone, prediction_settings, read_checkpoint, recorded_task, task_name)
@@ -196,7 +197,8 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
     tok = trained_with or given or get_tokenizer("gpt2")
     if adapter_path is not None:
         source = f"{source} + {adapter_path}"
-        _, adapter_cfg = read_adapter(adapter_path)
+        adapter_tensors, adapter_cfg = read_adapter(adapter_path)
+        refuse_non_finite(adapter_tensors, adapter_path)
         meta.update({k: adapter_cfg[k] for k in meta if adapter_cfg.get(k) is not None})
         task, kind = _adapter_kind(adapter_cfg, adapter_path, task, kind)
         load_qlora_adapter(model, adapter_path)  # a LoRA file as load_adapter; a QLoRA file on its re-quantized base

@@ -10,7 +10,9 @@ Two backends, standard library only (``urllib``):
   ``POST {url}/v1/chat/completions`` with ``{"model", "messages", "temperature": 0, "seed"}``; the
   answer is ``choices[0].message.content``.
 
-Requests are retried with exponential backoff on 5xx/429, timeouts and connection errors; answers
+Each request (connecting, sending, reading the whole answer) has ``timeout`` seconds, however
+slowly the server answers, and an answer at most ``max_answer_bytes``. Requests are retried with
+exponential backoff on 5xx/429, timeouts and connection errors; answers
 are cached on disk (JSON lines keyed by sha256 of backend, model and messages), so a re-run costs no
 request. An answer without a score in 0..100 is asked again once more explicitly, then recorded as
 ``None`` together with the raw text.
@@ -23,12 +25,13 @@ import http.client
 import json
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from gptlab.checks import ConfigRules, Predicate, choice, integer, number, require, text
 from gptlab.data.prompt_styles import format_input
@@ -47,6 +50,9 @@ PAIRWISE_FOLLOW_UP = "Answer with 1, 2 or tie and nothing else."
 OUTCOMES = ("win", "tie", "loss")
 DEFAULT_URLS = {"ollama": "http://localhost:11434", "openai": "http://localhost:8000"}
 BACKENDS = tuple(DEFAULT_URLS)
+DEFAULT_MAX_ANSWER_BYTES = 1 << 20
+"""The longest judge answer read: a score or a pick with its JSON wrapper is a few hundred bytes;
+1 MiB leaves room for verbose models and stops a server that sends without end."""
 
 
 class JudgeError(RuntimeError):
@@ -55,6 +61,74 @@ class JudgeError(RuntimeError):
 
 class JudgeModelNotFound(JudgeError):
     """The server does not have the requested judge model."""
+
+
+class _Deadline:
+    """The end of one request: ``seconds`` after it starts, every socket the request opened is shut
+    down, so a server that trickles its answer (each read within urllib's per-read timeout) cannot
+    hold the request longer. ``expired`` tells afterwards whether the request was cut short."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down at the deadline (at once when it has passed already)."""
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread
+        except OSError:
+            pass  # already closed
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._timer.cancel()
+
+
+def _watched(connection: type[http.client.HTTPConnection], deadline: _Deadline) -> Callable[..., Any]:
+    """A factory of ``connection`` objects whose socket ``deadline`` shuts down when it expires."""
+    class Watched(connection):  # type: ignore[valid-type, misc]
+        def connect(self) -> None:
+            super().connect()
+            deadline.watch(self.sock)
+
+    return Watched
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -199,7 +273,8 @@ class Judge(ConfigRules):
         url: server base URL; None = ``http://localhost:11434`` (ollama) / ``http://localhost:8000``
             (openai).
         backend: ``ollama`` or ``openai``.
-        timeout: seconds per request.
+        timeout: seconds for each request as a whole (connecting, sending, and reading the full
+            answer), however slowly the server sends it.
         retries: extra attempts after a 5xx/429, a timeout or a connection error.
         backoff: seconds before the first retry, doubled for each further one.
         seed, temperature, num_ctx: sampling settings sent to the server (``num_ctx``: Ollama only).
@@ -209,12 +284,14 @@ class Judge(ConfigRules):
             (and optionally ``{output}``, the reference answer) fields.
         parse_retries: how often to ask again when an answer holds no score (or no pick).
         api_key: sent as ``Authorization: Bearer ...`` (OpenAI-compatible servers that need one).
+        max_answer_bytes: the longest answer read (default 1 MiB); a longer one raises :class:`JudgeError`.
     """
 
     RULES = {"backend": choice(*BACKENDS, name="judge backend"), "model": text(),
              "url": Predicate(_url_ok, "an http:// or https:// URL or null"), "timeout": number(gt=0),
              "retries": integer(ge=0), "backoff": number(ge=0), "seed": integer(), "temperature": number(ge=0),
              "num_ctx": integer(ge=1), "parse_retries": integer(ge=0), "api_key": text(optional=True),
+             "max_answer_bytes": integer(ge=1, note="bytes"),
              "cache": Predicate(lambda v: v is None or v is False or (isinstance(v, str) and bool(v)),
                                 "a file path, null (beside the responses) or false (off)")}
     """The rule of every setting (the ``judge`` node of ``gptlab-judge``)."""
@@ -223,17 +300,17 @@ class Judge(ConfigRules):
                  timeout: float = 120.0, retries: int = 3, backoff: float = 1.0, seed: int = 123,
                  temperature: float = 0.0, num_ctx: int = 2048, cache: str | Path | None = None,
                  template: str = BOOK_TEMPLATE, parse_retries: int = 1, api_key: str | None = None,
-                 pairwise_template: str = PAIRWISE_TEMPLATE):
+                 pairwise_template: str = PAIRWISE_TEMPLATE, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
         require("backend", backend, self.RULES["backend"])
+        require("max_answer_bytes", max_answer_bytes, self.RULES["max_answer_bytes"])
         self.model, self.backend = model, backend
         self.url = (url or DEFAULT_URLS[backend]).rstrip("/")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.seed, self.temperature, self.num_ctx = seed, temperature, num_ctx
         self.template, self.parse_retries, self.api_key = template, parse_retries, api_key
-        self.pairwise_template = pairwise_template
+        self.pairwise_template, self.max_answer_bytes = pairwise_template, max_answer_bytes
         self.cache = AnswerCache(cache)
         self.requests_sent = 0
-        self._opener = urllib.request.build_opener(_NoRedirects)
 
     # ------------------------------------------------------------- HTTP
     @property
@@ -261,7 +338,7 @@ class Judge(ConfigRules):
 
     def _http_error(self, err: urllib.error.HTTPError) -> JudgeError:
         try:
-            body = err.read().decode("utf-8", "replace")
+            body = err.read(self.max_answer_bytes).decode("utf-8", "replace")
         except Exception:  # noqa: BLE001 - the body is only for the message
             body = ""
         detail = body
@@ -269,7 +346,7 @@ class Judge(ConfigRules):
             parsed = json.loads(body)
             e = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
             detail = e.get("message", str(e)) if isinstance(e, dict) else str(e)
-        except (json.JSONDecodeError, AttributeError):
+        except (json.JSONDecodeError, AttributeError, RecursionError):
             pass
         if err.code == 404 and ("model" in detail.lower() or self.backend == "ollama"):
             hint = (f"pull it with `ollama pull {self.model}`" if self.backend == "ollama"
@@ -285,36 +362,46 @@ class Judge(ConfigRules):
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last: str = ""
+        timed_out = f"timed out after {self.timeout:g} s"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             req = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
             self.requests_sent += 1
-            try:
-                with self._opener.open(req, timeout=self.timeout) as resp:
-                    payload = resp.read()
-            except urllib.error.HTTPError as e:
-                if 300 <= e.code < 400:
-                    raise JudgeError(
-                        f"{self._server_name()} at {self.endpoint} redirected to {e.headers.get('Location')!r} "
-                        f"(HTTP {e.code}); gptlab does not follow redirects, so the request and judge.api_key go "
-                        f"only to judge.url: set judge.url to the address that answers") from None
-                if e.code >= 500 or e.code == 429:
-                    last = f"HTTP {e.code}"
+            with _Deadline(self.timeout) as deadline:  # the whole request, not each socket read
+                opener = urllib.request.build_opener(_NoRedirects, _DeadlineHTTPHandler(deadline),
+                                                     _DeadlineHTTPSHandler(deadline))
+                try:
+                    with opener.open(req, timeout=self.timeout) as resp:
+                        payload = self._read_answer(resp)
+                except urllib.error.HTTPError as e:
+                    if deadline.expired:
+                        last = timed_out
+                        continue
+                    if 300 <= e.code < 400:
+                        raise JudgeError(
+                            f"{self._server_name()} at {self.endpoint} redirected to {e.headers.get('Location')!r} "
+                            f"(HTTP {e.code}); gptlab does not follow redirects, so the request and judge.api_key go "
+                            f"only to judge.url: set judge.url to the address that answers") from None
+                    if e.code >= 500 or e.code == 429:
+                        last = f"HTTP {e.code}"
+                        continue
+                    raise self._http_error(e) from None
+                except urllib.error.URLError as e:
+                    if deadline.expired or isinstance(e.reason, (TimeoutError, socket.timeout)):
+                        last = timed_out
+                    else:
+                        last = f"connection error: {e.reason}"
                     continue
-                raise self._http_error(e) from None
-            except urllib.error.URLError as e:
-                if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                    last = f"timed out after {self.timeout:g} s"
-                else:
-                    last = f"connection error: {e.reason}"
-                continue
-            except (TimeoutError, socket.timeout):
-                last = f"timed out after {self.timeout:g} s"
-                continue
-            except (ConnectionError, OSError, http.client.HTTPException) as e:  # reset / cut mid-answer
-                last = f"connection error: {e}"
-                continue
+                except (TimeoutError, socket.timeout):
+                    last = timed_out
+                    continue
+                except (ConnectionError, OSError, http.client.HTTPException) as e:  # reset / cut mid-answer
+                    last = timed_out if deadline.expired else f"connection error: {e}"
+                    continue
+                if deadline.expired:  # the answer ended because the deadline shut the connection
+                    last = timed_out
+                    continue
             try:
                 raw = payload.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -324,22 +411,43 @@ class Judge(ConfigRules):
                 return json.loads(raw)
             except json.JSONDecodeError:
                 raise JudgeError(f"{self._server_name()} at {self.endpoint} sent no JSON: {raw[:200]!r}") from None
+            except RecursionError:
+                raise JudgeError(f"{self._server_name()} at {self.endpoint} sent JSON nested too deeply to read "
+                                 f"(no chat answer is): {raw[:80]!r} ...") from None
         tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
         if last.startswith("connection error"):
             raise self._unreachable(f"{last}; {tries}")
         if last.startswith("timed out"):
-            raise JudgeError(f"{self._server_name()} at {self.endpoint} {last} ({tries}); a large judge model may "
-                             f"need longer to load: raise judge.timeout")
+            raise JudgeError(f"{self._server_name()} at {self.endpoint} {last} ({tries}; judge.timeout bounds each "
+                             f"whole request, the answer included); a large judge model may need longer to load: "
+                             f"raise judge.timeout")
         raise JudgeError(f"{self._server_name()} at {self.endpoint} kept failing ({last}; {tries})")
 
-    def _content(self, answer: dict[str, Any]) -> str:
+    def _read_answer(self, resp: http.client.HTTPResponse) -> bytes:
+        """The answer's bytes, at most ``max_answer_bytes`` of them (a longer answer raises)."""
+        declared = resp.headers.get("Content-Length", "")
+        if (declared.isdigit() and int(declared) > self.max_answer_bytes) or \
+                len(payload := resp.read(self.max_answer_bytes + 1)) > self.max_answer_bytes:
+            raise JudgeError(f"{self._server_name()} at {self.endpoint} sent an answer larger than "
+                             f"judge.max_answer_bytes={self.max_answer_bytes:,} bytes; a judge's score or pick is a "
+                             f"few hundred bytes: raise judge.max_answer_bytes only if its answers are that long")
+        return payload
+
+    def _content(self, answer: Any) -> str:
         try:
             if self.backend == "ollama":
-                return str(answer["message"]["content"])
-            return str(answer["choices"][0]["message"]["content"])
+                content = answer["message"]["content"]
+            else:
+                content = answer["choices"][0]["message"]["content"]
+            if isinstance(content, (dict, list)):
+                raise TypeError("the content is not text")
+            return str(content)
         except (KeyError, IndexError, TypeError):
-            raise JudgeError(f"unexpected answer from {self._server_name()} at {self.endpoint}: "
-                             f"{json.dumps(answer)[:300]}") from None
+            try:
+                shown = json.dumps(answer)[:300]
+            except (RecursionError, ValueError):
+                shown = "(nested too deeply to show)"
+            raise JudgeError(f"unexpected answer from {self._server_name()} at {self.endpoint}: {shown}") from None
 
     # ------------------------------------------------------------- public API
     def chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, bool]:

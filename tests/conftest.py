@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -37,11 +38,11 @@ def tiny_model(tiny_config) -> GPT:
     return GPT(tiny_config).eval()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a gptlab console entry point (``python -m gptlab.cli.X ...``) in a subprocess."""
+def run_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a gptlab console entry point (``python -m gptlab.cli.X ...``) in a subprocess, to its end
+    (no time limit: a loaded machine is slow, not wrong)."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -54,6 +55,9 @@ def run_entry(monkeypatch, capsys):
         GlobalHydra.instance().clear()
         monkeypatch.setattr(sys, "argv", [prog, *args])
         capsys.readouterr()
+        # Hydra's job logging points the root logger at this test's captured stderr: put the
+        # handlers back after the run, so a later test's log line is not written to a closed stream
+        handlers, level = logging.root.handlers[:], logging.root.level
         try:
             main()
             code = 0
@@ -61,6 +65,8 @@ def run_entry(monkeypatch, capsys):
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         finally:
             GlobalHydra.instance().clear()
+            logging.root.handlers[:] = handlers
+            logging.root.setLevel(level)
         out, err = capsys.readouterr()
         return code, out, err
     return run

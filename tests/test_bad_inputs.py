@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faults import corrupt_tensor_bytes
+from faults import SAFETENSORS_LIES, corrupt_tensor_bytes, write_weight_files
 from gptlab.config_tree import CONFIG_DIR
 from gptlab.cli import chat, classify, evaluate, export, generate, judge, respond, reward, serve, tokenizer, train
 
@@ -141,12 +141,33 @@ CASES = [
     ("export", ["init_from=gpt2-small", "out_dir={run}/x", "n_heads=0"], "n_heads=0"),
     ("export", ["init_from=gpt2-small", "ckpt_path={files}/good.ckpt", "out_dir={run}/x"], "expected exactly one of them"),
     ("export", ["ckpt_path={files}/corrupt.ckpt", "out_dir={run}/x"], "{files}/corrupt.ckpt is corrupted"),
+    # --- files that lie: crafted safetensors headers, NaN/inf weights with valid checksums, adapter metadata
+    ("train", ["ckpt_path={files}/nan.ckpt"], "{files}/nan.ckpt: tensor 'model.blocks.0.attn.qkv.weight' holds 1 NaN"),
+    ("generate", ["ckpt_path={files}/nan.ckpt"], "{files}/nan.ckpt: tensor 'model.blocks.0.attn.qkv.weight' holds 1 NaN"),
+    ("generate", ["init_from={files}/nan.safetensors"],
+     "{files}/nan.safetensors: tensor 'transformer.h.0.mlp.c_fc.weight' holds 1 NaN"),
+    ("chat", ["init_from={files}/inf_book.pth", "instruction=hi"],
+     "{files}/inf_book.pth: tensor 'trf_blocks.0.ff.layers.0.weight' holds 1 infinite"),
+    ("classify", ["ckpt_path={files}/nan.ckpt", "text=hi"], "{files}/nan.ckpt: tensor 'model.blocks.0.attn.qkv.weight'"),
+    ("eval", ["init_from={files}/nan.ckpt"], "{files}/nan.ckpt: tensor 'model.blocks.0.attn.qkv.weight' holds 1 NaN"),
+    ("export", ["init_from={files}/inf_book.pth", "out_dir={run}/x"], "{files}/inf_book.pth: tensor 'trf_blocks.0"),
+    *(("generate", [f"init_from={{files}}/lie_{lie}.safetensors"], f"{{files}}/lie_{lie}.safetensors")
+      for lie in SAFETENSORS_LIES),
+    *(("generate", ["init_from={files}/tiny.safetensors", f"adapter_path={{files}}/{name}.safetensors"],
+       f"{{files}}/{name}.safetensors{expected}")
+      for name, expected in (("nan_adapter", ": tensor 'blocks.0.mlp.fc.lora_B' holds 1 NaN"),
+                             ("adapter_not_json", ": its 'config' metadata is not JSON"),
+                             ("adapter_list", ": its 'config' metadata is a JSON list"),
+                             ("adapter_rank_1e9", ": tensor 'blocks.0.attn.proj.lora_A' has shape [32, 2], but the "
+                                                  "adapter's rank is 1000000000"),
+                             ("adapter_garbage", " is not a valid safetensors file"))),
     # --- gptlab-judge
     ("judge", ["responses={files}/missing.json"], "responses='{files}/missing.json'"),
     ("judge", ["responses={files}/responses.json", "judge.backend=claude"], "judge.backend='claude'"),
     ("judge", ["responses={files}/responses.json", "judge.timeout=0"], "judge.timeout=0"),
     ("judge", ["responses={files}/responses.json", "judge.url=ftp://example.org"], "judge.url='ftp://example.org'"),
     ("judge", ["responses={files}/responses.json", "judge.retries=-1"], "judge.retries=-1"),
+    ("judge", ["responses={files}/responses.json", "judge.max_answer_bytes=0"], "judge.max_answer_bytes=0: expected an integer >= 1"),
     ("judge", ["responses={files}/broken.json"], "{files}/broken.json: invalid JSON at line 2"),
     # --- gptlab-serve
     ("serve", [], "ckpt_path=None, init_from=None: expected exactly one of them"),
@@ -182,7 +203,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    """Checkpoints good and damaged, a run folder with checkpoints, and malformed data files."""
+    """Checkpoints good and damaged, weights files that lie, a run folder with checkpoints, and
+    malformed data files."""
     d = tmp_path_factory.mktemp("inputs")
     good = d / "good.ckpt"
     torch.save({"state_dict": {"w": torch.ones(64, 64)}, "gptlab_task": "gptlab.tasks.pretrain.PretrainTask",
@@ -198,6 +220,7 @@ def files(tmp_path_factory) -> Path:
     (d / "broken.tsv").write_text("ham\thello\nthis line has no tab\n")
     (d / "texts.txt").write_text("one\ntwo\n")
     (d / "responses.json").write_text('[{"instruction": "x", "input": "", "output": "y", "model_response": "y"}]')
+    write_weight_files(d)  # tiny.safetensors, lie_*.safetensors, nan.ckpt, inf_book.pth, *adapter*.safetensors
     return d
 
 

@@ -69,7 +69,7 @@ def ddp_sweep(tmp_path_factory) -> tuple[Path, str]:
             "+callbacks.rank_state._target_=test_distributed.RankState", f"task.optimizer.lr={','.join(LRS)}"]
     env = {"GPTLAB_OUTPUTS": str(outputs), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    res = run_cli(args, cwd=tmp, env=env, timeout=600)
+    res = run_cli(args, cwd=tmp, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return outputs, res.stdout + res.stderr
 

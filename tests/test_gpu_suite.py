@@ -1,5 +1,6 @@
 """``experiments/gpu_suite.py``: the one command that measures every GPU figure. Its ``--smoke`` mode
-runs the same benchmark scripts on CPU with tiny shapes, so the suite cannot rot between GPU runs."""
+runs the same benchmark scripts on CPU with tiny shapes (each script's modes in one process), so the
+suite cannot rot between GPU runs. No test here limits how long anything may take."""
 
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ def suite():
     sys.modules.pop("gpu_suite", None)
 
 
-def test_smoke_run_writes_one_table_per_benchmark_and_a_combined_file(tmp_path, suite):
-    res = subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path)], capture_output=True,
-                         text=True, timeout=1500, cwd=tmp_path)  # a hang guard (10 benchmarks x 120 s caps on a loaded machine)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def test_smoke_run_writes_one_table_per_benchmark_and_a_combined_file(tmp_path, suite, capsys):
+    """Every entry runs to its end (no cap, no budget: a busy machine is slow, not wrong)."""
+    code = suite.main(["--smoke", "--no-cap", "--budget", "0", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().out[-5000:]
     combined = (tmp_path / "gpu_results.md").read_text()
     assert "smoke run" in combined and "torch " in combined
     for b in suite.BENCHMARKS:
@@ -39,23 +40,27 @@ def test_smoke_run_writes_one_table_per_benchmark_and_a_combined_file(tmp_path, 
     assert "| gptlab |" in (tmp_path / "throughput_b16.md").read_text()
     assert "| every 50 (bar 50, log 50) |" in (tmp_path / "progress_bar.md").read_text()
     assert "same tokens" in (tmp_path / "generation_b8.md").read_text()
+    assert "| trainable parameters |" in (tmp_path / "lora_vs_full.md").read_text()
+    assert "| lora | adapters_off |" in (tmp_path / "dpo_memory.md").read_text()
 
 
 def test_a_failing_and_a_hanging_benchmark_do_not_lose_the_others(tmp_path, suite, monkeypatch):
+    """The hang is caught by the suite's own per-entry cap (a tiny one for the fake hanging entry;
+    the others have none), not by a limit on the test."""
     scripts = tmp_path / "experiments"
     scripts.mkdir()
     (scripts / "ok.py").write_text("print('| a | table |')\n")
     (scripts / "fail.py").write_text("import sys\nprint('partial')\nsys.exit('boom: the reason')\n")
-    (scripts / "hang.py").write_text("import time\ntime.sleep(60)\n")
+    (scripts / "hang.py").write_text("import time\nprint('| started |', flush=True)\ntime.sleep(3600)\n")
     monkeypatch.setattr(suite, "ROOT", tmp_path)
-    monkeypatch.setattr(suite, "SMOKE_CAP_S", 3)
+    monkeypatch.setattr(suite, "SMOKE_CAP_S", None)
     monkeypatch.setattr(suite, "BENCHMARKS", [
-        suite.Benchmark(name, name, f"experiments/{name}.py", [], [], 3, "README.md")
-        for name in ("fail", "hang", "ok")])
-    assert suite.main(["--smoke", "--out", str(tmp_path / "out")]) == 1
+        suite.Benchmark(name, name, f"experiments/{name}.py", [], [], 3, "README.md",
+                        smoke_cap_s=2 if name == "hang" else None) for name in ("fail", "hang", "ok")])
+    assert suite.main(["--smoke", "--budget", "0", "--out", str(tmp_path / "out")]) == 1
     combined = (tmp_path / "out" / "gpu_results.md").read_text()
     assert "| fail | failed (exit code 1) |" in combined and "boom: the reason" in combined
-    assert "| hang | timed out after 3 s |" in combined
+    assert "| hang | timed out after 2 s |" in combined and "| started |" in (tmp_path / "out" / "hang.md").read_text()
     assert "| ok | ok |" in combined and "| a | table |" in (tmp_path / "out" / "ok.md").read_text()
 
 

@@ -133,7 +133,7 @@ def test_chat_cli_answers_piped_instructions_until_eof(scratch_run):
     # the console script with real piped stdin: answers both lines, exits 0 at end of input
     res = subprocess.run([sys.executable, "-m", "gptlab.cli.chat", f"ckpt_path={ckpt}", "max_new_tokens=5",
                           "device=cpu"], input="Name a color.\nName a fruit.\n", capture_output=True, text=True,
-                         cwd=scratch_run, timeout=300)
+                         cwd=scratch_run)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("\n") >= 2 and "Traceback" not in res.stderr
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,7 @@ class FakeServer:
 
     def __init__(self, replies: list[tuple[int, dict, float]] | Callable[[dict], tuple[int, dict, float]]):
         self.replies, self.requests = (replies if callable(replies) else list(replies)), []
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,7 +37,7 @@ class FakeServer:
                     status, reply, delay = server.replies(body)
                 else:
                     status, reply, delay = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
-                time.sleep(delay)
+                server.release.wait(delay)  # a long delay ends when the test does
                 data = json.dumps(reply).encode()
                 try:
                     self.send_response(status)
@@ -61,8 +61,13 @@ class FakeServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+NEVER = 3600.0
+"""A reply delay no request waits out: the server answers only when the test has ended."""
 
 
 def ollama(text: str, status: int = 200, delay: float = 0.0) -> tuple[int, dict, float]:
@@ -135,15 +140,16 @@ def test_persistent_server_error_gives_up_with_the_status(entries):
 
 
 def test_timeout_is_retried_then_a_clear_error(entries):
-    with FakeServer([ollama("50", delay=1.0)]) as srv:
-        with pytest.raises(JudgeError, match=r"timed out after 0.2 s \(2 attempts\).*judge.timeout"):
+    with FakeServer([ollama("50", delay=NEVER)]) as srv:
+        with pytest.raises(JudgeError, match=r"timed out after 0.2 s \(2 attempts; judge.timeout bounds each whole "
+                                             r"request.*raise judge.timeout"):
             fast_judge(srv.url, timeout=0.2, retries=1).score(entries[0])
     assert len(srv.requests) == 2
 
 
 def test_slow_first_answer_then_success(entries):
-    with FakeServer([ollama("50", delay=1.0), ollama("60")]) as srv:
-        assert fast_judge(srv.url, timeout=0.3).score(entries[0]).score == 60
+    with FakeServer([ollama("50", delay=NEVER), ollama("60")]) as srv:
+        assert fast_judge(srv.url, timeout=3).score(entries[0]).score == 60
 
 
 def test_unparseable_answer_is_asked_again_then_recorded_as_none(entries):
@@ -231,6 +237,7 @@ class RawServer(FakeServer):
 
     def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None):
         self.seen_headers: list[dict[str, str]] = []
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -269,6 +276,117 @@ def test_an_answer_that_is_not_utf8_is_reported_with_the_url(entries):
     with RawServer(200, b'{"message": {"content": "\xff\xfe 90"}}') as srv:
         with pytest.raises(JudgeError, match=rf"{srv.url}/api/chat sent an answer that is not UTF-8"):
             fast_judge(srv.url).score(entries[0])
+
+
+class DripServer:
+    """A raw TCP server on 127.0.0.1: reads one request, then sends ``head`` at once and ``drip`` one
+    byte every ``interval`` seconds (``endless``: ``drip`` over and over, never finishing). Records
+    how many dripped bytes went out and whether it sent everything (``finished``)."""
+
+    def __init__(self, head: bytes, drip: bytes, interval: float = 0.0, endless: bool = False):
+        self.head, self.drip, self.interval, self.endless = head, drip, interval, endless
+        self.sent, self.finished, self.stop = 0, False, threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += conn.recv(65536)
+            try:
+                conn.sendall(self.head)
+                while not self.stop.is_set():
+                    for i in range(len(self.drip)) if self.interval else (None,):
+                        chunk = self.drip if i is None else self.drip[i:i + 1]
+                        conn.sendall(chunk)
+                        self.sent += len(chunk)
+                        if self.stop.wait(self.interval):
+                            return
+                    if not self.endless:
+                        self.finished = True
+                        return
+            except OSError:
+                return  # the client closed the connection
+
+    def __enter__(self) -> "DripServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+ANSWER = json.dumps({"message": {"role": "assistant", "content": "85"}}).encode()
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_the_timeout_bounds_the_whole_request_not_each_read(entries, where):
+    """A server sending its answer one byte every 10 ms never lets a single read wait the 1 s of
+    judge.timeout, and needs over 20 s to finish; the request still ends at judge.timeout, with
+    the timeout error, while the server is sending."""
+    pad = b"X-Pad: " + b"p" * 2000 + b"\r\n"
+    if where == "headers":
+        head, drip = b"", OK_HEAD + pad + f"Content-Length: {len(ANSWER)}\r\n\r\n".encode() + ANSWER
+    else:  # the declared length covers the padding: the answer is complete only at its end
+        drip = ANSWER + b" " * 2000
+        head = OK_HEAD + f"Content-Length: {len(drip)}\r\n\r\n".encode()
+    with DripServer(head, drip, interval=0.01) as srv:
+        with pytest.raises(JudgeError, match=r"timed out after 1 s \(1 attempt; judge.timeout bounds each whole request"):
+            fast_judge(srv.url, timeout=1, retries=0).score(entries[0])
+        assert not srv.finished and 0 < srv.sent < len(drip)  # it was still sending when the call returned
+
+
+def test_an_answer_larger_than_the_cap_is_refused_while_the_server_still_sends(entries):
+    with DripServer(OK_HEAD + b"\r\n", b'{"message": {"content": "' + b"9" * 4096, endless=True) as srv:
+        with pytest.raises(JudgeError, match=r"larger than judge.max_answer_bytes=10,000 bytes"):
+            fast_judge(srv.url, max_answer_bytes=10_000, retries=0).score(entries[0])
+        assert not srv.finished
+
+
+def test_a_declared_length_above_the_cap_is_refused_without_reading_it(entries):
+    with RawServer(200, b"x" * 5000) as srv:
+        with pytest.raises(JudgeError, match=r"larger than judge.max_answer_bytes=1,000 bytes"):
+            fast_judge(srv.url, max_answer_bytes=1000).score(entries[0])
+
+
+def test_an_answer_of_the_cap_s_size_is_read(entries):
+    body = json.dumps({"message": {"content": "85"}, "pad": "x" * 900}).encode()
+    with RawServer(200, body) as srv:
+        assert fast_judge(srv.url, max_answer_bytes=len(body)).score(entries[0]).score == 85
+
+
+def test_a_deeply_nested_json_answer_is_one_clear_error(entries):
+    with RawServer(200, b"[" * 200_000 + b"]" * 200_000) as srv:
+        with pytest.raises(JudgeError, match="sent JSON nested too deeply to read") as e:
+            fast_judge(srv.url).score(entries[0])
+    assert "\n" not in str(e.value)
+
+
+def test_cli_nested_json_answer_is_one_line_and_no_traceback(tmp_path, monkeypatch, run_entry):
+    from gptlab.cli import judge as judge_cli
+
+    monkeypatch.chdir(tmp_path)
+    responses = tmp_path / "responses.json"
+    responses.write_text(DATA.read_text())
+    with RawServer(200, b'{"message": {"content": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}") as srv:
+        code, _, err = run_entry(judge_cli.main, "gptlab-judge", f"responses={responses}", f"judge.url={srv.url}",
+                                 "judge.retries=0", "progress=false")
+    assert code == 1 and "Traceback" not in err and "RecursionError" not in err
+    [line] = [ln for ln in err.splitlines() if "error:" in ln]
+    assert line.startswith("gptlab-judge: error: ") and "nested too deeply" in line
 
 
 # ----------------------------------------------------------------------------- pairwise (chapter 8.7)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import lightning as L
 import pytest
@@ -277,15 +276,12 @@ def test_kl_penalty_is_zero_while_the_policy_is_the_reference(adapter):
 
 
 # ----------------------------------------------------------------------------- learning
-def test_ppo_raises_a_token_count_reward_within_a_minute(tmp_path):
-    start = time.perf_counter()
+def test_ppo_raises_a_token_count_reward_in_30_iterations(tmp_path):
     history = fit(policy(kl_coef=0.05), 30, tmp_path)
-    elapsed = time.perf_counter() - start
     before, after = history.mean("objective/scores", slice(0, 3)), history.mean("objective/scores", slice(-5, None))
     assert after >= 2 * before and after >= before + 0.3, (before, after)
     kl = [r["objective/kl"] for r in history.rows]
     assert kl[0] == 0.0 and all(math.isfinite(k) for k in kl) and kl[-1] > 0.1
-    assert elapsed < 60, f"{elapsed:.0f} s"
     for key in ("objective/rlhf_reward", "objective/non_score_reward", "objective/entropy", "policy/approxkl",
                 "policy/clipfrac", "policy/entropy", "val/value_loss", "val/clipfrac", "val/ratio",
                 "response/mean_length", "time/generation_s", "time/update_s"):

@@ -38,19 +38,18 @@ def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen) -> None:
-    out, _ = proc.communicate(timeout=600)
+    out, _ = proc.communicate()
     assert proc.returncode == 0, out[-5000:]
 
 
-def kill_when(proc: subprocess.Popen, marker: Path, timeout: float = 300) -> None:
-    """``kill -9`` the run once ``marker`` exists (a fault hook created it and is sleeping)."""
-    end = time.monotonic() + timeout
+def kill_when(proc: subprocess.Popen, marker: Path) -> None:
+    """``kill -9`` the run once ``marker`` exists (a fault hook created it and is sleeping). A run
+    that ends without the hook firing fails the test (no time limit: the run itself ends)."""
     while not marker.exists():
-        assert proc.poll() is None, proc.stdout.read()[-5000:]
-        assert time.monotonic() < end, "the fault hook never fired"
+        assert proc.poll() is None, f"the run ended before the fault hook fired:\n{proc.stdout.read()[-5000:]}"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.wait()
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -120,7 +119,7 @@ def test_kill_9_during_a_save_leaves_the_previous_last_ckpt_intact(reference, tm
 def test_a_resume_that_would_bend_the_lr_schedule_is_refused(reference, tmp_path):
     run = tmp_path / "longer"
     proc = start(run, "trainer.max_steps=40", f"ckpt_path={reference / 'checkpoints' / 'step000008.ckpt'}")
-    out, _ = proc.communicate(timeout=600)
+    out, _ = proc.communicate()
     assert proc.returncode == 2, out[-3000:]
     assert "spans 24 optimizer steps, this run's would span 40" in out and "trainer.max_steps" in out
 

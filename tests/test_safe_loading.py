@@ -1,18 +1,26 @@
 """Opening a file never runs code. A checkpoint whose pickle would create a file (as a real attack
 would run a shell) is refused by every way gptlab opens files: each CLI, ``gptlab-train init_from=``,
 ``load_pretrained``, ``load_task``; and a checkpoint naming an arbitrary callable as its task is
-refused by the task registry, never imported."""
+refused by the task registry, never imported.
+
+Files that lie are refused, naming the file and the tensor or field: safetensors headers whose
+offsets, dtypes, shapes or lengths do not hold, weights holding NaN or infinities (with valid
+checksums), adapters whose metadata is not what gptlab writes."""
 
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from faults import SAFETENSORS_LIES, TINY_WEIGHTS, write_safetensors_parts, write_weight_files
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.chat import run as chat_run
 from gptlab.cli.classify import run as classify_run
@@ -20,12 +28,18 @@ from gptlab.cli.evaluate import run as eval_run
 from gptlab.cli.export import run as export_run
 from gptlab.cli.generate import run as generate_run
 from gptlab.cli.train import train
+from gptlab.errors import ConfigError
 from gptlab.inference import load_model
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
+from gptlab.model.lora import InvalidAdapterError, apply_lora, has_lora, read_adapter
+from gptlab.model.qlora import load_qlora_adapter
 from gptlab.tasks.registry import load_task
-from gptlab.weights import UnsafeCheckpointError, load_pretrained
+from gptlab.weights import (SafetensorsReader, TrainingCheckpointError, UnsafeCheckpointError, load_pretrained,
+                            to_hf_state_dict)
 from gptlab.weights.checkpoint import CheckpointError, load_backbone
+from gptlab.weights.checks import InvalidWeightsError, NonFiniteWeightsError
+from gptlab.weights.readers import InvalidSafetensorsError
 
 
 class CreatesAFile:
@@ -150,3 +164,168 @@ def test_a_file_that_is_not_a_checkpoint_gets_a_clear_error(tmp_path):
         load_task(path)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)  # what torch alone says: gptlab's message names the file
+
+
+# ----------------------------------------------------------------------------- files that lie
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    return write_weight_files(tmp_path_factory.mktemp("weights"))
+
+
+def test_the_untouched_files_load(weights):
+    """The control: the files the lies are made from load, and equal their model."""
+    hf = load_pretrained(weights["hf"]).eval()
+    assert hf.config.emb_dim == 32 and not hf.config.tie_weights
+    lm = load_model(ckpt_path=weights["ckpt"])
+    ids = torch.arange(8)[None]
+    assert torch.allclose(lm.model(ids), hf(ids), atol=1e-6)
+    adapted = load_model(init_from=weights["hf"], adapter_path=weights["adapter"], merge=False)
+    assert adapted.model.lora_config["rank"] == 2
+
+
+@pytest.mark.parametrize("lie", sorted(SAFETENSORS_LIES))
+def test_a_safetensors_file_whose_header_lies_is_refused_naming_it(weights, lie):
+    path = weights[f"lie_{lie}"]
+    with pytest.raises(InvalidWeightsError) as e:
+        load_pretrained(path)
+    assert str(path) in str(e.value) and SAFETENSORS_LIES[lie][1] in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("lie", sorted(lie for lie in SAFETENSORS_LIES if "declared_1d" not in lie))
+def test_the_safetensors_library_refuses_the_same_headers(weights, lie):
+    """gptlab's reader is as strict as the library's (whose reader would cost 2x the memory,
+    experiments/pretrained_memory); a 1-D shape for a matrix is valid safetensors, refused by shape."""
+    with pytest.raises(SafetensorError):
+        with safe_open(str(weights[f"lie_{lie}"]), framework="pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+
+
+def test_a_header_length_of_1e12_allocates_nothing(tmp_path):
+    path = write_safetensors_parts(tmp_path / "big.safetensors", {}, b"", length=10**12)
+    with pytest.raises(InvalidSafetensorsError, match="header length field says 1,000,000,000,000"):
+        SafetensorsReader([path])
+
+
+NON_FINITE = {"nan_hf": "transformer.h.0.mlp.c_fc.weight", "inf_book": "trf_blocks.0.ff.layers.0.weight",
+              "nan_ckpt": "model.blocks.0.attn.qkv.weight"}
+LOADERS = {"load_pretrained": load_pretrained, "load_backbone": load_backbone, "load_task": load_task,
+           "load_model(init_from)": lambda p: load_model(init_from=p),
+           "load_model(ckpt_path)": lambda p: load_model(ckpt_path=p)}
+
+
+@pytest.mark.parametrize("name,loader", [
+    *((name, loader) for name in ("nan_hf", "inf_book") for loader in ("load_pretrained", "load_backbone",
+                                                                       "load_model(init_from)")),
+    *(("nan_ckpt", loader) for loader in ("load_backbone", "load_model(init_from)", "load_model(ckpt_path)",
+                                          "load_task"))])
+def test_non_finite_weights_are_refused_by_every_loader_naming_the_tensor(weights, name, loader):
+    path, tensor = weights[name], NON_FINITE[name]
+    with pytest.raises(NonFiniteWeightsError) as e:
+        LOADERS[loader](path)
+    message = str(e.value)
+    # load_backbone names a checkpoint's backbone tensor without the task's "model." prefix
+    assert str(path) in message and f"{tensor.removeprefix('model.')}' holds 1 " in message, message
+    assert ("NaN" if name.startswith("nan") else "infinite") in message
+
+
+@pytest.mark.parametrize("name", ["nan_hf", "nan_ckpt"])
+def test_train_init_from_refuses_non_finite_weights(weights, tmp_path, name):
+    cfg = cli_config("train", "model=gpt2-tiny", "model.context_length=16", f"init_from={weights[name]}",
+                     f"paths.output_dir={tmp_path / 'run'}",
+                     "data.max_length=16", "logger=csv")
+    with pytest.raises(Exception) as e:
+        train(cfg)
+    cause = e.value if isinstance(e.value, NonFiniteWeightsError) else e.value.__cause__  # Hydra wraps it
+    assert isinstance(cause, NonFiniteWeightsError) and str(weights[name]) in str(cause)
+    assert f"{NON_FINITE[name].removeprefix('model.')}' holds 1 NaN" in str(cause)
+
+
+def test_load_pretrained_sends_a_training_checkpoint_to_load_backbone(weights):
+    with pytest.raises(TrainingCheckpointError, match="load_backbone"):
+        load_pretrained(weights["nan_ckpt"])
+
+
+def test_float64_weights_that_overflow_float32_are_refused(weights, tmp_path):
+    book = {k: v.double() for k, v in torch.load(weights["inf_book"], weights_only=True).items()}
+    book["trf_blocks.0.ff.layers.0.weight"] = torch.zeros_like(book["trf_blocks.0.ff.layers.0.weight"])
+    book["trf_blocks.0.ff.layers.0.weight"][0, 0] = 1e300
+    torch.save(book, tmp_path / "f64.pth")
+    with pytest.raises(NonFiniteWeightsError, match="'trf_blocks.0.ff.layers.0.weight' holds 1 infinite"):
+        load_pretrained(tmp_path / "f64.pth")
+    assert load_pretrained(tmp_path / "f64.pth", dtype=None).blocks[0].mlp.fc.weight[0, 0] == 1e300  # as stored
+
+
+def test_a_resume_from_a_checkpoint_with_nan_weights_is_refused_before_anything_is_built(weights, tmp_path):
+    cfg = cli_config("train", "model=gpt2-tiny", f"ckpt_path={weights['nan_ckpt']}",
+                     f"paths.output_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError, match=r"ckpt_path: .*nan.ckpt: tensor 'model.blocks.0.attn.qkv.weight' holds 1 NaN"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_adapter_with_nan_weights_is_refused_naming_the_tensor(weights):
+    with pytest.raises(NonFiniteWeightsError,
+                       match=r"nan_adapter.safetensors: tensor 'blocks.0.mlp.fc.lora_B' holds 1 NaN"):
+        load_model(init_from=weights["hf"], adapter_path=weights["nan_adapter"])
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("adapter_not_json", "its 'config' metadata is not JSON"),
+    ("adapter_list", "its 'config' metadata is a JSON list"),
+    ("adapter_rank_1e9", "has shape [32, 2], but the adapter's rank is 1000000000"),
+    ("adapter_rank_float_1e9", "rank=1000000000.0: expected an integer >= 1"),
+    ("adapter_rank_mismatch", "but the adapter's rank is 3"),
+    ("adapter_garbage", "is not a valid safetensors file")])
+def test_an_adapter_whose_metadata_lies_is_refused_naming_it(weights, name, expected):
+    path = weights[name]
+    with pytest.raises(InvalidAdapterError) as e:
+        read_adapter(path)
+    assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
+    base = load_pretrained(weights["hf"])
+    with pytest.raises(InvalidAdapterError):
+        load_qlora_adapter(base, path)
+    assert not has_lora(base)  # refused before any layer was replaced or allocated
+
+
+@pytest.mark.parametrize("quantization,expected", [
+    ({"block_size": 3}, "quantization.block_size=3: expected an even integer >= 2"),
+    ({"compute_dtype": "int8"}, "quantization.compute_dtype='int8'"),
+    ({"scaler_block_size": 1e9}, "quantization.scaler_block_size=1000000000.0: expected an integer >= 1")])
+def test_qlora_settings_in_an_adapter_file_are_checked_before_anything_is_quantized(weights, tmp_path, quantization,
+                                                                                    expected):
+    with safe_open(str(weights["adapter"]), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    path = tmp_path / "qlora.safetensors"
+    save_file(tensors, str(path), metadata={**meta, "config": json.dumps({**config, "quantization": quantization})})
+    base = load_pretrained(weights["hf"])
+    with pytest.raises(InvalidAdapterError) as e:
+        load_qlora_adapter(base, path)
+    assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
+    assert not has_lora(base)
+
+
+def test_a_lora_rank_beyond_the_layer_width_allocates_nothing():
+    model = GPT(GPTConfig.from_name("gpt2-tiny"))
+    with pytest.raises(ValueError, match=r"LoRA rank 1000000000 for blocks.0.attn.qkv: expected an integer from 1 to "
+                                         r"its input width 32"):
+        apply_lora(model, rank=10**9)
+    assert not has_lora(model)
+
+
+def test_a_bare_safetensors_with_an_untied_lm_head_keeps_its_head(tmp_path):
+    """Without a config.json the tensors tell: an lm_head equal to wte is tied, another one is kept."""
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(**TINY_WEIGHTS)).eval()
+    sd = {k: v.contiguous() for k, v in to_hf_state_dict(model).items()}
+    assert not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    save_file(sd, str(tmp_path / "untied.safetensors"))
+    untied = load_pretrained(tmp_path / "untied.safetensors").eval()
+    assert not untied.config.tie_weights
+    assert torch.equal(untied.out_head.weight, model.out_head.weight)
+    ids = torch.arange(10)[None]
+    assert torch.allclose(untied(ids), model(ids), atol=1e-6)
+    save_file({**sd, "lm_head.weight": sd["transformer.wte.weight"].clone()}, str(tmp_path / "tied.safetensors"))
+    tied = load_pretrained(tmp_path / "tied.safetensors")
+    assert tied.config.tie_weights and tied.out_head.weight is tied.tok_emb.weight

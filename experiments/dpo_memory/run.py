@@ -111,6 +111,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_setup(args: argparse.Namespace, policy: str, reference: str) -> dict:
+    if args.smoke:  # checks the code path, measures nothing: no process (and imports) per set-up
+        return worker(argparse.Namespace(**{**vars(args), "policy": policy, "reference": reference}))
     cmd = [sys.executable, __file__, "--worker", "--policy", policy, "--reference", reference, "--model", args.model,
            "--pairs", str(args.pairs), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--device", args.device, "--threads", str(args.threads)]
@@ -154,7 +156,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 CPU, 10 CUDA)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--smoke", action="store_true", help="gpt2-tiny, 2 pairs x 32 tokens, 1 step, 1 thread")
+    ap.add_argument("--smoke", action="store_true",
+                    help="gpt2-tiny, 2 pairs x 32 tokens, 1 step, 1 thread, every set-up in this process")
     ap.add_argument("--only", default=None, help="comma-separated policy/reference set-ups, e.g. lora/adapters_off")
     ap.add_argument("--policy", choices=["full", "lora"], help=argparse.SUPPRESS)
     ap.add_argument("--reference", choices=["copy", "adapters_off", "precomputed"], help=argparse.SUPPRESS)

@@ -87,6 +87,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict:
+    if args.in_process:  # a quick check of the code path: the modes' peak memories then mix
+        return worker(argparse.Namespace(**{**vars(args), "mode": mode}))
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--model", args.model, "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank",
            str(args.rank), "--device", args.device, "--threads", str(args.threads)]
@@ -130,6 +132,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--in-process", action="store_true",
+                    help="run both modes in this process (a quick check: the peak memories mix, so no measurement)")
     ap.add_argument("--mode", choices=["full", "lora"], help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

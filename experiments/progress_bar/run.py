@@ -5,7 +5,7 @@ the critical path vs off it, same model, data and steps.
     python experiments/progress_bar/run.py --preset gpu    # gpt2-small, context 1024, batch 16, bf16, compile
 
 Each variant is the gptlab side of ``experiments/throughput/run.py`` (the real ``gptlab-train`` code
-path) in its own subprocess:
+path) in its own subprocess (the ``smoke`` preset: in this process, a check that measures nothing):
   off           no progress bar; loggers log once per timing window
   every step    the bar refreshes every step (Lightning's default ``TQDMProgressBar``) and the loggers
                 log every 5 steps: what ``trainer=gpu`` did before. Each refresh reads the logged
@@ -16,6 +16,7 @@ path) in its own subprocess:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,6 +32,11 @@ VARIANTS = {  # name: (bar refresh rate, logger interval)
 
 
 def run_variant(preset: str, refresh: int, log_every: int | None, steps: int | None) -> dict:
+    if preset == "smoke":  # checks the code path, measures nothing: no process (and imports) per variant
+        spec = importlib.util.spec_from_file_location("throughput_run", THROUGHPUT)
+        throughput = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(throughput)
+        return throughput.run_gptlab(throughput.settings(preset, steps, None, refresh, log_every))
     cmd = [sys.executable, str(THROUGHPUT), "--preset", preset, "--only", "gptlab", "--progress-bar", str(refresh)]
     if log_every:
         cmd += ["--log-every", str(log_every)]

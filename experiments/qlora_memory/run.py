@@ -131,6 +131,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict:
+    if args.smoke:  # checks the code path, measures nothing: no process (and imports) per mode
+        return worker(argparse.Namespace(**{**vars(args), "mode": mode}))
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--model", args.model, "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank",
            str(args.rank), "--device", args.device, "--threads", str(args.threads)] + (["--smoke"] if args.smoke else [])
@@ -184,7 +186,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 step each, CPU: checks the script in seconds")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, 1 step each, CPU, every mode in this process: checks the script in seconds")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON results here")
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

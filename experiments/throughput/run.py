@@ -3,7 +3,8 @@
     python experiments/throughput/run.py                      # CPU: gpt2-tiny-ish shape, a few steps
     python experiments/throughput/run.py --preset gpu         # GPU: gpt2-small, context 1024, batch 16, bf16, compile
 
-Each side runs in its own subprocess (so peak memory is its own):
+Each side runs in its own subprocess (so peak memory is its own; the ``smoke`` preset runs both in
+this process, as a check that measures nothing):
   gptlab     Hydra config -> RandomTokenDataModule -> PretrainTask -> Lightning Trainer (the real
              ``gptlab-train`` code path: ``gptlab.cli.train.train``), with whatever the preset enables
              (bf16-mixed, torch.compile, fused AdamW, padded vocab, TF32, SDPA).
@@ -61,6 +62,18 @@ def progress_bar_overrides(refresh: int, log_every: int | None) -> list[str]:
     if refresh <= 0:
         return [*out, "trainer.enable_progress_bar=false"]
     return [*out, "trainer.enable_progress_bar=true", f"callbacks.progress_bar.refresh_rate={refresh}"]
+
+
+def settings(preset: str, steps: int | None = None, batch: int | None = None, progress_bar: int = 0,
+             log_every: int | None = None) -> dict:
+    """The settings ``run_gptlab``/``run_reference`` take: ``preset`` with the command line's changes."""
+    p = dict(PRESETS[preset])
+    if steps:
+        p["steps"], p["warmup"] = steps, max(1, steps // 5)
+    if batch:
+        p["batch"] = batch
+    p["progress_bar"], p["log_every"] = progress_bar, log_every
+    return p
 
 
 def run_gptlab(p: dict) -> dict:
@@ -148,18 +161,16 @@ def main() -> None:
                     help="gptlab side: trainer.log_every_n_steps (default: the trainer preset's)")
     ap.add_argument("--only", choices=["gptlab", "reference"], help="run one side in this process, print RESULT json")
     args = ap.parse_args()
-    p = dict(PRESETS[args.preset])
-    if args.steps:
-        p["steps"], p["warmup"] = args.steps, max(1, args.steps // 5)
-    if args.batch:
-        p["batch"] = args.batch
-    p["progress_bar"], p["log_every"] = args.progress_bar, args.log_every
+    p = settings(args.preset, args.steps, args.batch, args.progress_bar, args.log_every)
     if args.only:
         res = run_gptlab(p) if args.only == "gptlab" else run_reference(p)
         print("RESULT " + json.dumps(res))
         return
     results = {}
     for side in ("gptlab", "reference"):
+        if args.preset == "smoke":  # checks the code paths, measures nothing: no process (and imports) per side
+            results[side] = run_gptlab(p) if side == "gptlab" else run_reference(p)
+            continue
         cmd = [sys.executable, __file__, "--preset", args.preset, "--only", side]
         if args.steps:
             cmd += ["--steps", str(args.steps)]

@@ -29,10 +29,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptlab.checks import Problem, check_node, choice, integer, number, raise_problems, require, strings
+from gptlab.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class LoRALinear(nn.Linear):
         # build on the meta device (no memory), then adopt the base layer's own parameters
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
-        require("rank", rank, LORA_RULES["rank"])
+        self.check_rank(rank, base.in_features)
         self.rank, self.alpha, self.scaling = rank, alpha, scaling
         self.scale = lora_scale(rank, alpha, scaling)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -109,6 +110,16 @@ class LoRALinear(nn.Linear):
                                             for n, (s, e) in self.parts.items()})
         self.reset_lora_parameters()
         self.train(base.training)  # a model in eval mode stays in eval mode (no LoRA dropout)
+
+    @staticmethod
+    def check_rank(rank: Any, in_features: int, layer: str = "the layer") -> None:
+        """Raise a ValueError unless ``rank`` passes :data:`LORA_RULES` and is at most ``in_features``:
+        A is (in, r), so a rank above the input width adds no capacity (the update's rank is at most
+        min(in, r)), only memory; the bound also keeps a rank read from a file from allocating without limit."""
+        require("rank", rank, LORA_RULES["rank"])
+        if rank > in_features:
+            raise ValueError(f"LoRA rank {rank!r} for {layer}: expected an integer from 1 to its input width "
+                             f"{in_features} (a larger rank adds no capacity, only memory)")
 
     def reset_lora_parameters(self) -> None:
         """A: Kaiming-uniform as in the book (``kaiming_uniform_(A, a=sqrt(5))`` on the (in, r)
@@ -213,7 +224,7 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16, dropout: flo
     if has_lora(model):
         raise ValueError("LoRA is already applied to this model; call remove_lora(model) first")
     qkv_parts = [t for t in ("q", "k", "v") if t in targets]
-    replaced: list[str] = []
+    plan: list[tuple[str, nn.Linear, dict[str, tuple[int, int]] | None]] = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
@@ -229,10 +240,14 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16, dropout: flo
             warnings.warn("out_head is tied to tok_emb: LoRA skips the head (an update merged into it "
                           "would change the token embedding too)", stacklevel=2)
             continue
+        LoRALinear.check_rank(rank, module.in_features, name)  # every layer before any is replaced
+        plan.append((name, module, parts))
+    if not plan:
+        raise ValueError(f"no layer of {type(model).__name__} matches LoRA targets {targets}")
+    replaced: list[str] = []
+    for name, module, parts in plan:
         _set_module(model, name, LoRALinear(module, rank, alpha, dropout, scaling, parts))
         replaced.append(name)
-    if not replaced:
-        raise ValueError(f"no layer of {type(model).__name__} matches LoRA targets {targets}")
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -381,16 +396,55 @@ def save_adapter(model: nn.Module, path: str | Path, config: Mapping[str, Any] |
     return path
 
 
+class InvalidAdapterError(InvalidInput):
+    """An adapter file that is not valid safetensors, or whose metadata or tensors contradict what a
+    gptlab adapter holds (the message names the file and the setting or tensor)."""
+
+
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the config stored in an adapter file."""
+    """The tensors and the config stored in an adapter file, both checked (:func:`check_adapter`):
+    raises :class:`InvalidAdapterError` naming the file for a malformed file, metadata that is not
+    a JSON object, settings of the wrong type, or LoRA tensors whose rank is not the recorded one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:  # the library checks the header and offsets
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except SafetensorError as e:
+        raise InvalidAdapterError(f"{path} is not a valid safetensors file ({e})") from None
     if meta.get("gptlab_adapter") != ADAPTER_FORMAT or "config" not in meta:
-        raise ValueError(f"{path} is not a gptlab LoRA adapter (no '{ADAPTER_FORMAT}' metadata)")
-    return load_file(str(path)), json.loads(meta["config"])
+        raise InvalidAdapterError(f"{path} is not a gptlab LoRA adapter (no '{ADAPTER_FORMAT}' metadata)")
+    try:
+        config = json.loads(meta["config"])
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InvalidAdapterError(f"{path}: its 'config' metadata is not JSON ({type(e).__name__}: {e})") from None
+    check_adapter(tensors, config, path)
+    return tensors, config
+
+
+def check_adapter(tensors: Mapping[str, torch.Tensor], config: Any, path: str | Path) -> None:
+    """Raise :class:`InvalidAdapterError` unless ``config`` is an object whose LoRA settings
+    (:data:`APPLY_KEYS`, those present) have their types and ranges, and every LoRA tensor is a matrix of the
+    recorded rank (A: (in, rank), B: (rank, out)): the rank read from a file then allocates no more
+    than the file's own tensors hold."""
+    if not isinstance(config, dict):
+        raise InvalidAdapterError(f"{path}: its 'config' metadata is a JSON {type(config).__name__}, not an object "
+                                  f"of LoRA settings ({', '.join(APPLY_KEYS)})")
+    problems = check_node(config, {k: LORA_RULES[k] for k in APPLY_KEYS})
+    if problems:
+        raise InvalidAdapterError(f"{path}: invalid LoRA setting(s) in its metadata: "
+                                  f"{'; '.join(p.at() for p in problems)}")
+    rank, lora = config.get("rank", 16), [k for k in tensors if _is_lora_key(k)]  # 16: apply_lora's default
+    if not lora:
+        raise InvalidAdapterError(f"{path} holds no LoRA weights (no '.lora_A' / '.lora_B' tensor)")
+    for key in lora:
+        shape = tuple(tensors[key].shape)
+        side = 1 if ".lora_A" in key else 0  # A is (in, r), B is (r, out)
+        if len(shape) != 2 or shape[side] != rank:
+            raise InvalidAdapterError(f"{path}: tensor {key!r} has shape {list(shape)}, but the adapter's rank "
+                                      f"is {rank}")
 
 
 def adopt_adapter_head(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -398,6 +452,9 @@ def adopt_adapter_head(model: nn.Module, tensors: Mapping[str, torch.Tensor], pa
     another shape (a classifier adapter on a plain pretrained model); otherwise leave it."""
     head_w = tensors.get("out_head.weight")
     head = getattr(model, "out_head", None)
+    if head_w is not None and head is not None and (head_w.dim() != 2 or head_w.shape[1] != head.in_features):
+        raise InvalidAdapterError(f"{path}: tensor 'out_head.weight' has shape {list(head_w.shape)}; a head on "
+                                  f"this model is (classes, {head.in_features})")
     if head_w is not None and head is not None and tuple(head_w.shape) != tuple(head.weight.shape):
         log.info("adapter %s brings a %s head; replacing the model's %s head", path,
                  tuple(head_w.shape), tuple(head.weight.shape))
@@ -442,4 +499,5 @@ def _norm(value: Any) -> Any:
 
 __all__ = ["LoRALinear", "TARGETS", "SCALINGS", "LORA_RULES", "check_lora_config", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora",
            "disable_lora", "lora_state_dict", "save_safetensors", "save_adapter", "load_adapter", "read_adapter",
+           "check_adapter", "InvalidAdapterError",
            "adopt_adapter_head", "lora_layers", "has_lora", "trainable_parameters", "lora_scale"]

@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 
 from gptlab.checks import Predicate, Problem, check_node, choice, integer, is_int
-from gptlab.model.lora import (APPLY_KEYS, LORA_RULES, TARGETS, LoRALinear, adopt_adapter_head, apply_lora,
-                               load_adapter, lora_layers, read_adapter)
+from gptlab.model.lora import (APPLY_KEYS, LORA_RULES, TARGETS, InvalidAdapterError, LoRALinear, adopt_adapter_head,
+                               apply_lora, load_adapter, lora_layers, read_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def resolve_compute_dtype(compute_dtype: str | torch.dtype) -> torch.dtype:
     """``auto`` -> bfloat16 on a CUDA machine, else float32; a name from :data:`COMPUTE_DTYPES` -> its dtype."""
     if isinstance(compute_dtype, torch.dtype):
         return compute_dtype
-    if compute_dtype not in COMPUTE_DTYPES:
+    if not isinstance(compute_dtype, str) or compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"unknown QLoRA compute_dtype {compute_dtype!r}; valid choices: {list(COMPUTE_DTYPES)}")
     if compute_dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -350,6 +350,8 @@ def qlora_settings(config: Mapping[str, Any]) -> dict[str, Any] | None:
     quant = config.get("quantization")
     if quant is None:
         return None
+    if not isinstance(quant, Mapping):
+        raise ValueError(f"QLoRA quantization settings must be an object of {list(QUANT_KEYS)}, got {quant!r}")
     unknown = sorted(set(quant) - set(QUANT_KEYS))
     if unknown:
         raise ValueError(f"unknown QLoRA quantization setting(s) {unknown}; valid: {list(QUANT_KEYS)}")
@@ -367,7 +369,14 @@ def load_qlora_adapter(model: nn.Module, path: str | Path, requantize: bool = Tr
     :func:`~gptlab.model.lora.load_adapter`.
     """
     tensors, config = read_adapter(path)
-    quant = qlora_settings(config)
+    try:
+        quant = qlora_settings(config)
+    except ValueError as e:
+        raise InvalidAdapterError(f"{path}: {e}") from None
+    problems = check_qlora_config({k: quant[k] for k in QUANT_KEYS if k in quant}) if quant is not None else []
+    if problems:  # settings read from a file: checked before anything is quantized with them
+        raise InvalidAdapterError(f"{path}: invalid QLoRA setting(s) in its metadata: "
+                                  f"{'; '.join(p.at('quantization.') for p in problems)}")
     if quant is not None and requantize and getattr(model, "lora_config", None) is None:
         adopt_adapter_head(model, tensors, path)
         apply_qlora(model, **{k: config[k] for k in APPLY_KEYS if k in config}, **quant)

@@ -32,6 +32,7 @@ from gptlab.model.adapters import apply_adapter, unquantized
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.tokenizer import check_same_tokenizer, get_tokenizer, tokenizer_from_record
+from gptlab.weights.checks import refuse_non_finite
 from gptlab.weights.export import plain_state_dict
 from gptlab.weights.loading import (TORCH_SUFFIXES, is_training_checkpoint, load_from_reader, load_pretrained,
                                     load_state_dict_object)
@@ -76,13 +77,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_gptlab_checkpoint(ckpt: Any, path: str | Path) -> None:
-    """Raise :class:`CheckpointError` unless ``ckpt`` is a training checkpoint written by gptlab."""
+    """Raise :class:`CheckpointError` unless ``ckpt`` is a training checkpoint written by gptlab, and
+    :class:`~gptlab.weights.checks.NonFiniteWeightsError` (naming the tensor) when its weights hold NaN
+    or infinities: every reader of a checkpoint (inference, ``init_from=``, ``load_task``) passes here."""
     if not is_training_checkpoint(ckpt):
         raise CheckpointError(f"{path} is not a gptlab checkpoint (no Lightning 'state_dict'); gptlab-train "
                               "writes them to outputs/<task>/runs/<time>/checkpoints/")
     if not isinstance(ckpt.get("gptlab_task"), str):
         raise CheckpointError(f"{path} is not a gptlab checkpoint (no 'gptlab_task' entry naming the task "
                               "that wrote it)")
+    refuse_non_finite(ckpt["state_dict"], path)
 
 
 def task_name(recorded: str, source: str | Path = "checkpoint", known: Mapping[str, Any] = LEGACY_TASK_KINDS) -> str:
@@ -238,6 +242,7 @@ def checkpoint_file_problems(key: str, path: Any, resumable: bool = False) -> li
                 return [Problem(f"{{node}}{key}={str(path)!r}: holds weights only (a best-* checkpoint), not the "
                                 "training state a resume needs; resume from last.ckpt, or start from these weights "
                                 "with init_from=", f"{path} holds weights only, not the training state a resume needs")]
+            refuse_non_finite(ckpt.get("state_dict") or {}, p)
         elif p.suffix == ".ckpt" or _starts_like_zip(p):
             verify_checkpoint(p)
     except InvalidInput as e:

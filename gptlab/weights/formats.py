@@ -12,6 +12,7 @@ import re
 from typing import Any, Mapping
 
 from gptlab.model.config import _ALIASES, PRESETS, GPTConfig
+from gptlab.weights.checks import InvalidWeightsError
 
 HF_REPOS: dict[str, str] = {
     "gpt2-small": "openai-community/gpt2",
@@ -92,36 +93,39 @@ def resolve_pretrained_name(name: str) -> str | None:
     return next((k for k, repo in HF_REPOS.items() if repo == name), None)
 
 
-def detect_format(keys: list[str]) -> str:
-    """``hf``, ``book`` or ``native`` (gptlab's own names) from a state dict's keys; ValueError otherwise."""
+def detect_format(keys: list[str], source: str = "the weights") -> str:
+    """``hf``, ``book`` or ``native`` (gptlab's own names) from a state dict's keys;
+    :class:`~gptlab.weights.checks.InvalidWeightsError` (a ValueError) naming ``source`` otherwise."""
     if any(HF_KEY.match(k) for k in keys) or any(k.removeprefix("transformer.") == "wte.weight" for k in keys):
         return "hf"
     if any(k.startswith("trf_blocks.") for k in keys):
         return "book"
     if "tok_emb.weight" in keys or any(k.replace("_orig_mod.", "").startswith("blocks.") for k in keys):
         return "native"
-    raise ValueError(f"unrecognised weights (first keys: {keys[:4]}); expected Hugging Face GPT-2 "
-                     "(h.N.attn.c_attn...), the book's GPTModel (trf_blocks.N...) or gptlab (blocks.N...)")
+    raise InvalidWeightsError(f"{source}: unrecognised weights (first keys: {keys[:4]}); expected Hugging Face GPT-2 "
+                              "(h.N.attn.c_attn...), the book's GPTModel (trf_blocks.N...) or gptlab (blocks.N...)")
 
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
     """GPTConfig fields of a Hugging Face GPT-2 ``config.json``; raises on features gptlab lacks."""
+    if not isinstance(hf, Mapping):
+        raise InvalidWeightsError(f"{source}: expected a JSON object of GPT-2 settings, got a {type(hf).__name__}")
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not 'gpt2'")
+        raise InvalidWeightsError(f"{source}: model_type {hf.get('model_type')!r} is not 'gpt2'")
     act = hf.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
-        raise ValueError(f"{source}: activation_function {act!r} is not supported; gptlab uses the tanh "
-                         f"GELU ({' / '.join(_HF_ACTIVATIONS)})")
+        raise InvalidWeightsError(f"{source}: activation_function {act!r} is not supported; gptlab uses the tanh "
+                                  f"GELU ({' / '.join(_HF_ACTIVATIONS)})")
     for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
                     ("add_cross_attention", False)):
         if bool(hf.get(key, ok)) != ok:
-            raise ValueError(f"{source}: {key}={hf[key]} is not supported by gptlab's GPT")
+            raise InvalidWeightsError(f"{source}: {key}={hf[key]} is not supported by gptlab's GPT")
     missing = [k for k in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size") if k not in hf]
     if missing:
-        raise ValueError(f"{source}: GPT-2 config lacks {missing}")
+        raise InvalidWeightsError(f"{source}: GPT-2 config lacks {missing}")
     d, inner = hf["n_embd"], hf.get("n_inner")
     if inner and inner % d:
-        raise ValueError(f"{source}: n_inner={inner} is not a multiple of n_embd={d}")
+        raise InvalidWeightsError(f"{source}: n_inner={inner} is not a multiple of n_embd={d}")
     return dict(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=d,
                 n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=hf.get("resid_pdrop", 0.1),
                 mlp_ratio=inner // d if inner else 4, ln_eps=hf.get("layer_norm_epsilon", 1e-5),

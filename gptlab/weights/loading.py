@@ -29,6 +29,7 @@ from gptlab.weights.download import fetch_hf_model
 from gptlab.weights.formats import (BOOK_BLOCK, BOOK_BUFFERS, BOOK_KEY, BOOK_QKV, BOOK_TOP, HF_BLOCK, HF_BUFFERS,
                                     HF_CONV1D, HF_HEAD, HF_KEY, HF_REPOS, HF_TOP, config_from_hf, detect_format,
                                     pretrained_names, preset_for, resolve_pretrained_name)
+from gptlab.weights.checks import InvalidWeightsError, refuse_non_finite
 from gptlab.weights.readers import MappingReader, Reader, SafetensorsReader, safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _CONFIG_FIELDS = {f.name for f in fields(GPTConfig)}
 
 
-class TrainingCheckpointError(ValueError):
+class TrainingCheckpointError(InvalidWeightsError):
     """``load_pretrained`` was given a gptlab training checkpoint (read it with ``load_backbone``)."""
 
 
@@ -47,6 +48,8 @@ class _Entry:
 
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
+    key: str = ""
+    """The tensor's name in the source (for messages); empty: the gptlab name."""
 
 
 # --------------------------------------------------------------------------- mapping to gptlab names
@@ -69,19 +72,19 @@ def _hf_entries(r: Reader, source: str) -> tuple[dict[str, _Entry], bool]:
                 continue
             name, shape = f"blocks.{i}.{HF_BLOCK[rest]}", r.shape(key)
             if rest in HF_CONV1D:
-                out[name] = _Entry(shape[::-1], lambda k=key: r.get(k, transpose=True))
+                out[name] = _Entry(shape[::-1], lambda k=key: r.get(k, transpose=True), key)
             else:
-                out[name] = _Entry(shape, lambda k=key: r.get(k))
+                out[name] = _Entry(shape, lambda k=key: r.get(k), key)
             continue
         top = key.removeprefix("transformer.")
         if top in HF_TOP:
-            out[HF_TOP[top]] = _Entry(r.shape(key), lambda k=key: r.get(k))
+            out[HF_TOP[top]] = _Entry(r.shape(key), lambda k=key: r.get(k), key)
         elif key == HF_HEAD:
-            out["out_head.weight"] = _Entry(r.shape(key), lambda k=key: r.get(k))
+            out["out_head.weight"] = _Entry(r.shape(key), lambda k=key: r.get(k), key)
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{source}: unexpected GPT-2 tensor(s) {unknown[:5]} (is this a GPT2LMHeadModel?)")
+        raise InvalidWeightsError(f"{source}: unexpected GPT-2 tensor(s) {unknown[:5]} (is this a GPT2LMHeadModel?)")
     return out, HF_HEAD in r.keys()
 
 
@@ -92,35 +95,40 @@ def _book_entries(r: Reader, source: str) -> dict[str, _Entry]:
     unknown = [k for k in r.keys() if not BOOK_KEY.match(k) and k not in BOOK_TOP]
     for key in r.keys():
         if key in BOOK_TOP:
-            out[BOOK_TOP[key]] = _Entry(r.shape(key), lambda k=key: r.get(k))
+            out[BOOK_TOP[key]] = _Entry(r.shape(key), lambda k=key: r.get(k), key)
     for (i, rest), key in blocks.items():
         if rest in BOOK_BLOCK:
-            out[f"blocks.{i}.{BOOK_BLOCK[rest]}"] = _Entry(r.shape(key), lambda k=key: r.get(k))
+            out[f"blocks.{i}.{BOOK_BLOCK[rest]}"] = _Entry(r.shape(key), lambda k=key: r.get(k), key)
         elif rest.rsplit(".", 1)[0] not in BOOK_QKV and rest not in BOOK_BUFFERS:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{source}: unexpected tensor(s) for the book's GPTModel: {unknown[:5]}")
+        raise InvalidWeightsError(f"{source}: unexpected tensor(s) for the book's GPTModel: {unknown[:5]}")
     for i in sorted({i for i, _ in blocks}):
         for suffix in ("weight", "bias"):
             parts = [blocks.get((i, f"{p}.{suffix}")) for p in BOOK_QKV]
             if not any(parts):
                 continue
             if not all(parts):
-                raise ValueError(f"{source}: block {i} has only some of W_query/W_key/W_value .{suffix}")
-            rows = sum(r.shape(k)[0] for k in parts)
-            shape = (rows, *r.shape(parts[0])[1:])
+                raise InvalidWeightsError(f"{source}: block {i} has only some of W_query/W_key/W_value .{suffix}")
+            shapes = [r.shape(k) for k in parts]
+            if any(len(sh) != len(shapes[0]) or not sh or sh[1:] != shapes[0][1:] for sh in shapes):
+                raise InvalidWeightsError(f"{source}: block {i} W_query/W_key/W_value .{suffix} have shapes "
+                                          f"{[list(sh) for sh in shapes]}, which do not stack")
+            shape = (sum(sh[0] for sh in shapes), *shapes[0][1:])
             out[f"blocks.{i}.attn.qkv.{suffix}"] = _Entry(
-                shape, lambda ks=tuple(parts): torch.cat([r.get(k) for k in ks], dim=0))
+                shape, lambda ks=tuple(parts): torch.cat([r.get(k) for k in ks], dim=0),
+                f"trf_blocks.{i}.att.W_query/W_key/W_value.{suffix}")
     return out
 
 
 def _native_entries(r: Reader, source: str) -> dict[str, _Entry]:
     """gptlab entries of a gptlab state dict (``torch.compile``'s ``_orig_mod.`` prefix dropped)."""
-    out = {k.replace("_orig_mod.", ""): _Entry(r.shape(k), lambda k=k: r.get(k)) for k in r.keys()}
+    out = {k.replace("_orig_mod.", ""): _Entry(r.shape(k), lambda k=k: r.get(k), k) for k in r.keys()}
     lora = [k for k in out if ".lora_A" in k or ".lora_B" in k]
     if lora:
-        raise ValueError(f"{source} holds LoRA weights ({lora[0]}, ...); load it with "
-                         "gptlab.weights.checkpoint.load_backbone (it merges LoRA), or export the merged model first")
+        raise InvalidWeightsError(f"{source} holds LoRA weights ({lora[0]}, ...); load it with "
+                                  "gptlab.weights.checkpoint.load_backbone (it merges LoRA), or export the merged "
+                                  "model first")
     return out
 
 
@@ -131,11 +139,14 @@ def _infer_config(entries: Mapping[str, _Entry], hints: Mapping[str, Any], overr
     ``overrides`` win where they may. Raises a clear error for an override the weights contradict."""
     for key in ("tok_emb.weight", "pos_emb.weight", "blocks.0.mlp.fc.weight"):
         if key not in entries:
-            raise ValueError(f"{source}: no tensor for {key!r}; found {sorted(entries)[:6]} ...")
+            raise InvalidWeightsError(f"{source}: no tensor for {key!r}; found {sorted(entries)[:6]} ...")
+        if len(entries[key].shape) != 2 or 0 in entries[key].shape:
+            raise InvalidWeightsError(f"{source}: tensor {entries[key].key or key!r} has shape "
+                                      f"{list(entries[key].shape)}; expected a non-empty 2-D matrix")
     rows, d = entries["tok_emb.weight"].shape
     layers = sorted({int(k.split(".")[1]) for k in entries if k.startswith("blocks.")})
     if layers != list(range(len(layers))):
-        raise ValueError(f"{source}: transformer blocks {layers} are not numbered 0..{len(layers) - 1}")
+        raise InvalidWeightsError(f"{source}: transformer blocks {layers} are not numbered 0..{len(layers) - 1}")
     shape = dict(emb_dim=d, n_layers=len(layers), context_length=entries["pos_emb.weight"].shape[0],
                  mlp_ratio=entries["blocks.0.mlp.fc.weight"].shape[0] // d,
                  qkv_bias="blocks.0.attn.qkv.bias" in entries)
@@ -150,25 +161,25 @@ def _infer_config(entries: Mapping[str, _Entry], hints: Mapping[str, Any], overr
             cfg["n_heads"] = PRESETS[preset]["n_heads"]
             log.info("%s: n_heads=%d taken from preset %s (emb_dim=%d)", source, cfg["n_heads"], preset, d)
         else:
-            raise ValueError(f"{source}: the number of attention heads cannot be read from the weights "
-                             f"(emb_dim={d} matches no preset); pass n_heads=... (load_pretrained(path, n_heads=...), "
-                             f"or n_heads=... on the gptlab-export / gptlab-eval command line)")
+            raise InvalidWeightsError(f"{source}: the number of attention heads cannot be read from the weights "
+                                      f"(emb_dim={d} matches no preset); pass n_heads=... (load_pretrained(path, "
+                                      f"n_heads=...), or n_heads=... on the gptlab-export / gptlab-eval command line)")
     unknown = sorted(set(overrides) - _CONFIG_FIELDS)
     if unknown:
-        raise ValueError(f"unknown GPTConfig field(s) {unknown}; valid fields: {sorted(_CONFIG_FIELDS)}")
+        raise InvalidWeightsError(f"unknown GPTConfig field(s) {unknown}; valid fields: {sorted(_CONFIG_FIELDS)}")
     fixed = ("vocab_size", "emb_dim", "n_layers", "mlp_ratio", "n_heads")
     for key, value in overrides.items():
         have = cfg.get(key)
         if key in fixed and value != have:
-            raise ValueError(f"{source} has {key}={have}; it cannot be overridden to {value} (shapes are "
-                             f"fixed by the weights)")
+            raise InvalidWeightsError(f"{source} has {key}={have}; it cannot be overridden to {value} (shapes are "
+                                      f"fixed by the weights)")
         if key == "context_length" and value > have:
-            raise ValueError(f"{source} has {have} learned positions; context_length={value} is longer")
+            raise InvalidWeightsError(f"{source} has {have} learned positions; context_length={value} is longer")
         if key == "qkv_bias" and have and not value:
-            raise ValueError(f"{source} has q/k/v biases; qkv_bias=False would drop them")
+            raise InvalidWeightsError(f"{source} has q/k/v biases; qkv_bias=False would drop them")
         if key == "tie_weights" and value and not cfg.get("tie_weights"):
-            raise ValueError(f"{source} has an output head separate from the token embedding; "
-                             "tie_weights=True would drop it")
+            raise InvalidWeightsError(f"{source} has an output head separate from the token embedding; "
+                                      "tie_weights=True would drop it")
     cfg.update(overrides)
     if "name" not in overrides and cfg.get("name", "custom") == "custom":
         cfg["name"] = preset_for(d, len(layers)) or "custom"
@@ -176,6 +187,33 @@ def _infer_config(entries: Mapping[str, _Entry], hints: Mapping[str, Any], overr
 
 
 # --------------------------------------------------------------------------- building the model
+def _check_shapes(entries: Mapping[str, _Entry], want: Mapping[str, torch.Tensor], config: GPTConfig,
+                  source: str) -> None:
+    """Every tensor the source declares has its place and shape in ``config``'s model: checked on
+    the declared shapes, so a file that lies about them allocates nothing. The embedding, the head
+    and the position table may have more rows (cut) or, for the vocabulary, fewer (padded)."""
+    D = config.emb_dim
+    head, tok = entries.get("out_head.weight"), entries["tok_emb.weight"]
+    if head is not None and head.shape[0] not in (tok.shape[0], config.vocab_size, config.padded_vocab_size):
+        raise InvalidWeightsError(f"{source}: out_head has {head.shape[0]} rows, not a language-model head over "
+                                  f"{tok.shape[0]} tokens (a classifier checkpoint?)")
+    wrong = []
+    for name, entry in entries.items():
+        if name not in want:
+            raise InvalidWeightsError(f"{source}: tensor {entry.key or name!r} has no place in a GPT with {config}")
+        expected = tuple(want[name].shape)
+        if name in ("tok_emb.weight", "out_head.weight", "pos_emb.weight"):
+            ok = len(entry.shape) == 2 and entry.shape[1] == D and \
+                (entry.shape[0] >= config.context_length if name == "pos_emb.weight" else entry.shape[0] > 0)
+            expected = ("rows", D)
+        else:
+            ok = tuple(entry.shape) == expected
+        if not ok:
+            wrong.append(f"{entry.key or name}: file {list(entry.shape)} vs model {list(expected)}")
+    if wrong:
+        raise InvalidWeightsError(f"{source}: shape mismatch: {wrong[:5]}")
+
+
 def _build(entries: dict[str, _Entry], config: GPTConfig, source: str, dtype: torch.dtype | None,
            head_tied_in_file: bool) -> GPT:
     """Instantiate ``config`` on the meta device and assign the tensors of ``entries`` (consumed).
@@ -186,10 +224,14 @@ def _build(entries: dict[str, _Entry], config: GPTConfig, source: str, dtype: to
         model = GPT(config)
     want = model.state_dict()  # meta tensors: names and shapes only
     V, D, ctx = config.padded_vocab_size, config.emb_dim, config.context_length
+    _check_shapes(entries, want, config, source)  # before any tensor is read or allocated
 
     def fetch(name: str) -> torch.Tensor:
-        t = entries.pop(name).load()
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        entry = entries.pop(name)
+        t = entry.load()
+        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        refuse_non_finite({entry.key or name: t}, source)  # after the cast: float64 1e300 is inf in float32
+        return t
 
     def pad_rows(t: torch.Tensor) -> torch.Tensor:  # vocab rows -> padded_vocab_size (zeros; sliced off)
         return t if t.size(0) == V else torch.cat([t, t.new_zeros(V - t.size(0), *t.shape[1:])])
@@ -197,9 +239,6 @@ def _build(entries: dict[str, _Entry], config: GPTConfig, source: str, dtype: to
     sd: dict[str, torch.Tensor] = {}
     tok = fetch("tok_emb.weight")
     head = entries.get("out_head.weight")
-    if head is not None and head.shape[0] not in (tok.size(0), config.vocab_size, V):
-        raise ValueError(f"{source}: out_head has {head.shape[0]} rows, not a language-model head over "
-                         f"{tok.size(0)} tokens (a classifier checkpoint?)")
     if head is not None:
         head_t = fetch("out_head.weight")
         tied = head_tied_in_file
@@ -207,7 +246,7 @@ def _build(entries: dict[str, _Entry], config: GPTConfig, source: str, dtype: to
     else:
         tied = True
     if config.tie_weights and not tied:
-        raise ValueError(f"{source}: out_head differs from tok_emb, so tie_weights=True cannot hold")
+        raise InvalidWeightsError(f"{source}: out_head differs from tok_emb, so tie_weights=True cannot hold")
     sd["tok_emb.weight"] = pad_rows(tok[: config.vocab_size] if tok.size(0) > V else tok)
     if sd.get("out_head.weight") is None:  # tied in the file; untie by copying if the config says so
         sd["out_head.weight"] = sd["tok_emb.weight"] if config.tie_weights else sd["tok_emb.weight"].clone()
@@ -215,18 +254,18 @@ def _build(entries: dict[str, _Entry], config: GPTConfig, source: str, dtype: to
     sd["pos_emb.weight"] = pos[:ctx].clone() if pos.size(0) > ctx else pos
     for name in list(entries):
         if name not in want:
-            raise ValueError(f"{source}: tensor {name!r} has no place in a GPT with {config}")
+            raise InvalidWeightsError(f"{source}: tensor {name!r} has no place in a GPT with {config}")
         sd[name] = fetch(name)
     if config.qkv_bias:  # a checkpoint without q/k/v biases loaded with qkv_bias=True: zero biases
         for i in range(config.n_layers):
             sd.setdefault(f"blocks.{i}.attn.qkv.bias", torch.zeros(3 * D, dtype=sd["tok_emb.weight"].dtype))
     missing = [k for k in want if k not in sd]
     if missing:
-        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}")
+        raise InvalidWeightsError(f"{source}: missing tensor(s) {missing[:5]}")
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(want[k].shape)}"
              for k in want if tuple(sd[k].shape) != tuple(want[k].shape)]
     if wrong:
-        raise ValueError(f"{source}: shape mismatch: {wrong[:5]}")
+        raise InvalidWeightsError(f"{source}: shape mismatch: {wrong[:5]}")
     model.load_state_dict(sd, strict=True, assign=True)
     if config.tie_weights:  # assign=True replaced both parameters: share them again
         model.out_head.weight = model.tok_emb.weight
@@ -234,6 +273,15 @@ def _build(entries: dict[str, _Entry], config: GPTConfig, source: str, dtype: to
     if left:
         raise RuntimeError(f"{source}: tensors left on the meta device after loading: {left[:5]}")
     return model
+
+
+def _same_tensors(entries: dict[str, _Entry], a: str, b: str) -> bool:
+    """Whether entries ``a`` and ``b`` hold equal tensors. Both are read once here and kept in
+    ``entries`` as loaded, so nothing is read twice."""
+    ta, tb = entries[a].load(), entries[b].load()
+    entries[a] = _Entry(tuple(ta.shape), lambda t=ta: t, entries[a].key)
+    entries[b] = _Entry(tuple(tb.shape), lambda t=tb: t, entries[b].key)
+    return ta.shape == tb.shape and bool(torch.equal(ta, tb))
 
 
 def load_from_reader(reader: Reader, source: str, hints: Mapping[str, Any] | None = None,
@@ -245,13 +293,17 @@ def load_from_reader(reader: Reader, source: str, hints: Mapping[str, Any] | Non
     (e.g. from a ``config.json``); ``overrides``: fields the caller sets (checked against the
     weights); ``kind``: ``hf``, ``book`` or ``native``, detected from the names when None."""
     hints, overrides = dict(hints or {}), dict(overrides or {})
-    kind = kind or detect_format(reader.keys())
+    kind = kind or detect_format(reader.keys(), source)
     if kind == "hf":
         entries, has_head = _hf_entries(reader, source)
-        tied = bool(hints.get("tie_weights", True)) or not has_head
-        if tied:  # HF ties lm_head to wte: a stored lm_head is ignored
+        if not has_head:
+            hints = {**hints, "tie_weights": True}
+        elif "tie_weights" not in hints and "tok_emb.weight" in entries:
+            # no config.json says whether lm_head is tied: the tensors do (an untied head is kept)
+            hints = {**hints, "tie_weights": _same_tensors(entries, "tok_emb.weight", "out_head.weight")}
+        if hints.get("tie_weights", True):  # HF ties lm_head to wte: a stored lm_head is ignored
             entries.pop("out_head.weight", None)
-        hints = {**hints, "tie_weights": tied}
+        hints = {**hints, "tie_weights": bool(hints.get("tie_weights", True))}
     else:
         entries = _book_entries(reader, source) if kind == "book" else _native_entries(reader, source)
         head = entries.get("out_head.weight")
@@ -261,18 +313,23 @@ def load_from_reader(reader: Reader, source: str, hints: Mapping[str, Any] | Non
         if head is None:
             hints = {**hints, "tie_weights": True}
         elif "tie_weights" not in hints:
-            # the book (and a plain state dict) stores the head even when it equals the embedding:
-            # compare once, and keep the loaded tensors so nothing is read twice
-            tok_t, head_t = entries["tok_emb.weight"].load(), head.load()
-            entries["tok_emb.weight"] = _Entry(tuple(tok_t.shape), lambda t=tok_t: t)
-            entries["out_head.weight"] = _Entry(tuple(head_t.shape), lambda t=head_t: t)
-            hints = {**hints, "tie_weights": tok_t.shape == head_t.shape and torch.equal(tok_t, head_t)}
+            # the book (and a plain state dict) stores the head even when it equals the embedding
+            hints = {**hints, "tie_weights": _same_tensors(entries, "tok_emb.weight", "out_head.weight")}
     head_tied = bool(hints["tie_weights"])
     cfg = GPTConfig(**_infer_config(entries, hints, overrides, source))
     model = _build(entries, cfg, source, dtype, head_tied)
     log.info("loaded %s (%s format): %s", source, kind, cfg)
     return model
 
+
+
+def _read_hf_config(path: Path) -> dict[str, Any]:
+    """GPTConfig fields of a Hugging Face ``config.json`` (refused, naming it, when it is not JSON)."""
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidWeightsError(f"{path} is not valid JSON ({type(e).__name__}: {e})") from None
+    return config_from_hf(hf, str(path))
 
 
 def _hf_folder(folder: Path, overrides: Mapping[str, Any], dtype: torch.dtype | None, source: str) -> GPT:
@@ -285,8 +342,8 @@ def _hf_folder(folder: Path, overrides: Mapping[str, Any], dtype: torch.dtype | 
     reader = SafetensorsReader([weights])
     hints: dict[str, Any] = {}
     if config_path.is_file():
-        hints = config_from_hf(json.loads(config_path.read_text()), str(config_path))
-    kind = detect_format(reader.keys())
+        hints = _read_hf_config(config_path)
+    kind = detect_format(reader.keys(), source)
     if kind == "hf" and not hints:
         raise FileNotFoundError(f"{config_path} not found: a Hugging Face GPT-2 folder needs its config.json")
     return load_from_reader(reader, source, hints, overrides, dtype, kind)
@@ -304,7 +361,7 @@ def load_state_dict_object(obj: Any, source: str, overrides: Mapping[str, Any] |
     if isinstance(obj, Mapping) and isinstance(obj.get("model_state_dict"), Mapping):
         obj = obj["model_state_dict"]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source} holds a {type(obj).__name__}, not a state dict")
+        raise InvalidWeightsError(f"{source} holds a {type(obj).__name__}, not a state dict")
     return load_from_reader(MappingReader(obj), source, {}, overrides, dtype)
 
 
@@ -333,7 +390,9 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = torch.
     ``overrides``: GPTConfig fields applied on top of what the weights say, e.g. ``drop_rate=0.0``,
     ``context_length=256`` (the position table is cut), ``tie_weights=False`` (the head becomes a
     copy), ``pad_vocab_multiple=64``, ``n_heads=...`` (required for book/gptlab state dicts whose
-    width matches no preset). Shape fields that contradict the weights raise ValueError.
+    width matches no preset). Shape fields that contradict the weights raise
+    :class:`~gptlab.weights.checks.InvalidWeightsError` (a ValueError), as does a file that lies
+    (a malformed header, NaN or infinite weights).
     ``dtype``: cast floating tensors to it (default float32; None keeps the file's dtype).
     """
     path = Path(name_or_path).expanduser()
@@ -343,12 +402,12 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = torch.
             return _hf_folder(path, overrides, dtype, source)
         if path.suffix == ".safetensors":
             cfg_file = path.with_name("config.json")
-            hints = config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file)) if cfg_file.is_file() else {}
+            hints = _read_hf_config(cfg_file) if cfg_file.is_file() else {}
             return load_from_reader(SafetensorsReader([path]), source, hints, overrides, dtype)
         if path.suffix in TORCH_SUFFIXES:
             return load_state_dict_object(safe_torch_load(path), source, overrides, dtype)
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected a folder, .safetensors "
-                         f"or one of {list(TORCH_SUFFIXES)}")
+        raise InvalidWeightsError(f"{path}: unsupported file type {path.suffix!r}; expected a folder, .safetensors "
+                                  f"or one of {list(TORCH_SUFFIXES)}")
     preset = resolve_pretrained_name(str(name_or_path))
     if preset is None:
         raise FileNotFoundError(f"{name_or_path!r} is neither an existing file or folder ({path.resolve()} "

@@ -5,12 +5,15 @@ checksums were verified (:func:`verify_checkpoint`).
 Memory: a :class:`SafetensorsReader` reads each tensor straight into its final memory (a
 transposed one through a 16 MiB buffer), so loading a model needs about its own size in RAM;
 ``safetensors.safe_open`` keeps every mapped page resident until the file closes, which with the
-transposed Conv1D copies costs ~2x (measured: ``experiments/pretrained_memory``).
+transposed Conv1D copies costs ~2x (measured: ``experiments/pretrained_memory``). Every header
+is checked as the ``safetensors`` library checks it before anything is allocated from it
+(:func:`read_safetensors_header`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -21,6 +24,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from gptlab.errors import InvalidInput
+from gptlab.weights.checks import InvalidWeightsError
 
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _CHUNK_BYTES = 16 << 20  # buffer for transposing while reading: big enough for few syscalls, small enough not to matter
@@ -35,12 +39,104 @@ _VERIFIED: set[tuple[str, int, int]] = set()
 """(path, size, mtime) of the files :func:`verify_checkpoint` passed in this process."""
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(InvalidWeightsError):
     """A file that ``torch.load(weights_only=True)`` refuses: it would run code to be read."""
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(InvalidWeightsError):
     """A ``.pt``/``.ckpt`` file that is not a torch file at all, or is damaged."""
+
+
+class InvalidSafetensorsError(InvalidWeightsError):
+    """A ``.safetensors`` file whose header is malformed or lies about its tensors (offsets outside
+    the file, overlapping, or not ``numel x itemsize`` bytes); the message names the file and field."""
+
+
+MAX_HEADER_BYTES = 100_000_000
+"""The longest JSON header read (the ``safetensors`` library's own limit): a length field of 10^12
+is refused before anything is allocated."""
+
+
+def _tensor_entry(path: Path, key: str, info: Any, dtypes: Mapping[str, torch.dtype]
+                  ) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """``(dtype, shape, start, end)`` of one header entry, every field checked (offsets relative to
+    the data that follows the header)."""
+    def bad(why: str) -> InvalidSafetensorsError:
+        return InvalidSafetensorsError(f"{path} is not a valid safetensors file: tensor {key!r} {why}")
+
+    if not isinstance(info, dict):
+        raise bad(f"is described by a {type(info).__name__}, not an object with dtype, shape and data_offsets")
+    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+    if missing:
+        raise bad(f"has no {' / '.join(missing)} field")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in dtypes:
+        raise bad(f"has dtype {dtype!r}; gptlab reads {sorted(dtypes)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}; expected a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise bad(f"has data_offsets {offsets!r}; expected [start, end], integers >= 0")
+    start, end = offsets
+    if end < start:
+        raise bad(f"has data_offsets [{start}, {end}]: the end lies before the start")
+    size = math.prod(shape) * dtypes[dtype].itemsize
+    if end - start != size:
+        raise bad(f"spans {end - start:,} bytes (data_offsets [{start}, {end}]), but shape {shape} of {dtype} "
+                  f"needs {size:,}")
+    return dtypes[dtype], tuple(shape), start, end
+
+
+def read_safetensors_header(path: str | Path, dtypes: Mapping[str, torch.dtype] | None = None
+                            ) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """Every tensor of a ``.safetensors`` file: ``name -> (dtype, shape, start, end)``, ``start``/
+    ``end`` absolute byte positions in the file. The header is checked as the ``safetensors``
+    library checks it, before anything is allocated from it: a bounded length, a JSON object of
+    string metadata and tensor entries with a known dtype, a shape of integers, and data offsets that
+    span exactly ``numel x itemsize`` bytes, lie inside the file, and tile its data without overlap or
+    gap. Raises :class:`InvalidSafetensorsError` naming the file (and the tensor and field)."""
+    path, dtypes = Path(path), dtypes or SafetensorsReader.DTYPES
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InvalidSafetensorsError(f"{path} is not a valid safetensors file: {file_size} bytes, shorter "
+                                          "than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if not 2 <= n <= min(MAX_HEADER_BYTES, file_size - 8):
+            raise InvalidSafetensorsError(
+                f"{path} is not a valid safetensors file: its header length field says {n:,} bytes, the file "
+                f"has {file_size - 8:,} after it (limit {MAX_HEADER_BYTES:,}); truncated, or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise InvalidSafetensorsError(f"{path} is not a valid safetensors file: its header is not JSON "
+                                          f"({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise InvalidSafetensorsError(f"{path} is not a valid safetensors file: its header is a JSON "
+                                      f"{type(header).__name__}, not an object of tensors")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InvalidSafetensorsError(f"{path} is not a valid safetensors file: __metadata__ must map names "
+                                      f"to strings, got {str(meta)[:100]}")
+    entries = {key: _tensor_entry(path, key, info, dtypes) for key, info in header.items()}
+    data_start, data_size = 8 + n, file_size - 8 - n
+    expected, previous = 0, None
+    for key, (_, _, start, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if start < expected:
+            raise InvalidSafetensorsError(f"{path} is not a valid safetensors file: tensor {key!r} (bytes {start}"
+                                          f"..{end}) overlaps tensor {previous!r} (ends at byte {expected})")
+        if start > expected:
+            raise InvalidSafetensorsError(f"{path} is not a valid safetensors file: bytes {expected}..{start} of "
+                                          f"its data belong to no tensor (before {key!r})")
+        if end > data_size:
+            raise InvalidSafetensorsError(f"{path} is not a valid safetensors file: tensor {key!r} ends at byte "
+                                          f"{end:,} of the data, which has {data_size:,}: truncated, or its "
+                                          "data_offsets lie")
+        expected, previous = end, key
+    if expected != data_size:
+        raise InvalidSafetensorsError(f"{path} is not a valid safetensors file: {data_size - expected:,} bytes "
+                                      f"follow the last tensor's data")
+    return {k: (dtype, shape, data_start + s, data_start + e) for k, (dtype, shape, s, e) in entries.items()}
 
 
 class SafetensorsReader:
@@ -62,19 +158,8 @@ class SafetensorsReader:
         self._index: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
         self._buf: torch.Tensor | None = None
         for path in map(Path, files):
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                try:
-                    header = json.loads(f.read(n))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ValueError(f"{path} is not a valid safetensors file ({e})") from e
-            header.pop("__metadata__", None)
-            for key, info in header.items():
-                if info["dtype"] not in self.DTYPES:
-                    raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-                start, end = info["data_offsets"]
-                self._index[key] = (path, self.DTYPES[info["dtype"]], tuple(info["shape"]),
-                                    8 + n + start, 8 + n + end)
+            for key, (dtype, shape, start, end) in read_safetensors_header(path).items():
+                self._index[key] = (path, dtype, shape, start, end)
 
     def keys(self) -> list[str]:
         return list(self._index)
@@ -92,9 +177,14 @@ class SafetensorsReader:
                 buf = torch.empty(end - start, dtype=torch.uint8)
                 self._read(f, memoryview(buf.numpy()), path, key)
                 return buf.view(dtype).reshape(shape)
+            if len(shape) != 2:
+                raise InvalidSafetensorsError(f"{path}: tensor {key!r} has shape {list(shape)}; a 2-D matrix "
+                                              "was expected here")
             rows, cols = shape
             out = torch.empty(cols, rows, dtype=dtype)
             row_bytes = cols * dtype.itemsize
+            if not out.numel():
+                return out
             step = max(1, _CHUNK_BYTES // row_bytes)
             if self._buf is None or self._buf.numel() < min(step, rows) * row_bytes:
                 self._buf = torch.empty(max(_CHUNK_BYTES, row_bytes), dtype=torch.uint8)  # reused: no heap churn
@@ -111,7 +201,7 @@ class SafetensorsReader:
         while got < len(view):
             n = f.readinto(view[got:])
             if not n:
-                raise ValueError(f"{path} is truncated (tensor {key!r})")
+                raise InvalidSafetensorsError(f"{path} is truncated (tensor {key!r})")
             got += n
 
 
@@ -205,5 +295,6 @@ def safe_torch_load(path: str | Path) -> Any:
             f"that could run code when read") from None
 
 
-__all__ = ["SafetensorsReader", "MappingReader", "Reader", "safe_torch_load", "verify_checkpoint",
-           "CorruptCheckpointError", "UnsafeCheckpointError", "UnreadableCheckpointError"]
+__all__ = ["SafetensorsReader", "InvalidSafetensorsError", "read_safetensors_header", "MAX_HEADER_BYTES",
+           "MappingReader", "Reader", "safe_torch_load", "verify_checkpoint", "CorruptCheckpointError",
+           "UnsafeCheckpointError", "UnreadableCheckpointError"]
