@@ -48,9 +48,9 @@ class DevTools:
             assert time.monotonic() < deadline and self.proc.poll() is None, "Chromium did not start"
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
-        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=30).read())
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=1200).read())
         page = next(t for t in targets if t["type"] == "page")
-        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], suppress_origin=True, timeout=60)
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], suppress_origin=True, timeout=1200)
         self.ids = itertools.count(1)
 
     def call(self, method: str, **params: Any) -> dict:
@@ -79,7 +79,7 @@ class DevTools:
     def close(self) -> None:
         self.ws.close()
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=1200)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ openai = pytest.importorskip("openai", reason="the openai package is a test depe
 pytest.importorskip("fastapi", reason='the server needs the serve extra: pip install "gptlab[serve]"')
 
 TINY = {**GPTConfig.from_name("gpt2-tiny").to_dict(), "context_length": 256}
-READY_WITHIN_S = 120  # generous upper bound for a readiness poll (never a timing assertion)
+READY_WITHIN_S = 1200  # a hang guard only (never a timing assertion): far beyond any loaded machine
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -99,7 +99,7 @@ def server(lm) -> Iterator[Server]:
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=1200)
 
 
 def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None
@@ -109,7 +109,7 @@ def http(method: str, url: str, body: bytes | dict | None = None, headers: dict 
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with urllib.request.urlopen(req, timeout=1200) as r:
             return r.status, r.headers, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, e.headers, json.loads(e.read())
@@ -267,7 +267,7 @@ def test_an_oversized_body_and_an_unknown_route_are_refused_in_openai_shape(serv
 def test_the_health_endpoint_and_the_chat_page(server):
     status, _, health = http("GET", server.url + "/health")
     assert status == 200 and health["status"] == "ok" and health["model"] == "tiny" and health["max_batch_size"] == 4
-    with urllib.request.urlopen(server.url + "/", timeout=60) as r:
+    with urllib.request.urlopen(server.url + "/", timeout=1200) as r:
         page = r.read().decode()
     assert r.headers["content-type"].startswith("text/html") and "/v1/chat/completions" in page
 
@@ -282,7 +282,7 @@ def test_concurrent_requests_share_one_batch_and_a_short_one_does_not_wait(lm):
     results: dict[int, Any] = {}
     steps_when_done: dict[int, int] = {}
     with running(srv):
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=1200)
         steps0 = srv.engine.steps
 
         def ask(i: int) -> None:
@@ -330,7 +330,7 @@ def test_a_streaming_client_that_disconnects_frees_its_row(lm):
                                      data=json.dumps({"prompt": "Hello", "max_tokens": 250, "stream": True,
                                                       "temperature": 0}).encode(),
                                      headers={"Content-Type": "application/json"})
-        resp = urllib.request.urlopen(req, timeout=120)
+        resp = urllib.request.urlopen(req, timeout=1200)
         assert resp.readline().startswith(b"data: ")
         resp.close()  # gone after the first token
         poll_health(srv.url, lambda h: h["running"] == 0)
@@ -354,7 +354,7 @@ def poll_health(url: str, ok) -> dict:
 def test_the_api_key_is_required_when_set(lm):
     with running(build_server(lm, "tiny", port=0, api_key="s3cret")) as srv:
         def client(key: str):
-            return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
+            return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=1200)
         with pytest.raises(openai.AuthenticationError) as e:
             client("wrong").models.list()
         assert error_of(e.value)["code"] == "invalid_api_key"
@@ -390,7 +390,7 @@ def test_gptlab_serve_drains_on_sigterm_and_stops(checkpoint, tmp_path):
                                      data=json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 200,
                                                       "stream": True, "temperature": 0}).encode(),
                                      headers={"Content-Type": "application/json"})
-        resp = urllib.request.urlopen(req, timeout=120)
+        resp = urllib.request.urlopen(req, timeout=1200)
         first = resp.readline()
         proc.send_signal(signal.SIGTERM)
         rest = resp.read().decode()
