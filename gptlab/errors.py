@@ -3,6 +3,8 @@ allowed. The command-line tools print them as one message without a traceback (e
 
 from __future__ import annotations
 
+import errno
+
 
 class InvalidInput(ValueError):
     """A config value, a file or a checkpoint that gptlab refuses before (or instead of) doing work."""
@@ -10,3 +12,13 @@ class InvalidInput(ValueError):
 
 class ConfigError(InvalidInput):
     """One or more config values out of their type, range or choices (the message lists each key)."""
+
+
+def storage_cause(error: OSError) -> str:
+    """What a failed write says about its storage, for a one-line message: ``no space left on the
+    device``, ``read-only file system``, ``not writable (permission denied)``, ... (the OS's own
+    words for anything else)."""
+    causes = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system: not writable", errno.EACCES: "not writable (permission denied)",
+              errno.EPERM: "not writable (operation not permitted)"}
+    return causes.get(error.errno, error.strerror or str(error))

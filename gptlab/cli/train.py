@@ -34,9 +34,11 @@ from gptlab.cli.ddp import DDPJobScope
 from gptlab.cli.entry import call_hydra, check_plugins, handle_help, require_values, user_error
 from gptlab.cli.hparams import log_hparams, select_hparams
 from gptlab.cli.results import write_result
-from gptlab.cli.runs import announce_end, announce_start
+from gptlab.cli.runs import announce_end, announce_start, report_stopped_sweep
 from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
 from gptlab.errors import InvalidInput
+from gptlab.run_lock import lock_run_folder, release_run_folder
+from gptlab.signals import StopSignals, exit_status, signal_name
 from gptlab.tokenizer import get_tokenizer
 
 log = logging.getLogger("gptlab")
@@ -95,16 +97,27 @@ def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment described by ``cfg``; returns the final metrics (floats).
 
-    Every config value is checked first (:func:`~gptlab.cli.validation.validate_train_config`), and
-    a fresh run refuses a checkpoint folder that already holds checkpoints. Loggers are closed
+    Every config value is checked first (:func:`~gptlab.cli.validation.validate_train_config`), the
+    run folder is locked for this process (:mod:`gptlab.run_lock`: a second run into it is refused),
+    and a fresh run refuses a checkpoint folder that already holds checkpoints. Loggers are closed
     whatever happens (status ``failed`` on an exception, which is re-raised), so a failing sweep job
     leaves complete event files and no open writers behind; the run folder gets ``metrics.json``
     with the status (``ok``/``failed``/``interrupted``) and final metrics.
     """
     validate_train_config(cfg)
-    if rank_zero_only.rank == 0:  # DDP processes start after rank 0 has checked (and may have saved)
-        refuse_overwriting_checkpoints(checkpoint_folders(cfg), cfg.get("ckpt_path"))
     out = Path(cfg.paths.output_dir)
+    lock = None
+    if rank_zero_only.rank == 0:  # DDP processes start after rank 0 has checked (and may have saved)
+        # one run per folder; the lock is already this process's when the Hydra callback took it
+        lock = lock_run_folder(out, lambda: refuse_overwriting_checkpoints(checkpoint_folders(cfg),
+                                                                           cfg.get("ckpt_path")))
+    try:
+        return _train(cfg, out)
+    finally:
+        release_run_folder(lock)
+
+
+def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
     started = announce_start(out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("float32_matmul_precision"):
@@ -224,10 +237,21 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console entry: ``gptlab-train --help`` written from conf/train.yaml; everything else through Hydra."""
+    """Console entry: ``gptlab-train --help`` written from conf/train.yaml; everything else through
+    Hydra. A run or sweep stopped by SIGTERM/SIGINT exits with 128 + the signal (:mod:`gptlab.signals`)."""
     handle_help("train", "gptlab-train", GROUPS)
     check_plugins("gptlab-train")
-    call_hydra(_hydra_main, "train", "gptlab-train")
+    with StopSignals() as stop:
+        try:
+            call_hydra(_hydra_main, "train", "gptlab-train")
+        except BaseException:
+            if stop.received is None:
+                raise
+            # a stopped run is not a success: 128 + the signal, as shells report it (143: SIGTERM)
+            report_stopped_sweep(stop.received)
+            sys.stderr.write(f"gptlab-train: stopped by {signal_name(stop.received)} "
+                             f"(exit status {exit_status(stop.received)})\n")
+            raise SystemExit(exit_status(stop.received)) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""Runs that end badly say so: a stopped run or sweep exits non-zero, two runs never share a folder,
+checkpoint names never fork, a resume never half-applies a change, and a full or read-only disk gets
+one line naming the folder and the cause. Signals and locks are tested on real processes."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from gptlab.run_lock import LOCK_FILE, FolderInUse, RunLock
+from gptlab.weights import safe_torch_load
+
+# gpt2-tiny on the book's story; enough steps that a signal always arrives mid-training; a checkpoint
+# every 2 steps, so the first one tells that training runs
+RUN = ["model=gpt2-tiny", "data.batch_size=4", "data.max_length=16", "trainer.max_steps=100000",
+       "trainer.max_epochs=-1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+       "task.sample_prompt=null", "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=1",
+       "callbacks.step_checkpoint.every_n_train_steps=2"]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "PYTHONUNBUFFERED": "1"}
+WAIT = 300  # seconds a step may take on a loaded machine before the test gives up (not a timing claim)
+
+
+def start(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gptlab.cli.train", *args], cwd=cwd, env=env or ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(proc: subprocess.Popen, path: Path) -> None:
+    """Poll until ``path`` exists (the run got that far); fail if the process ended first."""
+    end = time.monotonic() + WAIT
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before {path} appeared:\n"
+                                 + proc.stdout.read()[-4000:])
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"{path} never appeared:\n" + proc.communicate()[0][-4000:])
+        time.sleep(0.1)
+
+
+def result(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+# ----------------------------------------------------------------------------- 1. signals
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_run_saves_interrupted_ckpt_and_exits_128_plus_the_signal(sig, tmp_path):
+    run = tmp_path / "run"
+    proc = start(*RUN, f"hydra.run.dir={run}", cwd=tmp_path)
+    wait_for(proc, run / "checkpoints" / "last.ckpt")
+    os.kill(proc.pid, sig)
+    out, _ = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 128 + sig, out[-4000:]
+    assert f"gptlab-train: stopped by {signal.Signals(sig).name} (exit status {128 + sig})" in out
+    interrupted = safe_torch_load(run / "checkpoints" / "interrupted.ckpt")
+    assert interrupted["global_step"] >= 2
+    assert result(run)["status"] == "interrupted"
+    assert not (run / LOCK_FILE).exists() or not _locked(run)  # the kernel released the lock
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_prints_what_ran_and_which_jobs_never_started(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = start("-m", *RUN, "task.optimizer.lr=1e-3,2e-3,3e-3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    wait_for(proc, sweep / "0" / "checkpoints" / "last.ckpt")
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 143, out[-4000:]
+    assert "1 job(s), best first" in out and "interrupted" in out  # the table of what ran
+    assert ("sweep stopped by SIGTERM after 1 of 3 job(s) started; 2 never started: "
+            "task.optimizer.lr=0.002; task.optimizer.lr=0.003") in out
+    assert result(sweep / "0")["status"] == "interrupted"
+    assert not (sweep / "1").exists() and not (sweep / "2").exists()
+
+
+@pytest.mark.slow
+def test_lightnings_slurm_requeue_signal_still_saves_and_requeues(tmp_path):
+    """SIGUSR1 under SLURM (auto-requeue): Lightning saves ``hpc_ckpt_1.ckpt`` and calls
+    ``scontrol requeue <job id>`` (a stand-in here that records its arguments); training goes on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'requeued'}\n")
+    scontrol.chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train",
+           "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+           "SLURM_NODELIST": "localhost"}
+    run = tmp_path / "run"
+    proc = start(*RUN, f"hydra.run.dir={run}", cwd=tmp_path, env=env)
+    wait_for(proc, run / "checkpoints" / "last.ckpt")
+    os.kill(proc.pid, signal.SIGUSR1)
+    wait_for(proc, tmp_path / "requeued")
+    wait_for(proc, run / "hpc_ckpt_1.ckpt")
+    assert proc.poll() is None  # the requeue signal does not stop the run
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=WAIT)
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    assert safe_torch_load(run / "hpc_ckpt_1.ckpt")["global_step"] >= 2
+    assert proc.returncode == 143, out[-4000:]
+
+
+# ----------------------------------------------------------------------------- 2. one run per folder
+def _locked(folder: Path) -> bool:
+    try:
+        RunLock(folder).acquire().release()
+    except FolderInUse:
+        return True
+    return False
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_folder_in_use_is_refused_and_touches_nothing(tmp_path):
+    run = tmp_path / "run"
+    first = start(*RUN, f"hydra.run.dir={run}", cwd=tmp_path)
+    try:
+        wait_for(first, run / "checkpoints" / "last.ckpt")
+        hydra_files = {p: p.read_text() for p in (run / ".hydra").iterdir()}
+        second = subprocess.run([sys.executable, "-m", "gptlab.cli.train", *RUN, "seed=7", f"hydra.run.dir={run}"],
+                                cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=WAIT)
+        assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert lines[0].startswith(f"gptlab-train: error: {run} is in use by another run (pid {first.pid} on ")
+        assert "gptlab.cli.train" in lines[0] and "seed=7" not in lines[0]  # the FIRST run's command
+        assert {p: p.read_text() for p in (run / ".hydra").iterdir()} == hydra_files  # not rewritten
+        assert "seed: 123" in hydra_files[run / ".hydra" / "config.yaml"]
+        assert "in use" not in (run / "train.log").read_text()  # the refused run never logged there
+        assert not list((run / "checkpoints").glob("*-v1.ckpt"))
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=WAIT)
+    assert first.returncode == 143
+
+
+def test_the_lock_of_a_killed_process_is_released_by_the_kernel(tmp_path):
+    read_end, write_end = os.pipe()
+    pid = os.fork()  # a process of its own (the lock belongs to it), without a second interpreter start
+    if pid == 0:
+        try:
+            RunLock(tmp_path).acquire()
+            os.write(write_end, b"locked")
+            time.sleep(600)
+        finally:
+            os._exit(1)
+    try:
+        assert os.read(read_end, 6) == b"locked"
+        with pytest.raises(FolderInUse, match=rf"{tmp_path} is in use by another run \(pid {pid} on "):
+            RunLock(tmp_path).acquire()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        os.close(write_end)
+    assert (tmp_path / LOCK_FILE).exists()  # kill -9 left the file behind ...
+    lock = RunLock(tmp_path).acquire()  # ... but not the lock
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
