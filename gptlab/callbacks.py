@@ -130,13 +130,17 @@ class StepCheckpoint(ModelCheckpoint):
     """``last.ckpt``, the full training state to resume from, every ``every_n_train_steps`` optimizer
     steps and when training ends, whatever metrics exist (it monitors nothing, so it never waits for
     a first validation). ``keep_every=true`` also keeps each of them as ``step<N>.ckpt``.
+
+    Names never fork: ``last.ckpt`` (and ``step<N>.ckpt``) are replaced, never written beside as
+    ``last-v1.ckpt`` (Lightning's version counter, which a resume into a moved folder used to
+    trigger, leaving ``last.ckpt`` at the old step for the next resume to go back to).
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 100, keep_every: bool = False,
                  filename: str = "step{step:06d}"):
         super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_last=True,
                          save_top_k=-1 if keep_every else 0, every_n_train_steps=every_n_train_steps,
-                         auto_insert_metric_name=False)
+                         auto_insert_metric_name=False, enable_version_counter=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the final state too, when the run does not end on a multiple of every_n_train_steps

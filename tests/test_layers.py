@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gptlab"
-LAYERS = {"model": 0, "tokenizer": 0, "callbacks": 0, "errors": 0, "checkpoint_io": 0, "run_lock": 0, "signals": 0, "weights": 1, "data": 1, "tasks": 2, "judge": 2,
+LAYERS = {"model": 0, "tokenizer": 0, "callbacks": 0, "errors": 0, "checkpoint_io": 0, "run_lock": 0, "signals": 0, "loggers": 0, "weights": 1, "data": 1, "tasks": 2, "judge": 2,
           "inference": 2, "rewards": 2, "cli": 3}
 """First name below ``gptlab.`` -> floor; a module imports only from its floor or below."""
 

@@ -168,3 +168,59 @@ def test_the_lock_of_a_killed_process_is_released_by_the_kernel(tmp_path):
     lock = RunLock(tmp_path).acquire()  # ... but not the lock
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- 3, 4. resuming
+SHORT = ["model=gpt2-tiny", "data.batch_size=4", "data.max_length=16", "trainer.log_every_n_steps=1",
+         "trainer.enable_progress_bar=false", "task.sample_prompt=null", "trainer.num_sanity_val_steps=0",
+         "trainer.limit_val_batches=1", "+trainer.val_check_interval=3", "logger=many",
+         "callbacks.step_checkpoint.every_n_train_steps=2", "task.lr_schedule.name=constant",
+         "task.lr_schedule.warmup_steps=0"]
+
+
+def csv_steps(run: Path) -> list[int]:
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss_step")})
+
+
+def test_a_resume_into_a_moved_folder_replaces_last_ckpt_and_keeps_the_csv_rows(tmp_path, monkeypatch, run_entry):
+    from gptlab.cli import train as train_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_entry(train_cli.main, "gptlab-train", *SHORT, "trainer.max_steps=6",
+                               f"hydra.run.dir={tmp_path / 'first'}")
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert csv_steps(tmp_path / "first") == list(range(6))
+    shutil.move(tmp_path / "first", tmp_path / "moved")  # the run folder is renamed, then resumed in place
+    moved = tmp_path / "moved"
+    code, out, err = run_entry(train_cli.main, "gptlab-train", *SHORT, "trainer.max_steps=10",
+                               f"ckpt_path={moved / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={moved}")
+    assert code == 0, out[-2000:] + err[-3000:]
+    names = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert not [n for n in names if "-v" in n], names  # no last-v1.ckpt, no best-...-v1.ckpt
+    assert safe_torch_load(moved / "checkpoints" / "last.ckpt")["global_step"] == 10  # the newest
+    assert csv_steps(moved) == list(range(10))  # the first part's rows 0-5, then 6-9
+
+
+def test_a_resume_with_a_different_optimizer_value_is_refused_naming_both(tmp_path, monkeypatch, run_entry):
+    from gptlab.cli import train as train_cli
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    code, out, err = run_entry(train_cli.main, "gptlab-train", *SHORT, "trainer.max_steps=2", f"hydra.run.dir={run}")
+    assert code == 0, out[-2000:] + err[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    for override, expected in [("task.optimizer.lr=0.001", "task.optimizer.lr=0.001 (the checkpoint's: 0.0004)"),
+                               ("task.optimizer.betas=[0.9,0.99]", "task.optimizer.betas=[0.9, 0.99] (the checkpoint's: [0.9, 0.95])"),
+                               ("task.lr_schedule.min_lr=1e-5", "task.lr_schedule.min_lr=1e-05 (the checkpoint's: 4e-05)"),
+                               ("task.weight_decay_on=all", "task.weight_decay_on=all (the checkpoint's: matrices)")]:
+        code, out, err = run_entry(train_cli.main, "gptlab-train", *SHORT, "trainer.max_steps=4", override,
+                                   f"ckpt_path={last}", f"hydra.run.dir={run}")
+        assert code == 2, out[-2000:] + err[-3000:]
+        assert expected in err, err
+    assert last.read_bytes() == before
+    assert json.loads((run / "metrics.json").read_text())["status"] == "ok"  # the first run's record stands
+    code, out, err = run_entry(train_cli.main, "gptlab-train", *SHORT, "trainer.max_steps=4", "task.grad_clip=0.5",
+                               "task.optimizer.fused=false", f"ckpt_path={last}", f"hydra.run.dir={run}")
+    assert code == 0, err[-3000:]  # values a resume applies fully (clipping, the kernel) may change

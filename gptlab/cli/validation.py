@@ -39,6 +39,7 @@ from gptlab.model.lora import SCALINGS as LORA_SCALINGS
 from gptlab.model.lora import TARGETS as LORA_TARGETS
 from gptlab.weights.formats import pretrained_names, resolve_pretrained_name
 from gptlab.weights.readers import safe_torch_load
+from gptlab.tasks.base import resume_changes
 from gptlab.tasks.classify import POOLINGS, TRAINABLE
 from gptlab.tasks.optim import LR_SCHEDULES, WEIGHT_DECAY_ON, optimizer_class
 
@@ -443,8 +444,23 @@ def validate_train_config(cfg: DictConfig) -> None:
     problems += _init_from("init_from", None if _get(cfg, "init_from") is _ABSENT else _get(cfg, "init_from"))
     ckpt = _get(cfg, "ckpt_path")
     if ckpt not in (None, _ABSENT) and _get(cfg, "train") is not False:
-        problems += _checkpoint("ckpt_path", ckpt, resumable=True)
+        problems += _checkpoint("ckpt_path", ckpt, resumable=True) or _resume_changes(cfg, ckpt)
     raise_problems(problems)
+
+
+def _resume_changes(cfg: DictConfig, ckpt: Any) -> list[str]:
+    """Optimizer and schedule values a resume from ``ckpt`` would ignore (:func:`resume_changes`)."""
+    opt, sched, on = (_get(cfg, k) for k in ("task.optimizer", "task.lr_schedule", "task.weight_decay_on"))
+    if not isinstance(opt, dict) or not isinstance(sched, dict):
+        return []
+    saved = safe_torch_load(Path(str(ckpt)).expanduser()).get("hyper_parameters") or {}
+    try:
+        changes = resume_changes(saved, opt, sched, on if isinstance(on, str) else "matrices")
+    except (ValueError, TypeError):  # values the rules above already report
+        return []
+    return [f"ckpt_path={ckpt!s}: a resume keeps the checkpoint's optimizer state and would ignore or only "
+            f"half-apply {change}; resume with the checkpoint's value, or start from its weights with "
+            f"init_from={ckpt!s}" for change in changes]
 
 
 def refuse_overwriting_checkpoints(folders: Sequence[str | Path], ckpt_path: str | None) -> None:

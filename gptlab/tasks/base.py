@@ -44,6 +44,53 @@ def _fold_legacy_keys(kwargs: dict[str, Any], optimizer: Mapping[str, Any] | Non
     return optimizer, lr_schedule
 
 
+IMPLEMENTATION_KEYS = ("_partial_", "fused", "foreach", "capturable", "differentiable")
+"""Optimizer arguments that choose a kernel, not the arithmetic: a resume may change them."""
+
+
+def resume_changes(saved_hparams: Mapping[str, Any], optimizer: Mapping[str, Any] | None,
+                   lr_schedule: Mapping[str, Any] | None, weight_decay_on: str = "matrices") -> list[str]:
+    """What a resume from a checkpoint whose task hyperparameters are ``saved_hparams`` would not
+    apply as asked: ``"task.optimizer.lr=0.001 (the checkpoint's: 0.0004)"`` for each differing value.
+
+    A resume restores the optimizer's state, and with it every value of its parameter groups (``lr``,
+    ``betas``, ``eps``, ``weight_decay``, ...): a new value would be silently ignored, while the LR
+    schedule (rebuilt from the config) would follow part of it (its floor ``min_lr / lr``, its
+    warmup, its shape), so the learning rate would jump and the new checkpoint would record a rate
+    never used. ``weight_decay_on`` changes the parameter groups the state belongs to. Kernel choices
+    (:data:`IMPLEMENTATION_KEYS`) may change.
+    """
+    saved = dict(saved_hparams)
+    saved_opt, saved_sched = _fold_legacy_keys(saved, saved.pop("optimizer", None), saved.pop("lr_schedule", None))
+    pairs = [("task.optimizer", optimizer_config(saved_opt), optimizer_config(optimizer)),
+             ("task.lr_schedule", lr_schedule_config(saved_sched), lr_schedule_config(lr_schedule))]
+    changes = []
+    for prefix, before, now in pairs:
+        for key in sorted(set(before) | set(now)):
+            if key in IMPLEMENTATION_KEYS:
+                continue
+            old, new = _plain(before.get(key)), _plain(now.get(key))
+            if old != new:
+                changes.append(f"{prefix}.{key}={new} (the checkpoint's: {old})")
+    old_on = saved.get("weight_decay_on", "matrices")
+    if old_on != weight_decay_on:
+        changes.append(f"task.weight_decay_on={weight_decay_on} (the checkpoint's: {old_on})")
+    return changes
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def refuse_resume_changes(changes: list[str], ckpt_path: Any) -> None:
+    """Raise :class:`ConfigError` listing ``changes`` (from :func:`resume_changes`), if any."""
+    if changes:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: a resume continues the checkpoint's optimizer and LR schedule, which would "
+            f"ignore or only half-apply {'; '.join(changes)}. Resume with the checkpoint's values (see its run's "
+            f".hydra/config.yaml), or start a new run from its weights with init_from={ckpt_path}")
+
+
 class GPTTask(L.LightningModule):
     """Base LightningModule around the shared :class:`GPT` backbone.
 
@@ -217,6 +264,10 @@ class GPTTask(L.LightningModule):
             checkpoint["gptlab_schedule_steps"] = int(self.trainer.estimated_stepping_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:  # a resume (not a test)
+            hp = self.hparams
+            refuse_resume_changes(resume_changes(checkpoint.get("hyper_parameters") or {}, hp.optimizer,
+                                                 hp.lr_schedule, hp.weight_decay_on), self.trainer.ckpt_path)
         progress = checkpoint.get("gptlab_progress") or {}
         self.tokens_seen = int(progress.get("tokens_seen", 0))
         self.examples_seen = int(progress.get("examples_seen", 0))
