@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from gptlab.errors import InvalidInput
+from gptlab.errors import InvalidInput, storage_cause
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,11 @@ class CorruptCheckpointError(InvalidInput):
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, ...); the previous file of that name is unchanged."""
+    """A checkpoint could not be written (full disk, read-only folder, ...); the previous file of that
+    name is unchanged. Its message names the file and the cause."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -124,6 +128,29 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def write_failure(error: BaseException, folder: Path) -> OSError | None:
+    """The storage error behind a failed checkpoint write, or None when it was something else.
+
+    ``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:672]
+    . unexpected pos ...``; the ``OSError`` (``ENOSPC``) its file write raised is the context of that
+    error. Should a torch version drop it, a writer error on a file system with no space left is
+    taken for ``ENOSPC``."""
+    seen: BaseException | None = error
+    for _ in range(8):  # the chain of causes and contexts, never an endless loop
+        if seen is None:
+            break
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, RuntimeError) and "inline_container" in str(error):
+        try:
+            if os.statvfs(folder).f_bavail == 0:
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            pass
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO`` that never leaves a partial file under a checkpoint's name.
 
@@ -139,10 +166,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(path.parent)
         tmp = _temp_path(path)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(path.parent)
             with open(tmp, "wb") as f:
                 self.write(checkpoint, f)
                 f.flush()
@@ -151,11 +178,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if os.name == "posix":  # the rename itself reaches the disk
                 _fsync(path.parent)
         except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
-                why = "no space left on the device" if e.errno == errno.ENOSPC else str(e)
-                raise CheckpointWriteError(e.errno or errno.EIO,
-                                           f"could not write checkpoint {path} ({why}); the previous "
+            cause = write_failure(e, path.parent)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a read-only folder: nothing was written there, and the real error follows
+                pass
+            if cause is not None and not isinstance(e, CheckpointWriteError):
+                raise CheckpointWriteError(cause.errno or errno.EIO,
+                                           f"could not write checkpoint {path}: {storage_cause(cause)}; the previous "
                                            f"{path.name}, if any, is unchanged") from e
             raise
 

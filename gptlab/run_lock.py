@@ -15,6 +15,7 @@ and work on local file systems and NFSv4 (Linux emulates them with byte-range lo
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -40,8 +41,8 @@ class RunFolderError(InvalidInput):
 
 def folder_error(folder: Path, error: OSError) -> RunFolderError:
     """The one-line message for a run folder that cannot be written: the folder and the cause."""
-    return RunFolderError(f"cannot write to the run folder {folder}: {storage_cause(error)} "
-                          f"(choose another folder with hydra.run.dir=..., or free/allow it)")
+    return RunFolderError(f"cannot write to the run folder {folder}: {storage_cause(error)}; "
+                          "run in another folder (hydra.run.dir=...)")
 
 
 class RunLock:
@@ -134,6 +135,13 @@ class RunLock:
 _HELD: dict[Path, RunLock] = {}
 """Run folders whose lock this process holds (a second ``flock`` of the same file from this process
 would be refused: the lock belongs to the open file, not to the process)."""
+
+
+@atexit.register
+def _release_all() -> None:
+    """At interpreter exit (a failed run included), remove the lock files this process holds."""
+    for lock in list(_HELD.values()):
+        release_run_folder(lock)
 
 
 def lock_run_folder(folder: str | os.PathLike, check: Callable[[], None] | None = None) -> RunLock | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, small_filesystem
 from gptlab.run_lock import LOCK_FILE, FolderInUse, RunLock
 from gptlab.weights import safe_torch_load
 
@@ -224,3 +224,51 @@ def test_a_resume_with_a_different_optimizer_value_is_refused_naming_both(tmp_pa
     code, out, err = run_entry(train_cli.main, "gptlab-train", *SHORT, "trainer.max_steps=4", "task.grad_clip=0.5",
                                "task.optimizer.fused=false", f"ckpt_path={last}", f"hydra.run.dir={run}")
     assert code == 0, err[-3000:]  # values a resume applies fully (clipping, the kernel) may change
+
+
+# ----------------------------------------------------------------------------- 5. full and read-only disks
+def test_a_checkpoint_that_does_not_fit_ends_in_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, run_entry):
+    from gptlab.cli import train as train_cli
+
+    monkeypatch.chdir(tmp_path)
+    # gpt2-tiny's last.ckpt with its AdamW state is 39 MB: one fits in 60 MB, a second beside it does not
+    with small_filesystem(tmp_path / "disk", "60m") as disk:
+        run = disk / "run"
+        code, out, err = run_entry(train_cli.main, "gptlab-train", *SHORT, "trainer.max_steps=6", "logger=csv",
+                                   "~callbacks.model_checkpoint", f"hydra.run.dir={run}")
+        assert code == 1, out[-2000:] + err[-3000:]
+        last = run / "checkpoints" / "last.ckpt"
+        assert err == (f"gptlab-train: error: could not write checkpoint {last}: no space left on the device; "
+                       "the previous last.ckpt, if any, is unchanged\n")
+        assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no partial file left
+        assert safe_torch_load(last)["global_step"] == 2  # the previous one, intact (checksums verified)
+        assert result(run)["status"] == "failed"
+
+
+def test_a_read_only_run_folder_is_refused_in_one_line(tmp_path, monkeypatch, run_entry):
+    from gptlab.cli import train as train_cli
+
+    monkeypatch.chdir(tmp_path)
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        code, out, err = run_entry(train_cli.main, "gptlab-train", *SHORT, "trainer.max_steps=2",
+                                   f"hydra.run.dir={disk / 'run'}")
+    assert code == 2, out[-2000:] + err[-3000:]
+    assert err == (f"gptlab-train: error: cannot write to the run folder {disk / 'run'}: read-only file system: "
+                   "not writable; run in another folder (hydra.run.dir=...)\n")
+
+
+def test_an_unwritable_run_folder_is_refused_in_one_line_injected(tmp_path, monkeypatch, run_entry):
+    """Where mounting is not allowed: the folder's creation fails with EROFS, as on a read-only disk."""
+    from gptlab.cli import train as train_cli
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code, out, err = run_entry(train_cli.main, "gptlab-train", *SHORT, "trainer.max_steps=2",
+                               f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2, out[-2000:] + err[-3000:]
+    assert err == (f"gptlab-train: error: cannot write to the run folder {tmp_path / 'run'}: read-only file system: "
+                   "not writable; run in another folder (hydra.run.dir=...)\n")

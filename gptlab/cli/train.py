@@ -36,7 +36,7 @@ from gptlab.cli.hparams import log_hparams, select_hparams
 from gptlab.cli.results import write_result
 from gptlab.cli.runs import announce_end, announce_start, report_stopped_sweep
 from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
-from gptlab.errors import InvalidInput
+from gptlab.errors import InvalidInput, storage_cause
 from gptlab.run_lock import lock_run_folder, release_run_folder
 from gptlab.signals import StopSignals, exit_status, signal_name
 from gptlab.tokenizer import get_tokenizer
@@ -167,8 +167,11 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
             lg.finalize("failed")
         status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
         if rank_zero_only.rank == 0:  # DDP: the other ranks run in the same folder
-            write_result(out, status, metrics, cfg.get("optimized_metric"), time.perf_counter() - started,
-                         error=f"{type(e).__name__}: {e}")
+            try:
+                write_result(out, status, metrics, cfg.get("optimized_metric"), time.perf_counter() - started,
+                             error=f"{type(e).__name__}: {e}")
+            except OSError as w:  # a full or read-only disk must not hide the error that ended the run
+                log.error("could not write %s: %s", out / "metrics.json", storage_cause(w))
             log.info("run %s; folder: %s", status, out.resolve())
         raise
     for lg in loggers:
@@ -217,7 +220,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         out = Path(HydraConfig.get().runtime.output_dir)
         err = user_error(e) or (e if isinstance(e, (NonFiniteError, CheckpointWriteError)) else None)
         if multirun or not isinstance(err, InvalidInput):  # a refused single run leaves only its log
-            (out / "FAILED").write_text(traceback.format_exc())
+            try:
+                (out / "FAILED").write_text(traceback.format_exc())
+            except OSError as w:  # a full or read-only disk must not hide the error that ended the run
+                log.error("could not write %s: %s", out / "FAILED", storage_cause(w))
         if not multirun:
             if err is None or (os.environ.get("HYDRA_FULL_ERROR") == "1" and not isinstance(err, InvalidInput)):
                 raise
