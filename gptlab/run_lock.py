@@ -138,8 +138,9 @@ would be refused: the lock belongs to the open file, not to the process)."""
 
 
 @atexit.register
-def _release_all() -> None:
-    """At interpreter exit (a failed run included), remove the lock files this process holds."""
+def release_all_run_folders() -> None:
+    """Release every run folder lock this process holds (removing the lock files): when a command
+    ends, however its run ended, and at interpreter exit."""
     for lock in list(_HELD.values()):
         release_run_folder(lock)
 
@@ -180,4 +181,4 @@ def release_run_folder(lock: RunLock | None) -> None:
 
 
 __all__ = ["LOCK_FILE", "FolderInUse", "RunFolderError", "RunLock", "folder_error", "lock_run_folder",
-           "release_run_folder"]
+           "release_all_run_folders", "release_run_folder"]

@@ -8,6 +8,7 @@ run folder.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -80,6 +81,10 @@ CASES = [
     ("train", ["hydra.run.dir={files}/old_run"], "{files}/old_run/checkpoints already holds checkpoints (last.ckpt)"),
     ("train", ["task=instruct", "data=instruct", "data.path={files}/broken.json"], "{files}/broken.json: invalid JSON at line 2"),
     ("train", ["task=classify", "data=spam", "data.path={files}/broken.tsv"], "{files}/broken.tsv:2: expected 'label<TAB>text'"),
+    ("train", ["task=instruct", "data=instruct", "data.path={files}/long_prompts.json", "data.allowed_max_length=32"],
+     "{files}/long_prompts.json: none of the 8 training entries can be learned from"),  # every label masked
+    ("train", ["task=reward_model", "data=preference", "data.path={files}/same_pairs.json"],
+     "{files}/same_pairs.json: none of the 8 training pairs can be learned from"),  # chosen == rejected
     # --- gptlab-generate
     ("generate", ["init_from=gpt2-small", "temperature=-1"], "temperature=-1: expected a number >= 0"),
     ("generate", ["init_from=gpt2-small", "top_p=0"], "top_p=0: expected a number in (0, 1]"),
@@ -141,6 +146,8 @@ def files(tmp_path_factory) -> Path:
     shutil.copy(good, d / "old_run" / "checkpoints" / "last.ckpt")
     (d / "broken.json").write_text('[\n  {"instruction": "x", "input": "", "output": "y",}\n]\n')
     (d / "broken.tsv").write_text("ham\thello\nthis line has no tab\n")
+    (d / "long_prompts.json").write_text(json.dumps([{"instruction": "word " * 40, "input": "", "output": "y"}] * 10))
+    (d / "same_pairs.json").write_text(json.dumps([{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}] * 10))
     (d / "texts.txt").write_text("one\ntwo\n")
     (d / "responses.json").write_text('[{"instruction": "x", "input": "", "output": "y", "model_response": "y"}]')
     return d

@@ -215,3 +215,27 @@ def test_jsonl_file_one_entry_per_line_and_errors_name_the_line(tmp_path):
     p.write_text(json.dumps(NO_INPUT) + "\n{oops\n")
     with pytest.raises(InstructionDataError, match=rf"{p}: invalid JSON at line 2, column 2"):
         load_instruction_data(p)
+
+
+# ----------------------------------------------------------------------------- data that cannot train
+def test_entries_whose_prompt_fills_the_context_are_refused_when_all_and_counted_when_some(tmp_path):
+    long = {"instruction": "word " * 60, "input": "", "output": "ok"}  # a prompt of about 90 tokens
+    short = {"instruction": "Say ok.", "input": "", "output": "ok"}  # about 30 tokens
+    p = tmp_path / "long.json"
+    p.write_text(json.dumps([long] * 20))
+    with pytest.raises(InstructionDataError, match=(
+            rf"^{p}: none of the 17 training entries can be learned from \(17 of 17 train, 1 of 1 val, 2 of 2 test\): "
+            r"their prompts \(up to \d+ tokens\) are longer than data.allowed_max_length=64 tokens .*"
+            r"every label is masked and the loss is 0/0 = NaN; raise data.allowed_max_length")):
+        InstructionDataModule(path=str(p), allowed_max_length=64).setup()
+    # the very batch such entries would make: every label masked, and the mean over no labels is NaN
+    ds = InstructionDataset([long], prompt_style="alpaca")
+    batch = instruction_collate([ds[0]], allowed_max_length=64, mask_prompt=True)
+    assert (batch["labels"] == -100).all()
+
+    q = tmp_path / "some.json"
+    q.write_text(json.dumps([long, short] * 10))
+    with pytest.warns(UserWarning, match=rf"{q}: 10 entries teach nothing \(9 of 17 train, 0 of 1 val, 1 of 2 test\)"):
+        InstructionDataModule(path=str(q), allowed_max_length=64).setup()
+    InstructionDataModule(path=str(p), allowed_max_length=64, mask_prompt=False).setup()  # prompts are targets too
+    InstructionDataModule(path=str(p), allowed_max_length=None).setup()  # nothing is truncated

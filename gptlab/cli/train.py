@@ -37,7 +37,7 @@ from gptlab.cli.results import write_result
 from gptlab.cli.runs import announce_end, announce_start, report_stopped_sweep
 from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
 from gptlab.errors import InvalidInput, storage_cause
-from gptlab.run_lock import lock_run_folder, release_run_folder
+from gptlab.run_lock import lock_run_folder, release_all_run_folders, release_run_folder
 from gptlab.signals import StopSignals, exit_status, signal_name
 from gptlab.tokenizer import get_tokenizer
 
@@ -258,6 +258,8 @@ def main() -> None:
             sys.stderr.write(f"gptlab-train: stopped by {signal_name(stop.received)} "
                              f"(exit status {exit_status(stop.received)})\n")
             raise SystemExit(exit_status(stop.received)) from None
+        finally:
+            release_all_run_folders()  # the lock files of a run that ended in an error too
 
 
 if __name__ == "__main__":

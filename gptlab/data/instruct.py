@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
@@ -272,6 +272,33 @@ class InstructionTestCollate:
         return out
 
 
+# ----------------------------------------------------------------------------- data that cannot train
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def prompts_over(prompt_ids: Sequence[Sequence[int]], limit: int | None) -> list[bool]:
+    """For each prompt: whether it has more than ``limit`` tokens, so batches truncated to ``limit``
+    positions keep none of its response (the first response token is the label at position
+    ``len(prompt) - 1``). None = no truncation: all False."""
+    return [False] * len(prompt_ids) if limit is None else [len(p) > limit for p in prompt_ids]
+
+
+def report_unlearnable(path: str | Path, what: str, useless: Mapping[str, int], totals: Mapping[str, int],
+                       why: str, fix: str, error: type[Exception] = InstructionDataError) -> None:
+    """Refuse data whose training split has nothing to learn from; warn once, with the counts per
+    split, when only some entries are useless. ``useless`` / ``totals``: counts per split
+    (``train``, ``val``, ``test``); ``what`` names the entries (``"entries"``, ``"pairs"``); ``why``
+    says what makes them useless, ``fix`` what to change."""
+    n = sum(useless.values())
+    if not n:
+        return
+    counts = ", ".join(f"{useless.get(s, 0)} of {totals[s]} {s}" for s in SPLIT_NAMES if totals.get(s))
+    if totals.get("train") and useless.get("train") == totals["train"]:
+        raise error(f"{path}: none of the {totals['train']} training {what} can be learned from ({counts}): "
+                    f"{why}; {fix}")
+    rank_zero_warn(f"{path}: {n} {what} teach nothing ({counts}): {why}; {fix}")
+
+
 # ----------------------------------------------------------------------------- data module
 class InstructionDataModule(GPTDataModule):
     """Alpaca-format instruction data, split and batched as in the book's chapter 7.
@@ -320,10 +347,30 @@ class InstructionDataModule(GPTDataModule):
         self.train_set, self.val_set, self.test_set = (
             InstructionDataset(part, self.tokenizer, self.prompt_style) for part in (train, val, test))
         mask = self.collate_kwargs["mask_prompt"]
+        if mask:
+            self.check_learnable()
         rank_zero_info(f"instruction data {self.path or DEFAULT_INSTRUCTION_DATA}: {len(train)} train / "
                        f"{len(val)} val / {len(test)} test entries, prompt style {self.prompt_style!r}, "
                        + ("loss on responses only (mask_prompt=true)" if mask else
                           "loss on prompts AND responses (mask_prompt=false, as in the book)"))
+
+    def check_learnable(self) -> None:
+        """With masked prompts, an entry whose prompt alone is longer than ``allowed_max_length``
+        has every label masked (its loss is 0/0 = NaN, and the non-finite guard would blame the
+        learning rate): refused when every training entry is such, one warning with the counts
+        when some are (:func:`report_unlearnable`)."""
+        limit = self.collate_kwargs["allowed_max_length"]
+        splits = dict(zip(SPLIT_NAMES, (self.train_set, self.val_set, self.test_set)))
+        over = {name: prompts_over(ds.prompt_ids, limit) for name, ds in splits.items()}
+        longest = max((len(p) for ds in splits.values() for p in ds.prompt_ids), default=0)
+        report_unlearnable(
+            self.path or DEFAULT_INSTRUCTION_DATA, "entries", {k: sum(v) for k, v in over.items()},
+            {k: len(ds) for k, ds in splits.items()},
+            f"their prompts (up to {longest} tokens) are longer than data.allowed_max_length={limit} tokens "
+            "(model.context_length by default), so with data.mask_prompt=true every label is masked and the "
+            "loss is 0/0 = NaN",
+            "raise data.allowed_max_length (at most model.context_length), shorten the prompts, or set "
+            "data.mask_prompt=false")
 
     @property
     def test_entries(self) -> list[dict[str, str]]:

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from gptlab.data.base import GPTDataModule
-from gptlab.data.instruct import InstructionTestCollate, get_prompt_style, instruction_collate, split_entries
+from gptlab.data.instruct import (InstructionTestCollate, get_prompt_style, instruction_collate, prompts_over,
+                                  report_unlearnable, split_entries)
 from gptlab.data.records import DataFileError, read_json_records
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
@@ -119,6 +120,12 @@ class PreferenceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def visible(self, side: str, i: int, limit: int | None = None) -> list[int]:
+        """The ids of pair ``i``'s ``side`` (``chosen``/``rejected``) that a batch truncated to
+        ``limit`` positions shows the model (inputs and targets), the end-of-text target included."""
+        ids = self.prompt_ids[i] + self.response_ids[side][i] + [EOT_ID]
+        return ids if limit is None else ids[: limit + 1]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.prompt_ids[i]
@@ -227,13 +234,40 @@ class PreferenceDataModule(GPTDataModule):
             PreferenceDataset(part, self.tokenizer, self.prompt_style, self.score_response_header) for part in parts)
         rank_zero_info(f"preference data {self.path or DEFAULT_PREFERENCE_DATA}: {len(parts[0])} train / "
                        f"{len(parts[1])} val / {len(parts[2])} test pairs, prompt style {self.prompt_style!r}")
+        self.check_learnable()
+
+    def check_learnable(self) -> None:
+        """Pairs that cannot teach a preference: a prompt longer than ``allowed_max_length`` (both
+        responses are cut away entirely), or a chosen response equal to the rejected one (within
+        what the truncated batch keeps): refused when every training pair is such, one warning with
+        the counts when some are (:func:`~gptlab.data.instruct.report_unlearnable`)."""
         limit = self.collate_kwargs["allowed_max_length"]
-        if limit is not None:
-            # the first scored label sits at position prompt_length - 1
-            cut = sum(p - 1 >= limit for ds in (self.train_set, self.val_set, self.test_set) for p in ds.scored_from)
-            if cut:
-                rank_zero_warn(f"{cut} preference pairs have prompts of {limit}+ tokens: allowed_max_length={limit} "
-                               "cuts their responses away entirely, so they add nothing to the loss")
+        splits = dict(zip(SPLITS, (self.train_set, self.val_set, self.test_set)))
+        useless, cut, same, same_shown = {}, 0, 0, 0
+        for name, ds in splits.items():
+            over = prompts_over(ds.prompt_ids, limit)
+            equal = [ds.response_ids["chosen"][i] == ds.response_ids["rejected"][i] for i in range(len(ds))]
+            shown = [ds.visible("chosen", i, limit) == ds.visible("rejected", i, limit) for i in range(len(ds))]
+            bad = [(o, not o and e, not o and not e and v) for o, e, v in zip(over, equal, shown)]
+            cut, same, same_shown = (cut + sum(b[0] for b in bad), same + sum(b[1] for b in bad),
+                                     same_shown + sum(b[2] for b in bad))
+            useless[name] = sum(any(b) for b in bad)
+        reasons, fixes = [], []
+        if cut:
+            reasons.append(f"{cut} have prompts longer than data.allowed_max_length={limit} tokens "
+                           "(model.context_length by default), which cuts both responses away")
+        if same:
+            reasons.append(f"{same} have identical chosen and rejected responses")
+        if same_shown:
+            reasons.append(f"{same_shown} have responses that differ only after the first {limit} tokens a batch keeps")
+        if cut or same_shown:
+            fixes.append("raise data.allowed_max_length (at most model.context_length)"
+                         + (" or shorten the prompts" if cut else ""))
+        if same:
+            fixes.append("give each pair two different responses")
+        report_unlearnable(self.path or DEFAULT_PREFERENCE_DATA, "pairs", useless,
+                           {k: len(ds) for k, ds in splits.items()}, "; ".join(reasons), "; ".join(fixes),
+                           PreferenceDataError)
 
     def dataset(self, split: str) -> PreferenceDataset:
         """The ``train`` / ``val`` / ``test`` dataset (after :meth:`setup`)."""
