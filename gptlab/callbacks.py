@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gptlab.checkpoint_io import CheckpointWriteError
+from gptlab.errors import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +254,6 @@ class ResumeState(L.Callback):
 
 
 # ----------------------------------------------------------------------------- non-finite guard
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient norm (the message names the step)."""
-
-
 ACTIONS = ("error", "skip")
 
 
@@ -266,7 +263,9 @@ class NonFiniteGuard(L.Callback):
 
     The check runs after backward and before the optimizer step, so the weights and the optimizer
     state never take a non-finite update, and no checkpoint is written for the failing step (the last
-    good one stays). A skipped step drops its gradients; ``max_consecutive_skips`` of them in a row end
+    good one stays). An update with finite gradients can still overflow the weights (a huge learning
+    rate): the checkpoint writer (:func:`gptlab.checkpoint_io.refuse_non_finite_weights`) then
+    refuses to save them with the same error. A skipped step drops its gradients; ``max_consecutive_skips`` of them in a row end
     the run with the same error. Under DDP the gradients are already averaged across processes at this
     point, so every process makes the same decision. With fp16 mixed precision the gradient scaler
     already skips steps with infinite gradients, so only the loss is checked.

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from gptlab.errors import InvalidInput, storage_cause
+from gptlab.errors import InvalidInput, NonFiniteError, storage_cause
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,26 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def refuse_non_finite_weights(checkpoint: dict[str, Any], path: Path) -> None:
+    """Raise :class:`~gptlab.errors.NonFiniteError` when a floating-point weight of ``checkpoint``'s
+    ``state_dict`` is NaN or infinite: such a file would be taken for the last good checkpoint. (The
+    non-finite guard checks the loss and the gradients; an update with finite gradients can still
+    overflow the weights, e.g. with a huge learning rate.) One pass over the weights, one host sync."""
+    weights = [(name, t) for name, t in (checkpoint.get("state_dict") or {}).items()
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not weights:
+        return
+    flags = [torch.isfinite(t).all() for _, t in weights]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).cpu()
+    if bool(finite.all()):
+        return
+    bad = [name for (name, _), ok in zip(weights, finite.tolist()) if not ok]
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise NonFiniteError(
+        f"non-finite weights at step {checkpoint.get('global_step', '?')} ({shown}): {path} was not written, "
+        "the last good checkpoint was left as it was (lower task.optimizer.lr or set task.grad_clip)")
+
+
 def write_failure(error: BaseException, folder: Path) -> OSError | None:
     """The storage error behind a failed checkpoint write, or None when it was something else.
 
@@ -166,6 +186,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
+        refuse_non_finite_weights(checkpoint, path)
         tmp = _temp_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

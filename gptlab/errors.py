@@ -14,6 +14,10 @@ class ConfigError(InvalidInput):
     """One or more config values out of their type, range or choices (the message lists each key)."""
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss, gradient norm or weight (the message names the step)."""
+
+
 def storage_cause(error: OSError) -> str:
     """What a failed write says about its storage, for a one-line message: ``no space left on the
     device``, ``read-only file system``, ``not writable (permission denied)``, ... (the OS's own

@@ -226,10 +226,12 @@ def optimizer_target(v: Any) -> str | None:
     return None
 
 
+# task.optimizer.lr <= 10: no optimizer of torch.optim trains a network above it, and a value such as
+# 1e38 overflows float32 inside the optimizer's step (a raw traceback) instead of being refused here
 TRAIN_RULES: dict[str, Check] = {
     "seed": integer(), "compile": boolean(), "train": boolean(), "test": boolean(), "task_name": text(),
     "float32_matmul_precision": choice("highest", "high", "medium", optional=True),
-    "task.optimizer._target_": optimizer_target, "task.optimizer.lr": number(gt=0),
+    "task.optimizer._target_": optimizer_target, "task.optimizer.lr": number(gt=0, le=10),
     "task.optimizer.weight_decay": number(ge=0), "task.optimizer.eps": number(gt=0),
     "task.optimizer.fused": boolean(optional=True), "task.weight_decay_on": choice(*WEIGHT_DECAY_ON),
     "task.lr_schedule.name": choice(*LR_SCHEDULES), "task.lr_schedule.warmup_steps": warmup,
@@ -260,6 +262,7 @@ TRAIN_RULES: dict[str, Check] = {
     "data.max_examples": integer(ge=1, optional=True), "data.max_entries": integer(ge=1, optional=True),
     "data.prompt_style": choice(*PROMPT_STYLES), "data.allowed_max_length": integer(ge=1, optional=True),
     "data.max_prompt_length": integer(ge=1, optional=True), "data.split_seed": integer(),
+    "data.max_record_bytes": integer(ge=1, optional=True),
     "data.num_train": integer(ge=1), "data.num_val": integer(ge=1), "data.vocab_size": integer(ge=1),
     "data.pad_id": integer(ge=0), "data.ignore_index": integer(),
     "trainer.max_steps": max_steps, "trainer.max_epochs": integer(ge=-1, optional=True),
@@ -473,9 +476,29 @@ def refuse_overwriting_checkpoints(folders: Sequence[str | Path], ckpt_path: str
         found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         if found and not (resume is not None and resume.parent == folder.resolve()):
             shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            resumable = _resumable(folder, found)
+            if resumable:
+                what = f"Resume with ckpt_path={folder / resumable}"
+            else:  # e.g. only best-*.ckpt: weights without the optimizer state
+                what = (f"None of them holds the training state a resume needs (weights only); start from their "
+                        f"weights with init_from={folder / found[-1]}")
             raise ConfigError(f"{folder} already holds checkpoints ({shown}); a fresh run there would overwrite "
-                              f"them. Resume with ckpt_path={folder / 'last.ckpt'}, or run in another folder "
-                              "(hydra.run.dir=...)")
+                              f"them. {what}, or run in another folder (hydra.run.dir=...)")
+
+
+def _resumable(folder: Path, names: Sequence[str]) -> str | None:
+    """The checkpoint of ``names`` (in ``folder``) to resume from: ``last.ckpt`` if there, else the
+    newest file that holds the optimizer and loop state; None when none does."""
+    if "last.ckpt" in names:
+        return "last.ckpt"
+    for name in sorted(names, key=lambda n: (folder / n).stat().st_mtime, reverse=True):
+        try:
+            ckpt = safe_torch_load(folder / name)
+        except Exception:  # noqa: BLE001 - an unreadable file is no candidate; the message still names it
+            continue
+        if isinstance(ckpt, dict) and "optimizer_states" in ckpt and "loops" in ckpt:
+            return name
+    return None
 
 
 def validate_generate_config(cfg: DictConfig) -> None:

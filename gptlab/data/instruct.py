@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from gptlab.data.base import GPTDataModule
-from gptlab.data.records import DataFileError, read_json_records
+from gptlab.data.records import DEFAULT_MAX_RECORD_BYTES, DataFileError, read_json_records
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_INSTRUCTION_DATA = ASSETS / "instruction-data.json"
@@ -128,11 +128,14 @@ def extract_response(text: str, style: str | PromptStyle = "alpaca") -> str:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_instruction_data(path: str | Path | None = None) -> list[dict[str, str]]:
+def load_instruction_data(path: str | Path | None = None,
+                          max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[dict[str, str]]:
     """Entries of an Alpaca-format JSON (or JSON-lines ``.jsonl``) file (default: the book's 1,100
     entries shipped in ``gptlab/assets``). Raises :class:`InstructionDataError` naming the file, and
-    the entry index or the line/column of a JSON syntax error (or the byte that is not UTF-8)."""
-    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "instruction data", InstructionDataError)
+    the entry index or the line/column of a JSON syntax error (or the byte that is not UTF-8, or an
+    entry longer than ``max_record_bytes``)."""
+    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "instruction data", InstructionDataError,
+                                max_record_bytes)
     for i, entry in enumerate(records.entries):
         validate_entry(entry, i, records.path, where=records.where(i))
     return records.entries
@@ -315,6 +318,8 @@ class InstructionDataModule(GPTDataModule):
         batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings
             (training batches are shuffled with the last partial batch dropped, as in the book).
         max_prompt_length: test-time prompts keep only their last N tokens (None = whole prompt).
+        max_record_bytes: refuse an entry whose JSON is longer (None = no limit; see
+            :mod:`gptlab.data.records`).
     """
 
     def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
@@ -323,12 +328,12 @@ class InstructionDataModule(GPTDataModule):
                  allowed_max_length: int | None = None, pad_id: int = EOT_ID, ignore_index: int = -100,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
-                 max_prompt_length: int | None = None):
+                 max_prompt_length: int | None = None, max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         get_prompt_style(prompt_style)  # fail fast on a typo
         self.tokenizer = tokenizer or get_tokenizer()
-        self.path, self.prompt_style = path, prompt_style
+        self.path, self.prompt_style, self.max_record_bytes = path, prompt_style, max_record_bytes
         self.train_ratio, self.test_ratio = train_ratio, test_ratio
         self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
         self.max_prompt_length = max_prompt_length
@@ -338,7 +343,7 @@ class InstructionDataModule(GPTDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        entries = load_instruction_data(self.path)
+        entries = load_instruction_data(self.path, self.max_record_bytes)
         if self.shuffle_before_split:
             random.Random(self.split_seed).shuffle(entries)
         if self.max_entries:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from gptlab.data.base import GPTDataModule
 from gptlab.data.instruct import (InstructionTestCollate, get_prompt_style, instruction_collate, prompts_over,
                                   report_unlearnable, split_entries)
-from gptlab.data.records import DataFileError, read_json_records
+from gptlab.data.records import DEFAULT_MAX_RECORD_BYTES, DataFileError, read_json_records
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_PREFERENCE_DATA = ASSETS / "instruction-data-with-preference.json"
@@ -78,10 +78,13 @@ def normalize_pair(entry: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def load_preference_data(path: str | Path | None = None) -> list[dict[str, Any]]:
+def load_preference_data(path: str | Path | None = None,
+                         max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[dict[str, Any]]:
     """Normalised entries (see :func:`normalize_pair`) of a preference file (default: the book's
-    1,100 pairs). Errors name the file and the entry index (JSON lines: and the line)."""
-    records = read_json_records(path or DEFAULT_PREFERENCE_DATA, "preference data", PreferenceDataError)
+    1,100 pairs). Errors name the file and the entry index (JSON lines: and the line); an entry
+    longer than ``max_record_bytes`` is refused."""
+    records = read_json_records(path or DEFAULT_PREFERENCE_DATA, "preference data", PreferenceDataError,
+                                max_record_bytes)
     entries = [normalize_pair(e, records.where(i)) for i, e in enumerate(records.entries)]
     with_margin = [i for i, e in enumerate(entries) if "margin" in e]
     if with_margin and len(with_margin) != len(entries):
@@ -195,6 +198,7 @@ class PreferenceDataModule(GPTDataModule):
         allowed_max_length: truncate batches to this many positions (the book: 1024).
         batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings.
         max_prompt_length: test-time generation prompts keep only their last N tokens.
+        max_record_bytes: refuse an entry whose JSON is longer (None = no limit).
     """
 
     def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
@@ -204,10 +208,11 @@ class PreferenceDataModule(GPTDataModule):
                  allowed_max_length: int | None = None, pad_id: int = EOT_ID, ignore_index: int = -100,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
-                 max_prompt_length: int | None = None):
+                 max_prompt_length: int | None = None, max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         get_prompt_style(prompt_style)  # fail fast on a typo
+        self.max_record_bytes = max_record_bytes
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
         self.tokenizer = tokenizer or get_tokenizer()
@@ -224,7 +229,7 @@ class PreferenceDataModule(GPTDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        entries = load_preference_data(self.path)
+        entries = load_preference_data(self.path, self.max_record_bytes)
         if self.shuffle_before_split:
             random.Random(self.split_seed).shuffle(entries)
         if self.max_entries:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from gptlab.data.base import GPTDataModule
 from gptlab.data.instruct import DEFAULT_INSTRUCTION_DATA, get_prompt_style, left_pad, split_entries
-from gptlab.data.records import DataFileError, read_json_records
+from gptlab.data.records import DEFAULT_MAX_RECORD_BYTES, DataFileError, read_json_records
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 
@@ -54,10 +54,12 @@ def normalize_prompt(entry: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def load_prompts(path: str | Path | None = None) -> list[dict[str, Any]]:
+def load_prompts(path: str | Path | None = None,
+                 max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[dict[str, Any]]:
     """Normalised entries (:func:`normalize_prompt`) of a prompt file (default: the book's 1,100
-    instruction entries). Errors name the file and the entry (JSON lines: and the line)."""
-    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "prompt data", PromptDataError)
+    instruction entries). Errors name the file and the entry (JSON lines: and the line); an entry
+    longer than ``max_record_bytes`` is refused."""
+    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "prompt data", PromptDataError, max_record_bytes)
     return [normalize_prompt(e, records.where(i)) for i, e in enumerate(records.entries)]
 
 
@@ -112,16 +114,19 @@ class PromptDataModule(GPTDataModule):
             prompt + response fit the context).
         batch_size: prompts per PPO iteration (rollout batch size); ``val_batch_size`` for the test stage.
         num_workers, shuffle, drop_last, pin_memory: DataLoader settings.
+        max_record_bytes: refuse an entry whose JSON is longer (None = no limit).
     """
 
     def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
                  train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
                  split_seed: int = 123, max_entries: int | None = None, max_prompt_length: int | None = None,
                  pad_id: int = EOT_ID, batch_size: int = 16, val_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True):
+                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
+                 max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         get_prompt_style(prompt_style)  # fail fast on a typo
+        self.max_record_bytes = max_record_bytes
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
         if max_prompt_length is not None and max_prompt_length < 1:
@@ -135,7 +140,7 @@ class PromptDataModule(GPTDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        entries = load_prompts(self.path)
+        entries = load_prompts(self.path, self.max_record_bytes)
         if self.shuffle_before_split:
             random.Random(self.split_seed).shuffle(entries)
         if self.max_entries:
