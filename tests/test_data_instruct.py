@@ -239,3 +239,20 @@ def test_entries_whose_prompt_fills_the_context_are_refused_when_all_and_counted
         InstructionDataModule(path=str(q), allowed_max_length=64).setup()
     InstructionDataModule(path=str(p), allowed_max_length=64, mask_prompt=False).setup()  # prompts are targets too
     InstructionDataModule(path=str(p), allowed_max_length=None).setup()  # nothing is truncated
+
+
+def test_an_entry_larger_than_max_record_bytes_is_refused_naming_file_and_line(tmp_path):
+    big = {"instruction": "word " * 300_000, "input": "", "output": "y"}  # 1.5 MB of JSON
+    lines = tmp_path / "big.jsonl"
+    lines.write_text("".join(json.dumps(e) + "\n" for e in [NO_INPUT, big, NO_INPUT]))
+    size = len(json.dumps(big))
+    with pytest.raises(InstructionDataError, match=rf"^{lines}: line 2 is {size:,} bytes long, more than "
+                                                   r"data.max_record_bytes=1,000,000 \(a context of 1,024 tokens"):
+        load_instruction_data(lines)
+    listed = tmp_path / "big.json"
+    listed.write_text(json.dumps([NO_INPUT, big]))
+    with pytest.raises(InstructionDataError, match=rf"^{listed}: entry 1 is {size:,} bytes of JSON, more than "
+                                                   r"data.max_record_bytes=1,000,000"):
+        load_instruction_data(listed)
+    assert load_instruction_data(lines, max_record_bytes=None)[1] == big  # no limit: read as before
+    assert load_instruction_data(lines, max_record_bytes=size) == [NO_INPUT, big, NO_INPUT]  # the bound is inclusive
