@@ -15,6 +15,7 @@ Lightning.
 from __future__ import annotations
 
 import signal
+import threading
 from types import FrameType
 from typing import Any
 
@@ -60,8 +61,9 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
-        for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handler)
+        if threading.current_thread() is threading.main_thread():  # elsewhere Python refuses handlers
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         _ACTIVE.append(self)
         return self
 

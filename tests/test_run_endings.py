@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO, small_filesystem
 from gptlab.run_lock import LOCK_FILE, FolderInUse, RunLock
+from gptlab.signals import StopSignals, Stopped, raise_if_stopped
 from gptlab.weights import safe_torch_load
 
 # gpt2-tiny on the book's story; enough steps that a signal always arrives mid-training; a checkpoint
@@ -109,6 +110,27 @@ def test_lightnings_slurm_requeue_signal_still_saves_and_requeues(tmp_path):
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
     assert safe_torch_load(run / "hpc_ckpt_1.ckpt")["global_step"] >= 2
     assert proc.returncode == 143, out[-4000:]
+
+
+def test_sigterm_outside_lightning_stops_at_once_and_one_lightning_saw_too_late_stops_the_next_job():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:  # outside a trainer: SIGTERM raises, with 128 + 15 as exit code
+        with pytest.raises(Stopped) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):
+                time.sleep(0.01)
+        assert e.value.code == 143 and stop.received == signal.SIGTERM
+    with StopSignals() as stop:
+        ours = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda signum, frame: ours(signum, frame))  # a trainer's handler, then ours
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # delivered: recorded, not raised (the trainer stops at its next batch boundary)
+        assert stop.received == signal.SIGTERM
+        signal.signal(signal.SIGTERM, ours)  # the trainer finished its last step normally
+        with pytest.raises(Stopped):  # what the sweep calls before starting its next job
+            raise_if_stopped()
+        raise_if_stopped()  # acted on once
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
 
 
 # ----------------------------------------------------------------------------- 2. one run per folder
