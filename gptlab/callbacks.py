@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from gptlab.checkpoint_io import CheckpointWriteError
-from gptlab.errors import NonFiniteError
+from gptlab.checks import ConfigRules, boolean, choice, integer, require
+from gptlab.errors import CheckpointWriteError, NonFiniteError
+from gptlab.lightning_internals import restore_loader_position, save_now
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +74,15 @@ def token_tensors(batch: Any) -> list[torch.Tensor]:
     return [batch[0]]
 
 
-class ThroughputMonitor(L.Callback):
+class ThroughputMonitor(ConfigRules, L.Callback):
     """Logs ``throughput/tokens_per_sec``, ``throughput/step_time_ms`` and (on known GPUs)
     ``throughput/mfu`` every ``log_every_n_steps`` optimizer steps.
 
     Timing is taken over a window of steps with one device sync per window, so it adds no host
     sync to the step itself. The first ``skip_steps`` (compilation, cuDNN autotuning) are ignored.
     """
+
+    RULES = {"log_every_n_steps": integer(ge=1), "skip_steps": integer(ge=0)}
 
     def __init__(self, log_every_n_steps: int = 10, skip_steps: int = 2):
         self.every = log_every_n_steps
@@ -127,7 +131,7 @@ class ThroughputMonitor(L.Callback):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-class StepCheckpoint(ModelCheckpoint):
+class StepCheckpoint(ConfigRules, ModelCheckpoint):
     """``last.ckpt``, the full training state to resume from, every ``every_n_train_steps`` optimizer
     steps and when training ends, whatever metrics exist (it monitors nothing, so it never waits for
     a first validation). ``keep_every=true`` also keeps each of them as ``step<N>.ckpt``.
@@ -137,6 +141,8 @@ class StepCheckpoint(ModelCheckpoint):
     trigger, leaving ``last.ckpt`` at the old step for the next resume to go back to).
     """
 
+    RULES = {"every_n_train_steps": integer(ge=1), "keep_every": boolean()}
+
     def __init__(self, dirpath: str, every_n_train_steps: int = 100, keep_every: bool = False,
                  filename: str = "step{step:06d}"):
         super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_last=True,
@@ -145,11 +151,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the final state too, when the run does not end on a multiple of every_n_train_steps
-        if self._should_skip_saving_checkpoint(trainer):
-            return
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        save_now(self, trainer)
 
 
 class InterruptCheckpoint(L.Callback):
@@ -241,12 +243,7 @@ class ResumeState(L.Callback):
         self._rng = state_dict.get("rng")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        fit_loop = trainer.fit_loop
-        pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-        if pending and fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None:
-            fit_loop._combined_loader._load_state_dicts(pending)
-            fit_loop._combined_loader_states_to_load = []
-            iter(fit_loop._data_fetcher)  # a new iterator from the restored position
+        restore_loader_position(trainer)
         if self._rng is not None:
             # last: building loaders and iterators above draws from the global RNG
             set_rng_states(self._rng)
@@ -254,10 +251,43 @@ class ResumeState(L.Callback):
 
 
 # ----------------------------------------------------------------------------- non-finite guard
+_GRAD_NORM = "_step_grad_norm"
+
+
+def step_grad_norm(pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The global L2 norm (a 0-dim tensor on the gradients' device, no host sync) of the gradients
+    of ``optimizer``'s parameters, computed once per optimizer step: :class:`NonFiniteGuard`'s check
+    and the task's clipping (``GPTTask.configure_gradient_clipping``) share it instead of reading
+    every gradient twice. Kept on ``pl_module`` until its next backward (:func:`forget_step_grad_norm`)."""
+    norm = pl_module.__dict__.get(_GRAD_NORM)
+    if norm is None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False) if grads else torch.zeros(())
+        pl_module.__dict__[_GRAD_NORM] = norm
+    return norm
+
+
+def forget_step_grad_norm(pl_module: L.LightningModule) -> None:
+    """Drop the norm :func:`step_grad_norm` kept: the gradients are about to change (a backward,
+    or a step whose gradients were dropped)."""
+    pl_module.__dict__.pop(_GRAD_NORM, None)
+
+
 ACTIONS = ("error", "skip")
 
 
-class NonFiniteGuard(L.Callback):
+@dataclass
+class _PendingCheck:
+    """One optimizer step's verdict on its way to the host (see :class:`NonFiniteGuard`)."""
+
+    where: str                 # "step N (epoch E, batch B)"
+    ok: torch.Tensor           # bool, on the CPU (pinned when copied from a GPU)
+    ready: Any                 # a CUDA event recorded after the copy, or None (already on the CPU)
+    losses: list[torch.Tensor]
+    norm: torch.Tensor | None
+
+
+class NonFiniteGuard(ConfigRules, L.Callback):
     """Stops training (``action=error``) or skips the optimizer step (``action=skip``) when the loss
     or the global gradient norm is NaN or infinite.
 
@@ -269,57 +299,127 @@ class NonFiniteGuard(L.Callback):
     the run with the same error. Under DDP the gradients are already averaged across processes at this
     point, so every process makes the same decision. With fp16 mixed precision the gradient scaler
     already skips steps with infinite gradients, so only the loss is checked.
+
+    No host sync on the step: with a fused optimizer (AdamW/Adam/SGD ``fused=True``, gptlab's
+    default) the verdict goes to the optimizer as its ``found_inf`` tensor, so the fused kernel itself
+    leaves the weights, moments and step count as they were when the step is not finite, and the
+    verdict is copied to the host without waiting; it is read when it has arrived (on a GPU usually
+    one step later, on the CPU at once). A checkpoint, the end of training, or a validation waits for
+    every verdict first, so none is written after a non-finite step with ``action=error``. Other
+    optimizers are checked by reading the verdict at once (a sync on a GPU).
     """
 
+    RULES = {"action": choice(*ACTIONS, name="callbacks.nonfinite_guard.action"),
+             "max_consecutive_skips": integer(ge=0)}
+
     def __init__(self, action: str = "error", max_consecutive_skips: int = 10):
-        if action not in ACTIONS:
-            raise ValueError(f"callbacks.nonfinite_guard.action={action!r}; valid choices: {list(ACTIONS)}")
+        require("action", action, self.RULES["action"])
         self.action, self.max_consecutive_skips = action, int(max_consecutive_skips)
         self.skipped = 0
         self._consecutive = 0
         self._loss_ok: torch.Tensor | None = None
-        self._loss: torch.Tensor | None = None
+        self._losses: list[torch.Tensor] = []
+        self._pending: list[_PendingCheck] = []
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        forget_step_grad_norm(pl_module)
         ok = torch.isfinite(loss.detach()).all()  # no host sync here: checked once per optimizer step
         self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
-        if self._loss is None or not bool(ok):
-            self._loss = loss.detach()
+        self._losses.append(loss.detach())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool)
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = None
-        if grads and str(trainer.precision) not in ("16-mixed", "16", "16-true"):
-            norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+        fp16 = str(trainer.precision) in ("16-mixed", "16", "16-true")
+        if not fp16:
+            norm = step_grad_norm(pl_module, optimizer)  # clipping reuses it: one norm per step
             ok = ok.to(norm.device) & torch.isfinite(norm)
-        loss, self._loss_ok, self._loss = self._loss, None, None
-        if bool(ok):
-            self._consecutive = 0
+        losses, self._loss_ok, self._losses = self._losses, None, []
+        where = self._where(trainer)
+        if not fp16 and _skips_on_device(optimizer):
+            optimizer.found_inf = (~ok).to(torch.float32)  # the fused kernel skips a non-finite update
+            host, ready = _verdict_to_host(ok)
+            self._pending.append(_PendingCheck(where, host, ready, losses, norm))
+            self.check_pending(wait=False)
             return
-        what = self._describe(trainer, loss, norm)
-        if self.action == "skip" and self._consecutive < self.max_consecutive_skips:
+        optimizer.__dict__.pop("found_inf", None)
+        self._pending.append(_PendingCheck(where, ok, None, losses, norm))
+        if not self.check_pending(wait=True) and self.action == "skip":
             for p in (p for g in optimizer.param_groups for p in g["params"]):
                 p.grad = None  # AdamW leaves parameters without a gradient untouched
-            self.skipped += 1
-            self._consecutive += 1
-            rank_zero_warn(f"{what}: optimizer step skipped ({self.skipped} so far)")
-            return
-        hint = (f"{self._consecutive} steps in a row were skipped" if self.action == "skip" else
-                "lower task.optimizer.lr, set task.grad_clip, or skip such steps with callbacks.nonfinite_guard.action=skip")
-        raise NonFiniteError(f"{what}; training stopped and the last good checkpoint was left as it was ({hint})")
+            forget_step_grad_norm(pl_module)
+
+    def check_pending(self, wait: bool) -> bool:
+        """Read the verdicts that have reached the host (all of them with ``wait``), in step order:
+        count skipped steps, or raise :class:`NonFiniteError` naming the first non-finite step.
+        Returns whether the last verdict read was finite (True when none was read)."""
+        last_ok = True
+        while self._pending:
+            check = self._pending[0]
+            if check.ready is not None:
+                if not wait and not check.ready.query():
+                    break
+                check.ready.synchronize()
+            self._pending.pop(0)
+            last_ok = bool(check.ok)
+            if last_ok:
+                self._consecutive = 0
+                continue
+            what = self._describe(check)
+            if self.action == "skip" and self._consecutive < self.max_consecutive_skips:
+                self.skipped += 1
+                self._consecutive += 1
+                rank_zero_warn(f"{what}: optimizer step skipped ({self.skipped} so far)")
+                continue
+            self._pending.clear()
+            hint = (f"{self._consecutive} steps in a row were skipped" if self.action == "skip" else
+                    "lower task.optimizer.lr, set task.grad_clip, or skip such steps with callbacks.nonfinite_guard.action=skip")
+            raise NonFiniteError(f"{what}; training stopped and the last good checkpoint was left as it was ({hint})")
+        return last_ok
+
+    # every verdict is in before a checkpoint is written, training ends, or a validation reports
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.check_pending(wait=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_pending(wait=True)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_pending(wait=True)
 
     @staticmethod
-    def _describe(trainer: L.Trainer, loss: torch.Tensor | None, norm: torch.Tensor | None) -> str:
-        parts = []
-        if loss is not None and not bool(torch.isfinite(loss).all()):
-            parts.append(f"loss {float(loss):g}")
-        if norm is not None and not math.isfinite(float(norm)):
-            parts.append(f"gradient norm {float(norm):g}")
+    def _where(trainer: L.Trainer) -> str:
         batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
-        return (f"non-finite {' and '.join(parts) or 'values'} at step {trainer.global_step} "
-                f"(epoch {trainer.current_epoch}, batch {batch})")
+        return f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch})"
+
+    @staticmethod
+    def _describe(check: _PendingCheck) -> str:
+        parts = []
+        bad = [loss for loss in check.losses if not bool(torch.isfinite(loss).all())]
+        if bad:
+            parts.append(f"loss {float(bad[0]):g}")
+        if check.norm is not None and not math.isfinite(float(check.norm)):
+            parts.append(f"gradient norm {float(check.norm):g}")
+        return f"non-finite {' and '.join(parts) or 'values'} at {check.where}"
+
+
+def _verdict_to_host(ok: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying ``ok`` to the host without waiting: the copy and a CUDA event that completes
+    with it (None on the CPU, where the copy is the value)."""
+    if ok.device.type != "cuda":
+        return ok.clone(), None
+    host, ready = ok.to("cpu", non_blocking=True), torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s kernel skips its update by itself when handed ``found_inf`` (the fused
+    Adam/AdamW/SGD kernels, as the gradient scaler uses them), in every parameter group."""
+    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD))
+            and all(g.get("fused") for g in optimizer.param_groups))
+
 
 # ----------------------------------------------------------------------------- console and log
 class ProgressBar(TQDMProgressBar):

@@ -9,12 +9,13 @@ leaves it, and the next save into that folder removes it. Lightning's own writer
 file in memory first and then moves it from ``$TMPDIR``: twice the memory, and a copy (not a rename)
 when ``$TMPDIR`` is on another file system.
 
-Checking (:func:`verify_checkpoint`): ``torch.save`` writes a zip archive whose every record carries
+Checking (:func:`gptlab.weights.readers.verify_checkpoint`, before every read): ``torch.save`` writes a zip archive whose every record carries
 the CRC-32 of its bytes; ``torch.load`` never checks them, so a file with flipped bytes inside a
 tensor loads "fine" and trains on garbage. Reading the archive once and comparing each record with
 its CRC catches truncation and corruption with a message naming the file and the record. It works for
 every checkpoint torch ever wrote in the zip format (Lightning's, the book's ``.pth`` files), so no
-sidecar file has to travel with a checkpoint.
+sidecar file has to travel with a checkpoint. It lives with the readers (no Lightning there), so
+the inference tools check a file without importing Lightning; this module re-exports it.
 """
 
 from __future__ import annotations
@@ -23,68 +24,22 @@ import errno
 import logging
 import os
 import socket
-import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from gptlab.errors import InvalidInput, NonFiniteError, storage_cause
+from gptlab.errors import CheckpointWriteError, NonFiniteError, storage_cause
+from gptlab.weights.readers import CorruptCheckpointError, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
+__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "CorruptCheckpointError", "TMP_MARK", "remove_stale_temp_files",
+           "verify_checkpoint"]
+
 TMP_MARK = ".tmp-"
 """Temporary files are ``.<name><TMP_MARK><host>-<pid>`` beside their target."""
-
-
-_VERIFIED: set[tuple[str, int, int]] = set()
-"""(path, size, mtime) of the files :func:`verify_checkpoint` passed in this process."""
-
-
-class CorruptCheckpointError(InvalidInput):
-    """A checkpoint that is empty, truncated, not a torch zip archive, or whose bytes do not match
-    the checksums saved in it (the message names the file)."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, read-only folder, ...); the previous file of that
-    name is unchanged. Its message names the file and the cause."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-# ----------------------------------------------------------------------------- checking
-def verify_checkpoint(path: str | os.PathLike) -> Path:
-    """Check that ``path`` is a complete ``torch.save`` archive whose records all match the CRC-32
-    stored with them; returns the path. Raises ``FileNotFoundError`` when it does not exist and
-    :class:`CorruptCheckpointError` (naming the file and, for a checksum mismatch, the record) when
-    it is empty, truncated, not a zip archive, or corrupted. Reads the file once (about 1 GB/s); a
-    file already verified in this process, unchanged since (same size and modification time), is not
-    read again."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    st = p.stat()
-    stamp = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if stamp in _VERIFIED:
-        return p
-    if st.st_size == 0:
-        raise CorruptCheckpointError(f"{p} is empty (0 bytes): its save was cut short; use an earlier checkpoint")
-    try:
-        with zipfile.ZipFile(p) as archive:
-            bad = archive.testzip()  # reads every record and compares its CRC-32
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
-        raise CorruptCheckpointError(
-            f"{p} is not a complete checkpoint ({e}): it was truncated, or is not a file torch.save "
-            "wrote; use an earlier checkpoint") from None
-    if bad is not None:
-        raise CorruptCheckpointError(
-            f"{p} is corrupted: its record {bad!r} does not match the checksum saved with it; "
-            "use an earlier checkpoint")
-    _VERIFIED.add(stamp)
-    return p
 
 
 # ----------------------------------------------------------------------------- writing

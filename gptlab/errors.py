@@ -26,3 +26,11 @@ def storage_cause(error: OSError) -> str:
               errno.EROFS: "read-only file system: not writable", errno.EACCES: "not writable (permission denied)",
               errno.EPERM: "not writable (operation not permitted)"}
     return causes.get(error.errno, error.strerror or str(error))
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only folder, ...); the previous file of that
+    name is unchanged. Its message names the file and the cause."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -1,5 +1,6 @@
-"""The one loader of every inference tool (generate, chat, classify, eval, export): a checkpoint or
-pretrained weights, plus an optional adapter file, into a ready model and what prediction needs.
+"""The one loader of every inference tool (generate, chat, classify, eval, export, respond, reward, the
+PPO reward model): a checkpoint or pretrained weights, plus an optional adapter file, into a ready
+model and what prediction needs; and the batched prediction those tools share.
 
     lm = load_model(ckpt_path="outputs/.../last.ckpt")                   # any task's language model
     clf = load_model(init_from="gpt2-small", adapter_path="adapter.safetensors", expect="classifier")
@@ -7,7 +8,9 @@ pretrained weights, plus an optional adapter file, into a ready model and what p
 
 What a file holds is read from what it records (a checkpoint's ``gptlab_task``/``gptlab_kind``,
 an adapter's ``task``/``kind``), never guessed from tensor shapes; asking for the other kind is a
-clear error. Files are read safely: nothing in them can run code.
+clear error. Files are read safely (nothing in them can run code), each once. The model is built
+from the checkpoint alone (:func:`gptlab.weights.checkpoint.checkpoint_model`): no task, no
+Lightning, so the tools start fast and the training tasks can load a model through here too.
 """
 
 from __future__ import annotations
@@ -15,19 +18,25 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Mapping
+from typing import Any, ContextManager, Mapping, Sequence
 
 import tiktoken
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from gptlab.checks import choice
+from gptlab.data.prompt_styles import extract_response, get_prompt_style, left_pad
+from gptlab.model.adapters import unquantized
+from gptlab.model.generation import generate
 from gptlab.model.gpt import GPT
+from gptlab.model.heads import class_logits, reward_scores
 from gptlab.model.lora import merge_lora, read_adapter
 from gptlab.model.qlora import load_qlora_adapter
-from gptlab.tasks.adapters import unquantized
-from gptlab.tasks.checkpoint import CheckpointError, check_gptlab_checkpoint, load_backbone, read_checkpoint
-from gptlab.tasks.registry import load_task, task_class
-from gptlab.tokenizer import get_tokenizer
+from gptlab.tokenizer import EOT_ID, get_tokenizer
 from gptlab.weights import is_training_checkpoint, safe_torch_load
+from gptlab.weights.checkpoint import (LEGACY_TASK_KINDS, PREDICTION_KEYS, CheckpointError, check_gptlab_checkpoint,
+                                       checkpoint_adapter, checkpoint_kind, checkpoint_model, load_backbone,
+                                       prediction_settings, read_checkpoint, recorded_task, task_name)
 from gptlab.weights.loading import TORCH_SUFFIXES
 
 KINDS = {"lm": "language model", "classifier": "classifier", "reward": "reward model"}
@@ -41,7 +50,28 @@ _HINTS = {
               "experiment=ch08_reward_model), or give the reward-model run's adapter_path=",
 }
 PRECISIONS = ("auto", "32", "bf16", "bf16-mixed", "16", "keep")
-_PREDICTION_KEYS = ("labels", "pooling", "max_length", "prompt_style")
+
+
+def check_device(v: Any) -> str | None:
+    """The rule of a ``device=`` value: None when this machine has it, else what is allowed."""
+    allowed = "auto, cpu, cuda, cuda:<index> or mps"
+    if not isinstance(v, str):
+        return allowed
+    if v in ("auto", "cpu"):
+        return None
+    if v == "mps":
+        return None if torch.backends.mps.is_available() else "auto or cpu (no MPS device is available here)"
+    if v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
+        if not torch.cuda.is_available():
+            return "auto or cpu (no CUDA device is available here)"
+        if ":" in v and int(v[5:]) >= torch.cuda.device_count():
+            return f"cuda:0 ... cuda:{torch.cuda.device_count() - 1} (the CUDA devices here)"
+        return None
+    return allowed
+
+
+PRECISION_RULE = choice(*PRECISIONS, 32, 16)
+"""The rule of a ``precision=`` value (YAML may give 32 and 16 as numbers)."""
 
 
 class WrongModelKind(ValueError):
@@ -128,18 +158,21 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
         raise ValueError(f"expect={expect!r}; valid choices: {sorted(KINDS)}")
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
-    if init_from is not None and _is_gptlab_checkpoint_file(init_from):
+    ckpt = _gptlab_checkpoint_at(init_from) if init_from is not None else None
+    if ckpt is not None:
         ckpt_path, init_from = init_from, None
-    meta: dict[str, Any] = dict.fromkeys(_PREDICTION_KEYS)
-    task_name: str | None = None
+    meta: dict[str, Any] = dict.fromkeys(PREDICTION_KEYS)
+    task: str | None = None
     if ckpt_path is not None:
         source = str(ckpt_path)
+        ckpt = ckpt if ckpt is not None else read_checkpoint(ckpt_path)
+        kind = _file_kind(checkpoint_kind(ckpt, source), source)
+        task = recorded_task(ckpt, source)
         # a QLoRA checkpoint stores its base dequantized: LoRA on exactly those weights is the trained
         # model; re-quantizing them (merge=False keeps 4 bits) rounds the scales once more
-        adapter = (read_checkpoint(ckpt_path).get("hyper_parameters") or {}).get("adapter") if merge else None
-        task = load_task(ckpt_path, **({"adapter": unquantized(adapter)} if adapter else {}))
-        model, task_name, kind = task.model, task.task_name, _file_kind(task.kind, source)
-        meta.update({k: v for k, v in task.prediction_metadata().items() if k in meta})
+        adapter = checkpoint_adapter(ckpt)
+        model = checkpoint_model(ckpt, source, unquantized(adapter) if adapter and merge else adapter)
+        meta.update(prediction_settings(ckpt))
     else:
         source = str(init_from)
         model = load_backbone(init_from, dtype=None if precision == "keep" else torch.float32, **dict(overrides or {}))
@@ -148,42 +181,148 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
         source = f"{source} + {adapter_path}"
         _, adapter_cfg = read_adapter(adapter_path)
         meta.update({k: adapter_cfg[k] for k in meta if adapter_cfg.get(k) is not None})
-        task_name, kind = _adapter_kind(adapter_cfg, adapter_path, task_name, kind)
+        task, kind = _adapter_kind(adapter_cfg, adapter_path, task, kind)
         load_qlora_adapter(model, adapter_path)  # a LoRA file as load_adapter; a QLoRA file on its re-quantized base
     if expect is not None and kind != expect:
-        what = KINDS[kind] + (f" (task {task_name!r})" if task_name else "")
+        what = KINDS[kind] + (f" (task {task!r})" if task else "")
         raise WrongModelKind(f"{source} holds a {what}, not a {KINDS[expect]}; {_HINTS[expect]}")
     if merge:
         merge_lora(model)
     dtype = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32}.get(precision)
     model = model.to(dev) if dtype is None else model.to(dev, dtype)
     return LoadedModel(model=model.eval(), kind=kind, source=source, device=dev, precision=precision,
-                       tokenizer=get_tokenizer(), task=task_name, labels=meta["labels"], pooling=meta["pooling"],
+                       tokenizer=get_tokenizer(), task=task, labels=meta["labels"], pooling=meta["pooling"],
                        max_length=meta["max_length"], prompt_style=meta["prompt_style"])
 
 
-def _is_gptlab_checkpoint_file(name_or_path: str | Path) -> bool:
+def _gptlab_checkpoint_at(name_or_path: str | Path) -> dict[str, Any] | None:
+    """The contents of ``name_or_path`` when it is a gptlab training checkpoint (read once), else None."""
     path = Path(name_or_path).expanduser()
     if not (path.is_file() and path.suffix in TORCH_SUFFIXES):
-        return False
-    obj = safe_torch_load(path)  # memory-mapped: cheap; read again by load_task
+        return None
+    obj = safe_torch_load(path)  # memory-mapped: cheap
     if is_training_checkpoint(obj):
         check_gptlab_checkpoint(obj, path)
-        return True
-    return False
+        return obj
+    return None
 
 
-def _adapter_kind(cfg: Mapping[str, Any], path: str | Path, task_name: str | None, kind: str) -> tuple[str | None, str]:
+def _adapter_kind(cfg: Mapping[str, Any], path: str | Path, task: str | None, kind: str) -> tuple[str | None, str]:
     """The task and kind an adapter file records (its ``kind``, else its task's), or the base's."""
     name = cfg.get("task")
     if name:
-        cls = task_class(str(name), path)
-        task_name = cls.task_name
-        kind = cfg.get("kind") or cls.kind
+        if cfg.get("kind"):
+            task, kind = str(name), str(cfg["kind"])
+        else:
+            task = task_name(str(name), path)
+            kind = LEGACY_TASK_KINDS[task]
     elif cfg.get("kind"):
         kind = cfg["kind"]
-    return task_name, _file_kind(kind, str(path))
+    return task, _file_kind(kind, str(path))
+
+
+# ----------------------------------------------------------------------------- batched prediction
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into (B, T) ``ids`` and ``attention_mask`` (1 = real) on ``device``."""
+    tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
+    ids = pad_sequence(tensors, batch_first=True, padding_value=pad_id).to(device)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    mask = (torch.arange(ids.size(1), device=device)[None, :] < lengths[:, None]).long()
+    return ids, mask
+
+
+@torch.no_grad()
+def predict_texts(model: GPT, texts: Sequence[str], pooling: str = "last_token", max_length: int | None = None,
+                  batch_size: int = 32, pad_id: int = EOT_ID, tokenizer: Any = None,
+                  progress: bool = False) -> torch.Tensor:
+    """Class probabilities (N, num_classes) of ``texts`` from a classifier backbone (float32, CPU).
+
+    Each text keeps its first ``max_length`` tokens (None = the model's context length), as the
+    book's ``classify_review``; batches are right-padded to their longest text.
+    """
+    from tqdm.auto import tqdm
+
+    tok = tokenizer or get_tokenizer()
+    device = next(model.parameters()).device
+    limit = min(max_length or model.config.context_length, model.config.context_length)
+    out = []
+    with tqdm(total=len(texts), unit="text", disable=not progress, desc="classify") as bar:
+        for start in range(0, len(texts), batch_size):
+            ids = [e[:limit] or [pad_id] for e in tok.encode_ordinary_batch(list(texts[start:start + batch_size]))]
+            input_ids, mask = right_pad(ids, pad_id, device)
+            out.append(class_logits(model, input_ids, mask, pooling).float().softmax(dim=-1).cpu())
+            bar.update(len(ids))
+    if not out:
+        return torch.empty(0, model.out_head.out_features)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     prompt_style: str = "alpaca", max_new_tokens: int = 256, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None) -> list[str]:
+    """Answers to a left-padded batch of prompts (B, T): batched KV-cache generation (greedy at
+    temperature 0), stopped at ``<|endoftext|>``, cut at the prompt style's stop markers."""
+    out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_id=EOT_ID, attention_mask=attention_mask)
+    new = out[:, prompt_ids.size(1):].tolist()  # the prompt is stripped by position
+    tok = get_tokenizer()
+    answers = []
+    for ids in new:
+        ids = ids[: ids.index(EOT_ID)] if EOT_ID in ids else ids
+        answers.append(extract_response(tok.decode(ids), prompt_style))
+    return answers
+
+
+def answer_entries(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], prompt_style: str = "alpaca",
+                   max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float | None = None, batch_size: int = 8, max_prompt_length: int | None = None,
+                   progress: bool = False) -> list[str]:
+    """Answers to every entry's instruction (+ input) in ``prompt_style``, generated in batches of
+    ``batch_size`` left-padded prompts exactly as the test stage of a training run does."""
+    from tqdm.auto import tqdm
+
+    style = get_prompt_style(prompt_style)
+    tok = get_tokenizer()
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    with tqdm(total=len(entries), unit="entry", desc="generating", disable=not progress) as bar:
+        for start in range(0, len(entries), batch_size):
+            part = entries[start:start + batch_size]
+            ids, mask = left_pad(tok.encode_ordinary_batch([style.prompt(e) for e in part]), EOT_ID, max_prompt_length)
+            answers += generate_answers(model, ids.to(device), mask.to(device), prompt_style, max_new_tokens,
+                                        temperature, top_k, top_p)
+            bar.update(len(part))
+    return answers
+
+
+@torch.no_grad()
+def score_responses(model: GPT, entries: Sequence[Mapping[str, Any]], prompt_style: str = "alpaca",
+                    response_key: str = "model_response", batch_size: int = 16, max_length: int | None = None,
+                    pad_id: int = EOT_ID, tokenizer: Any = None) -> list[float]:
+    """Rewards of ``entry[response_key]`` as the answer to each entry's prompt (its ``instruction``
+    and ``input`` in ``prompt_style``) from a reward model, tokenized exactly as in training (prompt
+    ids + response ids), keeping the first ``max_length`` tokens (None = the model's context length)."""
+    style = get_prompt_style(prompt_style)
+    tok = tokenizer or get_tokenizer()
+    device = next(model.parameters()).device
+    limit = min(max_length or model.config.context_length, model.config.context_length)
+    scores: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(entries), batch_size):
+            part = entries[start:start + batch_size]
+            prompts = tok.encode_ordinary_batch([style.prompt(e) for e in part])
+            answers = tok.encode_ordinary_batch([e[response_key] for e in part])
+            ids, mask = right_pad([(p + a)[:limit] for p, a in zip(prompts, answers)], pad_id, device)
+            scores += reward_scores(model, ids, mask).float().cpu().tolist()
+    finally:
+        model.train(was_training)
+    return scores
 
 
 __all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_precision", "WrongModelKind", "KINDS",
-           "PRECISIONS"]
+           "PRECISIONS", "check_device", "PRECISION_RULE", "right_pad", "predict_texts", "generate_answers",
+           "answer_entries", "score_responses"]

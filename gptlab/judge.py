@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from gptlab.data.instruct import format_input
+from gptlab.checks import ConfigRules, Predicate, choice, integer, number, require, text
+from gptlab.data.prompt_styles import format_input
 from gptlab.errors import InvalidInput
 
 # The book's judge prompt; ``{input}`` is the Alpaca-formatted instruction (+ input).
@@ -186,7 +187,11 @@ def _candidate_points(pick: str, candidate_position: int) -> int:
     return 0 if pick == "tie" else (1 if pick == str(candidate_position) else -1)
 
 
-class Judge:
+def _url_ok(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and v.startswith(("http://", "https://")) and len(v) > 8)
+
+
+class Judge(ConfigRules):
     """Scores responses with a model served by Ollama or an OpenAI-compatible server.
 
     Args:
@@ -206,13 +211,20 @@ class Judge:
         api_key: sent as ``Authorization: Bearer ...`` (OpenAI-compatible servers that need one).
     """
 
+    RULES = {"backend": choice(*BACKENDS, name="judge backend"), "model": text(),
+             "url": Predicate(_url_ok, "an http:// or https:// URL or null"), "timeout": number(gt=0),
+             "retries": integer(ge=0), "backoff": number(ge=0), "seed": integer(), "temperature": number(ge=0),
+             "num_ctx": integer(ge=1), "parse_retries": integer(ge=0), "api_key": text(optional=True),
+             "cache": Predicate(lambda v: v is None or v is False or (isinstance(v, str) and bool(v)),
+                                "a file path, null (beside the responses) or false (off)")}
+    """The rule of every setting (the ``judge`` node of ``gptlab-judge``)."""
+
     def __init__(self, model: str = "llama3", url: str | None = None, backend: str = "ollama",
                  timeout: float = 120.0, retries: int = 3, backoff: float = 1.0, seed: int = 123,
                  temperature: float = 0.0, num_ctx: int = 2048, cache: str | Path | None = None,
                  template: str = BOOK_TEMPLATE, parse_retries: int = 1, api_key: str | None = None,
                  pairwise_template: str = PAIRWISE_TEMPLATE):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown judge backend {backend!r}; valid choices: {list(BACKENDS)}")
+        require("backend", backend, self.RULES["backend"])
         self.model, self.backend = model, backend
         self.url = (url or DEFAULT_URLS[backend]).rstrip("/")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
@@ -346,20 +358,9 @@ class Judge:
 
     def score(self, entry: Mapping[str, Any], response_key: str = "model_response") -> Score:
         """Score ``entry[response_key]`` against ``entry["output"]``."""
-        messages = [{"role": "user", "content": judge_prompt(entry, self.template, response_key)}]
-        text, cached = self.chat(messages)
-        raws = [text]
-        value = parse_score(text)
-        for _ in range(self.parse_retries):
-            if value is not None:
-                break
-            # ask again, showing the judge its own answer: a deterministic server would repeat it
-            messages = [*messages, {"role": "assistant", "content": text}, {"role": "user", "content": FOLLOW_UP}]
-            text, hit = self.chat(messages)
-            cached = cached and hit
-            raws.append(text)
-            value = parse_score(text)
-        return Score(value, "\n---\n".join(raws) if value is None else text, cached)
+        value, raws, cached = self._ask_until_parsed(judge_prompt(entry, self.template, response_key), parse_score,
+                                                     FOLLOW_UP)
+        return Score(value, "\n---\n".join(raws) if value is None else raws[-1], cached)
 
     def score_all(self, entries: Iterable[Mapping[str, Any]], response_key: str = "model_response",
                   progress: bool = True) -> list[Score]:
@@ -372,7 +373,8 @@ class Judge:
         return [self.score(e, response_key) for e in entries]
 
     def _ask_until_parsed(self, prompt: str, parse: Any, follow_up: str) -> tuple[Any, list[str], bool]:
-        """(parsed value or None, raw answers, all cached): asks again up to ``parse_retries`` times."""
+        """(parsed value or None, raw answers, all cached): asks again up to ``parse_retries`` times,
+        showing the judge its own answer (a deterministic server would repeat it otherwise)."""
         messages = [{"role": "user", "content": prompt}]
         text, cached = self.chat(messages)
         raws, value = [text], parse(text)

@@ -18,19 +18,19 @@ reference ``output`` for a rule to compare with). Accept ``**kwargs`` for what y
 
 The config node is built by Hydra when the run starts, from the run's own config; a checkpoint
 never records it (``gptlab.tasks.registry.load_task`` rebuilds a PPO policy without its reward).
+:func:`call_reward` calls one and checks what it returns.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
-from gptlab.inference import load_model
-from gptlab.tasks.reward import reward_scores
+from gptlab.inference import load_model, right_pad
+from gptlab.model.heads import reward_scores
 from gptlab.tokenizer import get_tokenizer
 
 
@@ -40,6 +40,22 @@ class RewardFunction(Protocol):
     def __call__(self, *, prompts: list[str], completions: list[str], prompt_ids: list[list[int]],
                  completion_ids: list[list[int]], entries: list[dict[str, Any]]) -> Sequence[float] | torch.Tensor:
         ...
+
+
+def call_reward(reward_fn: Callable[..., Any], *, prompts: list[str], completions: list[str],
+                prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                entries: list[dict[str, Any]]) -> torch.Tensor:
+    """``reward_fn``'s scores of a batch of completions as a (N,) float32 tensor (on the CPU unless the
+    function returned a tensor elsewhere). Raises ValueError when it returns another number of scores
+    than completions, or a score that is not finite."""
+    scores = reward_fn(prompts=prompts, completions=completions, prompt_ids=prompt_ids,
+                       completion_ids=completion_ids, entries=entries)
+    scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+    if scores.numel() != len(completions):
+        raise ValueError(f"the reward function returned {scores.numel()} scores for {len(completions)} responses")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"the reward function returned non-finite scores: {scores.tolist()}")
+    return scores
 
 
 class TokenCountReward:
@@ -123,18 +139,15 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, *, prompt_ids: list[list[int]], completion_ids: list[list[int]], **kwargs: Any) -> torch.Tensor:
-        rows = [torch.tensor((p + c)[: self.max_length], dtype=torch.long) for p, c in zip(prompt_ids, completion_ids)]
+        rows = [(p + c)[: self.max_length] for p, c in zip(prompt_ids, completion_ids)]
         step = self.batch_size or max(1, len(rows))
         scores = []
         for start in range(0, len(rows), step):
-            part = rows[start:start + step]
             # right padding with id 0: causal attention keeps it out of the last real token's score
-            ids = pad_sequence(part, batch_first=True, padding_value=0).to(self.device)  # (b, T)
-            lengths = torch.tensor([len(r) for r in part], device=self.device)
-            mask = (torch.arange(ids.size(1), device=self.device)[None, :] < lengths[:, None]).long()
+            ids, mask = right_pad(rows[start:start + step], 0, self.device)  # (b, T)
             with self.loaded.autocast():
                 scores.append(reward_scores(self.model, ids, mask).float())
         return torch.cat(scores)
 
 
-__all__ = ["RewardFunction", "TokenCountReward", "RegexCountReward", "RewardModel"]
+__all__ = ["RewardFunction", "call_reward", "TokenCountReward", "RegexCountReward", "RewardModel"]

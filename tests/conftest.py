@@ -13,8 +13,11 @@ from typing import Iterator
 import pytest
 import torch
 
+from gptlab.config_tree import register_model_presets
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
+
+register_model_presets()  # the model presets conf/model/*.yaml compose from
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")

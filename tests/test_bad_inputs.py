@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from faults import corrupt_tensor_bytes
-from gptlab.cli import chat, classify, evaluate, export, generate, judge, train
+from gptlab.config_tree import CONFIG_DIR
+from gptlab.cli import chat, classify, evaluate, export, generate, judge, respond, reward, serve, train
 
 TOOLS = {"train": (train.main, "gptlab-train"), "generate": (generate.main, "gptlab-generate"),
          "chat": (chat.main, "gptlab-chat"), "classify": (classify.main, "gptlab-classify"),
          "eval": (evaluate.main, "gptlab-eval"), "export": (export.main, "gptlab-export"),
-         "judge": (judge.main, "gptlab-judge")}
+         "judge": (judge.main, "gptlab-judge"), "respond": (respond.main, "gptlab-respond"),
+         "reward": (reward.main, "gptlab-reward"), "serve": (serve.main, "gptlab-serve")}
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
 
 CASES = [
@@ -73,6 +75,28 @@ CASES = [
     ("train", ["adapter=qlora", "adapter.block_size=0"], "adapter.block_size=0"),
     ("train", ["task.lr=1e-3"], "unknown key task.lr; task has: "),  # moved to task.optimizer.lr
     ("train", ["task=dpo", "data=preference", "task.betaa=0.2"], "unknown key task.betaa; task has: "),
+    # --- every tool: a mistyped key names the closest one, a wrong group option lists the valid ones
+    ("train", ["trainer.max_step=5"], "unknown key trainer.max_step; trainer has: "),
+    ("train", ["trainer.max_step=5"], "did you mean trainer.max_steps?"),
+    ("train", ["task.lr=1e-3"], "did you mean task.optimizer.lr?"),
+    ("train", ["task=dpo", "data=preference", "task.betaa=0.2"], "did you mean task.beta?"),
+    ("train", ["model.nlayers=2"], "did you mean model.n_layers?"),
+    ("train", ["task.foo.bar=1"], "unknown key task.foo.bar; task has: "),
+    ("train", ["model=gpt9"], "model=gpt9: no such option"),
+    ("train", ["model=gpt2-smal"], "did you mean model=gpt2-small? model options (closest first): gpt2-small, "),
+    ("train", ["task=ppo", "data=prompts", "task/reward=token_cnt"], "did you mean task/reward=token_count?"),
+    ("train", ["experiment=ch5_verdict"], "did you mean experiment=ch05_verdict?"),
+    ("train", ["a=["], "cannot read the argument 'a=['"),
+    ("train", ["+trainer.max_steps=3"], "An item is already at 'trainer.max_steps'"),
+    ("eval", ["init_from=gpt2-small", "data=verdit"], "did you mean data=verdict?"),
+    ("chat", ["ckpt_path={files}/good.ckpt", "max_new_token=5"], "did you mean max_new_tokens?"),
+    ("classify", ["ckpt_path={files}/good.ckpt", "text=hi", "batchsize=2"], "did you mean batch_size?"),
+    ("export", ["init_from=gpt2-small", "out_dir={run}/x", "dtyp=fp16"], "did you mean dtype?"),
+    ("judge", ["responses={files}/responses.json", "judge.modle=llama3"], "did you mean judge.model?"),
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "max_new_token=4"], "did you mean max_new_tokens?"),
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "data=preferenc"], "did you mean data=preference?"),
+    ("reward", ["ckpt_path={files}/good.ckpt", "responses={files}/responses.json", "batchsize=2"],
+     "did you mean batch_size?"),
     # --- gptlab-train: files
     ("train", ["ckpt_path={files}/missing.ckpt"], "{files}/missing.ckpt"),
     ("train", ["ckpt_path={files}/corrupt.ckpt"], "{files}/corrupt.ckpt is corrupted"),
@@ -106,6 +130,7 @@ CASES = [
     pytest.param("generate", ["init_from=gpt2-small", "device=cuda"], "device='cuda'", marks=NO_CUDA),
     ("generate", ["init_from=gpt2-small", "precision=fp8"], "precision='fp8'"),
     ("generate", ["init_from=gpt2-small", "tempreature=0.5"], "unknown key tempreature; the config has: "),
+    ("generate", ["init_from=gpt2-small", "tempreature=0.5"], "did you mean temperature?"),
     # --- gptlab-chat
     ("chat", ["ckpt_path={files}/good.ckpt", "temperature=-0.5"], "temperature=-0.5"),
     ("chat", ["ckpt_path={files}/good.ckpt", "prompt_style=chatml"], "prompt_style='chatml'"),
@@ -134,6 +159,25 @@ CASES = [
     ("judge", ["responses={files}/responses.json", "judge.url=ftp://example.org"], "judge.url='ftp://example.org'"),
     ("judge", ["responses={files}/responses.json", "judge.retries=-1"], "judge.retries=-1"),
     ("judge", ["responses={files}/broken.json"], "{files}/broken.json: invalid JSON at line 2"),
+    # --- gptlab-serve
+    ("serve", [], "ckpt_path=None, init_from=None: expected exactly one of them"),
+    ("serve", ["init_from=gpt2-small", "port=70000"], "port=70000: expected an integer in [0, 65535]"),
+    ("serve", ["init_from=gpt2-small", "max_batch_size=0"], "max_batch_size=0"),
+    ("serve", ["init_from=gpt2-small", "max_queue=0"], "max_queue=0"),
+    ("serve", ["init_from=gpt2-small", "prompt_style=chatml"], "prompt_style='chatml'"),
+    ("serve", ["ckpt_path={files}/corrupt.ckpt"], "{files}/corrupt.ckpt is corrupted"),
+    # --- gptlab-respond
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "split=dev"], "split='dev'"),
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "temperature=-1"], "temperature=-1: expected a number >= 0"),
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "data.batch_size=0"], "data.batch_size=0"),
+    ("respond", ["init_from=gpt2-small", "output={run}/r.json", "data.prompt_style=chatml"], "data.prompt_style='chatml'"),
+    ("respond", ["ckpt_path={files}/corrupt.ckpt", "output={run}/r.json"], "{files}/corrupt.ckpt is corrupted"),
+    # --- gptlab-reward
+    ("reward", ["ckpt_path={files}/good.ckpt", "responses={files}/responses.json", "max_length=0"], "max_length=0"),
+    ("reward", ["ckpt_path={files}/good.ckpt", "responses={files}/responses.json", "batch_size=0"], "batch_size=0"),
+    ("reward", ["ckpt_path={files}/good.ckpt", "responses={files}/responses.json", "prompt_style=chatml"],
+     "prompt_style='chatml'"),
+    ("reward", ["responses={files}/responses.json"], "ckpt_path=None, init_from=None: expected exactly one of them"),
 ]
 
 
@@ -194,6 +238,35 @@ def test_the_table_covers_every_tool_with_at_least_40_cases():
     assert len(CASES) >= 40 and set(tools) == set(TOOLS)
 
 
+REFUSED_COMMAND_LINES = [("train", ["trainer.max_step=5"]), ("train", ["model=gpt9"]), ("train", ["a=["]),
+                         ("train", ["task.lrr=1", "trainer.max_step=5"]), ("generate", ["tempreature=0.5"]),
+                         ("eval", ["data=verdit"]), ("respond", ["data=preferenc"])]
+
+
+@pytest.mark.parametrize("tool,args", REFUSED_COMMAND_LINES, ids=[f"{t}:{' '.join(a)}" for t, a in REFUSED_COMMAND_LINES])
+def test_a_command_line_hydra_refuses_is_one_line_per_mistake_and_status_2(tool, args, tmp_path, monkeypatch,
+                                                                             run_entry):
+    """Hydra's own report of the refusal (its "Could not override" block, the search path, the
+    HYDRA_FULL_ERROR hint) is replaced by gptlab's line: one per mistake, exit status 2 (not 1)."""
+    monkeypatch.chdir(tmp_path)
+    main, prog = TOOLS[tool]
+    code, out, err = run_entry(main, prog, *args, f"hydra.run.dir={tmp_path / 'run'}")
+    lines = err.strip().splitlines()
+    mistakes = sum(1 for a in args if a.split("=", 1)[0] in ("task.lrr", "trainer.max_step")) or 1
+    assert code == 2 and len(lines) == mistakes and all(line.startswith(f"{prog}: error: ") for line in lines), err
+    for noise in ("Could not override", "HYDRA_FULL_ERROR", "Config search path", "Available options"):
+        assert noise not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_wrong_group_option_lists_every_valid_one_closest_first(tmp_path, monkeypatch, run_entry):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_entry(train.main, "gptlab-train", "model=gpt2-medum", f"hydra.run.dir={tmp_path / 'run'}")
+    listed = err.strip().split("model options (closest first): ", 1)[1].split(", ")
+    assert code == 2 and listed[0] == "gpt2-medium"
+    assert sorted(listed) == sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+
+
 def test_every_bad_value_is_listed_at_once(tmp_path, monkeypatch, run_entry):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_entry(train.main, "gptlab-train", "task.optimizer.lr=abc", "task.lr_schedule.name=cosinee",
@@ -202,6 +275,15 @@ def test_every_bad_value_is_listed_at_once(tmp_path, monkeypatch, run_entry):
     assert code == 2 and "5 invalid config values" in err
     for key in ("task.optimizer.lr=", "task.lr_schedule.name=", "adapter.rank=", "model.n_layers=", "data.stride="):
         assert key in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_bad_model_field_is_listed_at_once(tmp_path, monkeypatch, run_entry):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_entry(train.main, "gptlab-train", "model=gpt2-tiny", "model.n_heads=3", "model.drop_rate=2",
+                             f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and "2 invalid config values" in err
+    assert "model.n_heads=3: expected a divisor of emb_dim=32" in err and "model.drop_rate=2: expected a number" in err
     assert not (tmp_path / "run").exists()
 
 

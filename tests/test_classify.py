@@ -21,13 +21,15 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONF_DIR, run_cli
-from gptlab.cli.classify import pop_text_argument, run as classify_run
+from gptlab.cli import pop_text_argument
+from gptlab.cli.classify import run as classify_run
 from gptlab.data.spam import TextClassificationDataModule
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import LoRALinear
 from gptlab.tasks.registry import load_task
-from gptlab.tasks.classify import ClassificationTask, pool_hidden
+from gptlab.model.heads import pool_hidden
+from gptlab.tasks.classify import ClassificationTask
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 TINY = GPTConfig.from_name("gpt2-tiny").to_dict()

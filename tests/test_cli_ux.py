@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,19 +20,20 @@ from omegaconf import OmegaConf
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.compare import main as compare
 from gptlab.cli.configs import main as config_tool
-from gptlab.cli.entry import check_plugins, handle_help, read_keys, render, require_values
+from gptlab.cli import check_plugins, handle_help, require_values
 from gptlab.cli.hparams import select_hparams
-from gptlab.cli.results import read_result, write_result
+from gptlab.config_tree import read_keys, render
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import apply_lora, save_adapter
+from gptlab.results import read_result, write_result
 
 TINY_RUN = ["model=gpt2-tiny", "data.max_length=32", "data.batch_size=8", "trainer.enable_progress_bar=false",
             "task.sample_prompt=null"]
 TOOLS = {"train": ("gptlab-train", ["model", "data", "task", "adapter", "trainer"]),
          "generate": ("gptlab-generate", []), "chat": ("gptlab-chat", []), "classify": ("gptlab-classify", []),
          "eval": ("gptlab-eval", ["data"]), "export": ("gptlab-export", []), "judge": ("gptlab-judge", []),
-         "reward": ("gptlab-reward", []), "respond": ("gptlab-respond", ["data"])}
+         "reward": ("gptlab-reward", []), "respond": ("gptlab-respond", ["data"]), "serve": ("gptlab-serve", [])}
 
 
 # --------------------------------------------------------------------------- --help
@@ -76,7 +78,7 @@ def test_the_console_entry_prints_help_without_composing(tmp_path):
 
 @pytest.mark.parametrize("arg, extra", [("hydra/launcher=parallel", "launchers"), ("hparams_search=spam_optuna", "optuna")])
 def test_an_option_whose_plugin_is_missing_names_the_extra(arg, extra, capsys, monkeypatch):
-    import gptlab.cli.entry as entry
+    import gptlab.cli as entry
 
     monkeypatch.setattr(entry, "_installed", lambda module: False)
     with pytest.raises(SystemExit) as e:
@@ -89,6 +91,22 @@ def test_config_ls_lists_groups_options_and_descriptions(capsys):
     assert config_tool(["ls", "experiment"]) == 0
     out = capsys.readouterr().out
     assert "experiment/ch06_spam_scratch" in out and "experiment/ch05_verdict" in out
+
+
+def test_config_ls_describes_every_tool_config_and_every_preset(capsys):
+    """Every config file is listed with a description: each tool's own config (one per console script
+    that composes one) and every option of every group, presets included."""
+    assert config_tool(["ls"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    described = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.startswith("  ") and len(line.split()) > 1}
+    listed = {line.split()[0] for line in lines if line.startswith("  ")}
+    root = Path(CONFIG_DIR)
+    every = {p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")}
+    assert listed == every and set(described) == every, sorted(every - set(described))
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    tools = {name.removeprefix("gptlab-") for name in scripts} - {"compare", "config"}  # argparse tools: no config
+    assert tools <= every and {"respond", "reward"} <= tools
+    assert all(len(described[name]) >= 8 for name in every)  # "no logger" is the shortest
 
 
 def test_config_cp_copies_a_preset_that_runs_from_your_own_folder(tmp_path, capsys):

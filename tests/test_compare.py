@@ -10,8 +10,8 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from gptlab.cli.compare import find_runs, load_run, main, metric_mode
-from gptlab.cli.results import write_result
+from gptlab.cli.compare import main
+from gptlab.results import find_runs, load_run, metric_mode, write_result
 
 # job -> (overrides, val/loss curve, val/acc curve); job 2 failed after one validation
 JOBS = {
@@ -39,7 +39,7 @@ def make_sweep(root: Path) -> Path:
         writer.close()
         if job == "2":
             (run / "FAILED").write_text("Traceback ...\nValueError: boom\n")
-        # every run ends by writing metrics.json (gptlab.cli.results)
+        # every run ends by writing metrics.json (gptlab.results.record)
         write_result(run, "failed" if job == "2" else "ok", {"val/loss": losses[-1], "val/acc": accs[-1]}, "val/loss")
     return root
 

@@ -97,6 +97,27 @@ def test_gpu_trainer_defaults_to_bf16():
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
 
 
+def test_the_code_defaults_of_the_optimizer_and_schedule_are_the_yaml_nodes():
+    """One default per key: a task built in Python without an optimizer gets what the config gives."""
+    from gptlab.optim import DEFAULT_LR_SCHEDULE, DEFAULT_OPTIMIZER
+
+    conf = Path(CONF_DIR) / "task"
+    assert OmegaConf.to_container(OmegaConf.load(conf / "optimizer" / "adamw.yaml")) == DEFAULT_OPTIMIZER
+    assert OmegaConf.to_container(OmegaConf.load(conf / "lr_schedule" / "warmup_decay.yaml")) == DEFAULT_LR_SCHEDULE
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_a_model_yaml_states_its_preset_and_composes_to_its_fields(name):
+    """conf/model/<preset>.yaml holds no field of its own: the composed node is GPTConfig.from_name's."""
+    from gptlab.model.config import GPTConfig
+
+    assert set(OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")) == {"defaults"}
+    cfg = compose("train", overrides=[f"model={name}"])
+    assert OmegaConf.to_container(cfg.model, resolve=True) == GPTConfig.from_name(name).to_dict()
+    cfg = compose("train", overrides=[f"model={name}", "model.n_layers=1"])
+    assert cfg.model.n_layers == 1
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigCompositionException, match="task.lrr"):
         compose("train", overrides=["task.lrr=1"])

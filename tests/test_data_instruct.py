@@ -9,7 +9,8 @@ import torch
 
 from gptlab.data.instruct import (PROMPT_STYLES, InstructionDataError, InstructionDataModule, InstructionDataset,
                                   extract_response, format_input, format_prompt, instruction_collate, left_pad,
-                                  load_instruction_data, split_entries)
+                                  load_instruction_data)
+from gptlab.data.records import split_entries
 from gptlab.tokenizer import get_tokenizer
 
 ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "

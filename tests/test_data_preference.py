@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from gptlab.data.instruct import format_input, format_prompt, split_entries
+from gptlab.data.instruct import format_input, format_prompt
+from gptlab.data.records import split_entries
 from gptlab.data.preference import (PreferenceDataError, PreferenceDataModule, PreferenceDataset,
                                     load_preference_data, preference_collate)
 from gptlab.tokenizer import EOT_ID, get_tokenizer

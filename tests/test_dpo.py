@@ -16,7 +16,10 @@ from gptlab.data.preference import PreferenceDataModule
 from gptlab.model.config import GPTConfig
 from gptlab.model.generation import generate
 from gptlab.model.lora import disable_lora, lora_layers, read_adapter
-from gptlab.tasks.dpo import DPOTask, dpo_loss, pair_logps, sequence_logps
+from gptlab.alignment.logprobs import pair_logps, sequence_logps
+from gptlab.alignment.losses import dpo_loss
+from gptlab.alignment.reference import CHECKPOINT_KEY
+from gptlab.tasks.dpo import DPOTask
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 TINY = GPTConfig.from_name("gpt2-tiny").to_dict()
@@ -166,7 +169,7 @@ def test_precomputed_ref_logps_are_cached_beside_the_run_and_reused_on_resume(pr
     cache = tmp_path / "run1" / "ref_logps.safetensors"
     assert cache.is_file() and set(first.ref_logps) == {"train", "val", "test"}
     assert first.reference_model is None and len(first.ref_logps["train"]["chosen"]) == 84
-    stored = torch.load(ckpt.last_model_path, weights_only=True)["dpo_ref_logps"]
+    stored = torch.load(ckpt.last_model_path, weights_only=True)[CHECKPOINT_KEY]["logps"]
     assert torch.equal(stored["splits"]["val"]["rejected"], first.ref_logps["val"]["rejected"])
 
     def no_second_pass(*args, **kwargs):

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONF_DIR, run_cli
-from gptlab.cli.chat import StopStrings, run as chat_run, stream_response
+from gptlab.cli.chat import run as chat_run
+from gptlab.streaming import StopStrings, stream_response
 from gptlab.data.instruct import PROMPT_STYLES, InstructionDataModule, format_prompt, left_pad
 from gptlab.model.config import GPTConfig
 from gptlab.model.generation import generate

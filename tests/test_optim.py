@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from gptlab.data.pretrain import SlidingWindowDataset
 from gptlab.tasks.base import GPTTask
-from gptlab.tasks.optim import (DEFAULT_OPTIMIZER, build_lr_scheduler, build_optimizer, lr_lambda, optimizer_class,
-                                parameter_groups)
+from gptlab.optim import (DEFAULT_OPTIMIZER, build_lr_scheduler, build_optimizer, lr_lambda, optimizer_class,
+                          parameter_groups)
 from gptlab.tasks.pretrain import PretrainTask
 
 TINY = {"name": "gpt2-tiny", "context_length": 16}
@@ -63,7 +63,18 @@ def test_the_node_builds_adamw_with_its_settings_and_named_groups():
     assert type(opt) is torch.optim.AdamW
     assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["eps"]) == (1e-3, (0.8, 0.9), 1e-6)
     assert [(g["name"], g["weight_decay"]) for g in opt.param_groups] == [("decay", 0.05), ("no_decay", 0.0)]
-    assert not opt.defaults["fused"]  # null = fused only when every parameter is on CUDA
+    assert opt.defaults["fused"] is True  # null = the fused kernel wherever torch has one: the CPU too
+
+
+def test_fused_null_gives_way_to_an_explicit_choice():
+    model = nn.Linear(4, 3)
+    assert not build_optimizer({**DEFAULT_OPTIMIZER, "fused": False}, parameter_groups(model, 0.1)).defaults["fused"]
+    foreach = build_optimizer({**DEFAULT_OPTIMIZER, "foreach": True}, parameter_groups(model, 0.1))
+    assert not foreach.defaults["fused"] and foreach.defaults["foreach"] is True
+    sgd = build_optimizer({"_target_": "torch.optim.SGD", "lr": 0.1, "fused": None}, parameter_groups(model, 0.0))
+    assert sgd.defaults["fused"] is True
+    rmsprop = build_optimizer({"_target_": "torch.optim.RMSprop", "lr": 0.1, "fused": None}, parameter_groups(model, 0.0))
+    assert "fused" not in rmsprop.defaults or not rmsprop.defaults["fused"]  # no fused kernel: not asked for
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -159,3 +170,49 @@ def test_checkpoints_keep_the_node_as_a_plain_dict_and_resume_tokens_seen(tmp_pa
     fit(resumed, tmp_path, 5, ckpt_path=path)
     assert resumed.tokens_seen == 5 * 4 * 16
     assert resumed.trainer.optimizers[0].param_groups[0]["name"] == "decay"
+
+
+class StepLosses(L.Callback):
+    """The training loss of every optimizer step, by step."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def fit_same_batch(task: L.LightningModule, root, steps: int, ckpt_path=None) -> StepLosses:
+    """Train on one batch repeated (every window the same): the losses depend only on the weights
+    and the optimizer state, not on where a resumed loader starts."""
+    pattern = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    loader = DataLoader(SlidingWindowDataset(pattern * 20 + pattern[:1], 16), batch_size=4)
+    losses = StepLosses()
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=root, limit_val_batches=0, accelerator="cpu", callbacks=[losses],
+                        enable_checkpointing=False)
+    trainer.fit(task, loader, ckpt_path=ckpt_path)
+    return losses
+
+
+@pytest.mark.parametrize("first,then", [(True, False), (False, True)])
+def test_a_checkpoint_resumes_with_the_other_kernel_and_the_same_losses(tmp_path, first, then):
+    def task(fused: bool) -> PretrainTask:
+        torch.manual_seed(0)
+        return PretrainTask(model=TINY, optimizer={"lr": 3e-3, "fused": fused}, lr_schedule={"name": "constant"},
+                            sample_prompt=None)
+
+    straight = fit_same_batch(task(first), tmp_path / "a", 6).losses
+    before = task(first)
+    fit_same_batch(before, tmp_path / "b", 3)
+    assert before.trainer.optimizers[0].param_groups[0]["fused"] is first
+    before.trainer.save_checkpoint(tmp_path / "b.ckpt")
+    resumed = task(then)
+    after = fit_same_batch(resumed, tmp_path / "c", 6, ckpt_path=tmp_path / "b.ckpt").losses
+    # the run's own kernel, not the checkpoint's, and the step counters where that kernel keeps them
+    opt = resumed.trainer.optimizers[0]
+    assert all(g["fused"] is then for g in opt.param_groups)
+    assert all(s["step"].item() == 6 for s in opt.state.values())
+    assert sorted(after) == [4, 5, 6] and straight[6] < straight[1]  # it trained
+    for step in (4, 5, 6):  # the two kernels round differently: equal to float32 noise, not bitwise
+        assert after[step] == pytest.approx(straight[step], rel=1e-4), (step, after, straight)

@@ -25,9 +25,12 @@ from gptlab.rewards import RegexCountReward, RewardModel, TokenCountReward
 from gptlab.tasks.ppo import PPOTask
 from gptlab.tasks.registry import load_task
 from gptlab.tasks.reward import RewardModelTask
-from gptlab.tasks.rlhf import (KLController, clipped_policy_loss, clipped_value_loss, gae, kl_estimate, masked_mean,
-                               masked_whiten, response_mask, token_rewards)
-from gptlab.tasks.rollout import pack_sequences, response_forward
+from gptlab.alignment.advantages import gae, token_rewards
+from gptlab.alignment.kl import KLController, kl_estimate
+from gptlab.alignment.losses import clipped_policy_loss, clipped_value_loss
+from gptlab.alignment.masked import masked_mean, masked_whiten
+from gptlab.alignment.reference import CHECKPOINT_KEY
+from gptlab.alignment.rollout import pack_sequences, response_forward, response_mask
 
 from conftest import CONF_DIR
 
@@ -399,7 +402,7 @@ def test_checkpoint_holds_no_reward_and_loads_as_a_language_model(tmp_path):
     trainer.save_checkpoint(tmp_path / "ppo.ckpt")
     ckpt = torch.load(tmp_path / "ppo.ckpt", weights_only=True)
     assert ckpt["gptlab_task"] == "ppo" and "reward" not in ckpt["hyper_parameters"]
-    assert "ppo_reference_state" in ckpt  # built from scratch: the reference is stored for a resume
+    assert "model" in ckpt[CHECKPOINT_KEY]  # built from scratch: the reference is stored for a resume
     restored = load_task(tmp_path / "ppo.ckpt")
     assert restored.reward_fn is None and torch.equal(restored.value_head.weight, task.value_head.weight)
     loaded = load_model(ckpt_path=tmp_path / "ppo.ckpt")

@@ -24,7 +24,8 @@ from gptlab.inference import WrongModelKind, load_model
 from gptlab.model.config import GPTConfig
 from gptlab.tasks.dpo import DPOTask
 from gptlab.tasks.registry import TASKS
-from gptlab.tasks.reward import RewardModelTask, score_responses
+from gptlab.inference import score_responses
+from gptlab.tasks.reward import RewardModelTask
 
 TINY = GPTConfig.from_name("gpt2-tiny").to_dict()
 DATA = {"prompt_style": "raw", "train_ratio": 0.7, "test_ratio": 0.1, "shuffle_before_split": True, "batch_size": 8}

@@ -13,10 +13,10 @@ import torch.nn as nn
 from gptlab.model.config import GPTConfig
 from gptlab.model.generation import generate
 from gptlab.model.gpt import GPT
-from gptlab.tasks.checkpoint import load_backbone
 from gptlab.weights import (HF_REPOS, SafetensorsReader, export_hf, load_pretrained, pretrained_names,
                             save_book_state_dict, to_book_state_dict, to_hf_state_dict)
 from gptlab.weights.book_reference import GPTModel as BookGPTModel
+from gptlab.weights.checkpoint import load_backbone
 
 transformers = pytest.importorskip("transformers")
 

@@ -176,7 +176,7 @@ def test_a_short_cpu_qlora_classification_fit_lowers_the_loss(tmp_path):
     y = (x[:, -1] % 2)  # the class is the parity of the last token: learnable from the last position
     batches = [{"input_ids": x[i:i + 8], "attention_mask": torch.ones(8, 12, dtype=torch.long), "label": y[i:i + 8]}
                for i in range(0, 32, 8)]
-    task = ClassificationTask(model=TINY, num_classes=2, lr=1e-2, lr_schedule="constant",
+    task = ClassificationTask(model=TINY, num_classes=2, lr=1e-2, betas=[0.9, 0.95], lr_schedule="constant",
                               adapter={"name": "qlora", "rank": 8, "alpha": 16, "train_extra": ["out_head"],
                                        **SMALL_BLOCKS})
     with torch.no_grad():
@@ -440,7 +440,7 @@ def test_the_loader_puts_a_qlora_adapter_on_its_requantized_base_and_merges_it(t
 
 def test_the_loader_folds_a_qlora_checkpoint_into_its_stored_base_exactly(trained_qlora_lm):
     from gptlab.inference import load_model
-    from gptlab.tasks.checkpoint import load_backbone
+    from gptlab.weights.checkpoint import load_backbone
 
     tuned, _, _, ckpt = trained_qlora_lm
     x = ids()

@@ -216,3 +216,71 @@ def test_logger_none_trains_without_the_lr_monitor(tmp_path, monkeypatch, run_en
                                "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 0, out[-2000:] + err[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_the_guard_and_clipping_share_one_gradient_norm_per_step(tmp_path, monkeypatch):
+    from gptlab.data.pretrain import SlidingWindowDataset
+    from gptlab.tasks.pretrain import PretrainTask
+
+    calls = []
+    real = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    clipped = []
+    real_clip = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_",
+                        lambda params, clip, norm, **k: clipped.append(float(norm)) or real_clip(params, clip, norm, **k))
+    torch.manual_seed(0)
+    task = PretrainTask(model={"name": "gpt2-tiny", "context_length": 16}, grad_clip=1e-3, sample_prompt=None)
+    loader = DataLoader(SlidingWindowDataset(torch.randint(0, 50257, (200,)).tolist(), 16), batch_size=4)
+    trainer = L.Trainer(max_steps=3, callbacks=[NonFiniteGuard("error")], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(task, loader)
+    assert len(calls) == 3 and len(clipped) == 3  # one norm per optimizer step, not two
+    # the norm clipping used is the step's own (before clipping): far above the 1e-3 it clipped to
+    assert all(n > 1e-2 for n in clipped)
+    assert float(trainer.callback_metrics["train/grad_norm"]) == pytest.approx(clipped[-1])
+
+
+class FusedLinear(Linear):
+    """``Linear`` with fused AdamW: the guard hands its verdict to the kernel (``found_inf``)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.1, fused=True)
+
+
+class LateVerdict:
+    """A GPU's verdict copy that has not arrived yet: ready only when waited for."""
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_with_a_fused_optimizer_the_kernel_skips_the_step_and_a_late_verdict_still_stops_before_the_checkpoint(
+        tmp_path, monkeypatch):
+    import gptlab.callbacks as cb
+
+    monkeypatch.setattr(cb, "_verdict_to_host", lambda ok: (ok.clone(), LateVerdict()))
+    clean = FusedLinear()
+    fit(tmp_path / "clean", clean, max_steps=3)
+    module = FusedLinear(nan_at=3)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss nan and gradient norm nan at step 3 \(epoch 0, batch 3\)"):
+        fit(tmp_path / "run", module, NonFiniteGuard("error"))
+    # no host read at step 3: the NaN step reached the kernel, which left weights and moments alone;
+    # the checkpoint after it waited for the verdict and was never written
+    assert torch.equal(module.w.detach(), clean.w.detach())
+    last = safe_torch_load(tmp_path / "run" / "last.ckpt")
+    assert last["global_step"] == 3 and torch.equal(last["state_dict"]["w"], clean.w.detach())
+    assert last["optimizer_states"][0]["state"][0]["step"].item() == 3
+
+
+def test_skip_with_a_fused_optimizer_leaves_the_step_count_as_if_the_step_never_was(tmp_path):
+    clean = FusedLinear()
+    fit(tmp_path / "clean", clean, max_steps=5)
+    module, guard = FusedLinear(nan_at=3), NonFiniteGuard("skip")
+    trainer = fit(tmp_path / "run", module, guard)
+    assert guard.skipped == 1
+    assert torch.equal(module.w.detach(), clean.w.detach())  # 6 steps, one skipped = 5 clean ones
+    assert trainer.optimizers[0].state[module.w]["step"].item() == 5

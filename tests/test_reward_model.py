@@ -11,14 +11,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from gptlab.alignment.losses import bradley_terry_loss as reward_loss
 from gptlab.data.instruct import InstructionDataModule
 from gptlab.data.preference import PreferenceDataModule
+from gptlab.inference import score_responses
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
+from gptlab.model.heads import add_reward_head, reward_scores
 from gptlab.model.lora import load_adapter, read_adapter
-from gptlab.tasks.checkpoint import load_backbone
 from gptlab.tasks.instruct import InstructionTask
-from gptlab.tasks.reward import RewardModelTask, add_reward_head, reward_loss, reward_scores, score_responses
+from gptlab.tasks.reward import RewardModelTask
+from gptlab.weights.checkpoint import load_backbone
 
 TINY = GPTConfig.from_name("gpt2-tiny").to_dict()
 LORA = dict(name="lora", rank=4, alpha=8, targets=["q", "k", "v", "attn_proj", "mlp_fc", "mlp_proj", "head"])

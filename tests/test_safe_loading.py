@@ -23,9 +23,9 @@ from gptlab.cli.train import train
 from gptlab.inference import load_model
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
-from gptlab.tasks.checkpoint import CheckpointError, load_backbone
 from gptlab.tasks.registry import load_task
 from gptlab.weights import UnsafeCheckpointError, load_pretrained
+from gptlab.weights.checkpoint import CheckpointError, load_backbone
 
 
 class CreatesAFile:

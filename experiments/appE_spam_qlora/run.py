@@ -31,18 +31,18 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from gptlab.cli import CONFIG_DIR, register_model_presets
 from gptlab.inference import load_model
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import merge_lora
 from gptlab.model.qlora import load_qlora_adapter, qlora_layers
-from gptlab.tasks.checkpoint import load_backbone
+from gptlab.model.heads import class_logits
 from gptlab.tasks.registry import load_task
-from gptlab.tasks.classify import class_logits
 from gptlab.tokenizer import get_tokenizer
 from gptlab.weights import export_hf
+from gptlab.weights.checkpoint import load_backbone
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @torch.no_grad()
@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="reuse <out>/base and <out>/run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    register_model_presets()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=appE_spam_qlora_cpu"])
     base_file, run = args.out / "base", args.out / "run"
     if not args.skip_train:

@@ -4,7 +4,7 @@
     python experiments/dpo_memory/run.py --device cuda    # GPU: gpt2-medium, 8 pairs x 256 tokens, bf16 autocast
     python experiments/dpo_memory/run.py --smoke          # seconds: gpt2-tiny, to check the script
 
-Runs ``gptlab.tasks.dpo.DPOTask``'s own training path (``dpo_metrics`` -> backward -> AdamW) for
+Runs ``gptlab.tasks.dpo.DPOTask``'s own training path (``pair_metrics`` -> backward -> AdamW) for
 five set-ups, each in its own subprocess so one's peak memory cannot hide another's:
 
 * full fine-tuning with the reference as a frozen ``copy`` (the book) or ``precomputed``;
@@ -22,40 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from gptlab.model.config import GPTConfig
-from gptlab.tasks.dpo import DPOTask, reference_logps, stacked_pair
+from gptlab.tasks.dpo import DPOTask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import cpu_name, peak_rss_mb, rss_mb  # noqa: E402
 
 SETUPS = [("full", "copy"), ("full", "precomputed"), ("lora", "copy"), ("lora", "adapters_off"),
           ("lora", "precomputed")]
 LORA = dict(name="lora", rank=16, alpha=16, targets=["q", "k", "v", "attn_proj", "mlp_fc", "mlp_proj"])
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def make_batch(pairs: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -87,17 +70,17 @@ def worker(args: argparse.Namespace) -> dict:
     if args.reference == "precomputed":  # what DPOTask does once before training, for this batch
         t0 = time.perf_counter()
         with autocast:
-            c, r = reference_logps(task.model, *stacked_pair(batch), "sum", adapters_off=True).chunk(2)
+            c, r = task.starting_pair_logps(batch)
         if cuda:
             torch.cuda.synchronize()
         precompute_s = (time.perf_counter() - t0) / args.pairs
-        task.ref_logps = {"train": {"chosen": c.float().cpu(), "rejected": r.float().cpu()}}
+        task.ref_logps["train"] = {"chosen": c.float().cpu(), "rejected": r.float().cpu()}
     params = [p for p in task.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.01)
 
     def step() -> None:
         with autocast:
-            loss = task.dpo_metrics(batch, "train")["loss"]
+            loss = task.pair_metrics(batch, "train")["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -121,7 +104,7 @@ def worker(args: argparse.Namespace) -> dict:
         out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["device"] = torch.cuda.get_device_name()
     else:
-        out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        out["peak_mb"] = peak_rss_mb()
         out["rss_before_steps_mb"] = rss_before
         out["device"] = f"{cpu_name()}, {args.threads} threads"
     return out

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -30,25 +29,8 @@ import torch.nn.functional as F
 from gptlab import GPT, GPTConfig
 from gptlab.model.lora import apply_lora, trainable_parameters
 
-
-def rss_mb() -> float:
-    """Current resident set size of this process (Linux /proc), MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import cpu_name, peak_rss_mb, rss_mb  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -98,7 +80,7 @@ def worker(args: argparse.Namespace) -> dict:
         out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["device"] = torch.cuda.get_device_name()
     else:
-        out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        out["peak_mb"] = peak_rss_mb()
         out["rss_before_train_mb"] = rss_before
         out["device"] = f"{cpu_name()}, {args.threads} threads"
     return out

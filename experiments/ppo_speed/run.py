@@ -30,12 +30,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from gptlab.data.instruct import left_pad
+from gptlab.data.prompt_styles import left_pad
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.tasks.ppo import PPOTask
 from gptlab.tasks.reward import add_reward_head, reward_scores
-from gptlab.tasks.rollout import GENERATION_CACHES
+from gptlab.alignment.rollout import GENERATION_CACHES
 
 PHASES = ("generation_s", "scoring_s", "update_s")
 

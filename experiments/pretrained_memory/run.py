@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import peak_rss_mb  # noqa: E402
 
 SHAPES = {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20),
           "gpt2-xl": (1600, 48, 25)}
@@ -34,10 +36,6 @@ METHODS = {
     "lazy_book": ("book .pth", "gptlab `load_pretrained` (`torch.load(mmap=True)`, meta, assign)"),
     "naive_book": ("book .pth", "naive: `GPT(cfg)`, `torch.load`, convert, `load_state_dict`"),
 }
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def create(size: str, out: Path) -> None:
@@ -84,7 +82,7 @@ def measure(method: str, out: Path, size: str) -> dict:
         from transformers import GPT2LMHeadModel
     torch.set_num_threads(2)
     hf_dir, book = out / "hf", out / "book.pth"
-    base = peak_mib()
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     if method == "lazy_hf":
         model = load_pretrained(hf_dir)
@@ -125,13 +123,13 @@ def measure(method: str, out: Path, size: str) -> dict:
     else:
         raise ValueError(f"unknown method {method!r}; valid choices: {sorted(METHODS)}")
     seconds = time.perf_counter() - t0
-    loaded = peak_mib()
+    loaded = peak_rss_mb()
     # read every weight once, as a forward pass would: memory-mapped pages become resident here
     params = list({id(p): p for p in model.parameters()}.values())
     with torch.no_grad():
         checksum = sum(float(p.float().sum()) for p in params)
     n = sum(p.numel() for p in params)
-    return {"method": method, "base_mib": base, "loaded_mib": loaded, "peak_mib": peak_mib(), "seconds": seconds,
+    return {"method": method, "base_mib": base, "loaded_mib": loaded, "peak_mib": peak_rss_mb(), "seconds": seconds,
             "params": n, "checksum": checksum}
 
 

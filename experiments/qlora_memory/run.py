@@ -27,10 +27,8 @@ Random weights and tokens in the GPT-2 shapes: neither time nor memory depends o
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,41 +43,11 @@ from gptlab import GPT, GPTConfig
 from gptlab.model.lora import apply_lora, trainable_parameters
 from gptlab.model.qlora import apply_qlora, frozen_linear_bytes, nf4_module, nf4_nbytes
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import cpu_name, malloc_trim, proc_status_mb, reset_peak_rss  # noqa: E402
+
 MODES = ("full", "lora", "qlora")
 SMOKE_SHAPE = dict(vocab_size=512, context_length=64, emb_dim=128, n_heads=4, n_layers=2)  # quantizes with 64 / 256
-
-
-def proc_status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS, VmHWM), MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> None:
-    """Make VmHWM (the peak RSS) restart from the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(args: argparse.Namespace) -> GPT:

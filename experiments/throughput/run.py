@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from machine import peak_rss_mb  # noqa: E402
 
 PRESETS = {
     # shapes: (model overrides, batch, steps, warmup)
@@ -49,7 +50,7 @@ PRESETS = {
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()
 
 
 def progress_bar_overrides(refresh: int, log_every: int | None) -> list[str]:
@@ -65,7 +66,7 @@ def progress_bar_overrides(refresh: int, log_every: int | None) -> list[str]:
 def run_gptlab(p: dict) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from gptlab.cli import CONFIG_DIR
+    from gptlab.cli import CONFIG_DIR, register_model_presets
     from gptlab.cli.train import train
 
     steps, warmup = p["steps"], p["warmup"]
@@ -78,6 +79,7 @@ def run_gptlab(p: dict) -> dict:
                  "~callbacks.model_checkpoint", "~callbacks.step_checkpoint", "~callbacks.exception_checkpoint", "~callbacks.lr_monitor",
                  f"callbacks.throughput.log_every_n_steps={steps - warmup}",
                  f"+callbacks.throughput.skip_steps={warmup}", "task.sample_prompt=null", *p["gptlab_args"]]
+    register_model_presets()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     try:

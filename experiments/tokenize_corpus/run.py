@@ -61,7 +61,7 @@ def step_time(data_overrides: list[str], args: argparse.Namespace, out: Path) ->
     ThroughputMonitor's tokens/s and step time over the steps after ``args.warmup``."""
     from hydra import compose, initialize_config_dir
 
-    from gptlab.cli import CONFIG_DIR
+    from gptlab.cli import CONFIG_DIR, register_model_presets
     from gptlab.cli.train import train
 
     timed = args.steps - args.warmup
@@ -74,6 +74,7 @@ def step_time(data_overrides: list[str], args: argparse.Namespace, out: Path) ->
                  "~callbacks.lr_monitor",
                  f"callbacks.throughput.log_every_n_steps={timed}", f"+callbacks.throughput.skip_steps={args.warmup}",
                  "task.sample_prompt=null"]
+    register_model_presets()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     metrics = train(cfg)

@@ -11,84 +11,23 @@ where the model starts a new turn (``###`` in the Alpaca style, ``<|user|>`` in 
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import hydra
-import torch
-from omegaconf import DictConfig
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.cli.generate import StreamDecoder
-from gptlab.cli.validation import validate_chat_config
-from gptlab.data.instruct import PromptStyle, get_prompt_style
-from gptlab.inference import LoadedModel, load_model
-from gptlab.model.generation import generate_stream
-from gptlab.model.gpt import GPT
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-
-class StopStrings:
-    """Streams text pieces through, stopping before the first stop string.
-
-    Text that could be the start of a stop string is held back until it is clear it is not, so
-    nothing of a stop string is ever written; leading whitespace of the response is dropped.
-    """
-
-    def __init__(self, stops: Iterable[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.started = False
-        self.stopped = False
-
-    def push(self, piece: str) -> str:
-        """Feed ``piece``; returns the text that is safe to show now."""
-        if self.stopped:
-            return ""
-        text = self.pending + piece
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped, self.pending = True, ""
-            return text[:cut]
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - hold:] if hold else ""
-        return text[: len(text) - hold]
-
-    def flush(self) -> str:
-        out = "" if self.stopped else self.pending
-        self.pending = ""
-        return out
-
-
-def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text: str = "",
-                    max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, use_kv_cache: bool = True) -> Iterator[str]:
-    """Yield the model's response to ``instruction`` (and ``input_text``) piece by piece."""
-    tok = get_tokenizer()
-    device = next(model.parameters()).device
-    prompt = style.prompt({"instruction": instruction, "input": input_text, "output": ""})
-    ids = torch.tensor(tok.encode_ordinary(prompt), device=device)
-    dec, stops = StreamDecoder(), StopStrings(("<|endoftext|>", *style.stop_markers))
-    for nxt in generate_stream(model, ids, max_new_tokens, temperature, top_k, top_p, EOT_ID, use_kv_cache):
-        token = int(nxt[0])
-        if token == EOT_ID:
-            break
-        piece = stops.push(dec.push(token))
-        if piece:
-            yield piece
-        if stops.stopped:
-            return
-    tail = stops.flush()
-    if tail:
-        yield tail
+    from gptlab.data.prompt_styles import PromptStyle
+    from gptlab.inference import LoadedModel
+    from gptlab.model.gpt import GPT
 
 
 def answer(model: GPT, style: PromptStyle, cfg: DictConfig, instruction: str, input_text: str,
            out: TextIO) -> str:
     """Stream one response to ``out``; returns it (stripped)."""
+    from gptlab.streaming import stream_response
+
     pieces = []
     for piece in stream_response(model, style, instruction, input_text, cfg.max_new_tokens, cfg.temperature,
                                  cfg.top_k, cfg.top_p, cfg.use_kv_cache):
@@ -102,6 +41,12 @@ def answer(model: GPT, style: PromptStyle, cfg: DictConfig, instruction: str, in
 
 def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None) -> list[str]:
     """Answer ``cfg.instruction``, or every line of ``stdin``; returns the responses."""
+    import torch  # the heavy imports wait until a model is wanted: --help stays instant
+
+    from gptlab.cli.validation import validate_chat_config
+    from gptlab.data.prompt_styles import get_prompt_style
+    from gptlab.inference import load_model
+
     validate_chat_config(cfg)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     torch.manual_seed(cfg.seed)
@@ -157,21 +102,16 @@ def read_line(stdin: TextIO, interactive: bool) -> str | None:
     return line or None
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="chat")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "chat", "gptlab-chat")
+def chat(cfg: DictConfig) -> list[str]:
+    """:func:`run` from the command line: Ctrl-C ends the conversation quietly."""
     try:
-        with user_errors("gptlab-chat"):
-            run(cfg)
+        return run(cfg)
     except KeyboardInterrupt:
         sys.stderr.write("\n")
+        return []
 
 
-def main() -> None:
-    """Console entry: this tool's ``--help``; everything else through Hydra."""
-    handle_help("chat", "gptlab-chat")
-    call_hydra(_hydra_main, "chat", "gptlab-chat")
-
+main = entry_point("chat", chat)
 
 if __name__ == "__main__":
     main()

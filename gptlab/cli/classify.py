@@ -17,17 +17,14 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import hydra
-import torch
-from omegaconf import DictConfig
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.inference import load_model
-from gptlab.cli.validation import validate_classify_config
-from gptlab.tasks.classify import predict_texts
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
+
 
 def read_lines(path: str | Path) -> list[str]:
     """The non-blank lines of a UTF-8 text file (``-`` = stdin), without their line endings."""
@@ -56,6 +53,11 @@ def write_predictions(path: str | Path, texts: list[str], probs: torch.Tensor, l
 def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> list[tuple[str, float]]:
     """Classify one text (``text``, else ``cfg.text``) or every line of ``cfg.input``; returns
     ``(label, probability)`` pairs."""
+    import torch  # the heavy imports wait until a model is wanted: --help stays instant
+
+    from gptlab.cli.validation import validate_classify_config
+    from gptlab.inference import load_model, predict_texts
+
     validate_classify_config(cfg, text)
     out = out or sys.stdout
     text = text if text is not None else cfg.text
@@ -88,41 +90,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
     return results
 
 
-_RAW_TEXT: list[str] = []
-
-
-def pop_text_argument(argv: list[str], key: str = "text") -> str | None:
-    """Remove ``<key>=...`` arguments (default ``text=``) from ``argv``; the last one's value,
-    verbatim (None if none).
-
-    Hydra's override grammar rejects many characters of ordinary messages (``!``, ``(``, ``,``
-    lists, ``${`` interpolations) unless the value is quoted once more inside the shell quotes, so
-    the text never goes through it."""
-    value = None
-    for arg in list(argv[1:]):
-        name, sep, rest = arg.partition("=")
-        if sep and name.lstrip("+") == key:
-            argv.remove(arg)
-            value = rest
-    if value and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        value = value[1:-1]  # already quoted for Hydra ('text="..."'): one level of quotes off
-    return value
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classify")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "classify", "gptlab-classify")
-    with user_errors("gptlab-classify"):
-        run(cfg, text=_RAW_TEXT[-1] if _RAW_TEXT else None)
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; ``text=`` taken verbatim, every other argument parsed by Hydra."""
-    handle_help("classify", "gptlab-classify")
-    text = pop_text_argument(sys.argv)
-    _RAW_TEXT[:] = [] if text is None else [text]  # only this call's text (main may run twice in a process)
-    call_hydra(_hydra_main, "classify", "gptlab-classify")
-
+main = entry_point("classify", run, verbatim=("text",))
 
 if __name__ == "__main__":
     main()

@@ -18,20 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import groups, header
-
-PRIMARY = ("train", "generate", "chat", "classify", "eval", "export", "judge")
-
-
-def describe(path: Path) -> str:
-    """The first line of a config file's header comment, without the command name before a colon."""
-    description, _ = header(path.read_text())
-    if not description:
-        return ""
-    first = description[0]
-    return first.split(": ", 1)[1] if first.startswith("gptlab-") and ": " in first else first
-
+from gptlab.config_tree import CONFIG_DIR, describe, groups, primary_configs
 
 def resolve(name: str, root: Path = Path(CONFIG_DIR)) -> Path:
     """``experiment/ch06_spam`` (``.yaml`` optional) or ``train`` -> the file; a clear error listing
@@ -43,25 +30,30 @@ def resolve(name: str, root: Path = Path(CONFIG_DIR)) -> Path:
     group = rel.rpartition("/")[0]
     options = groups(root).get(group)
     if options is None:
-        valid = sorted(groups(root)) + list(PRIMARY)
+        valid = sorted(groups(root)) + primary_configs(root)
         raise SystemExit(f"gptlab-config: no config {name!r}; groups and primary configs: {', '.join(valid)}")
     raise SystemExit(f"gptlab-config: no option {rel.rpartition('/')[2]!r} in group {group!r}; "
                      f"options: {', '.join(options)}")
 
 
 def list_configs(group: str | None, root: Path = Path(CONFIG_DIR)) -> str:
+    """Every primary config and every option of every group (or of ``group`` only), each with the
+    first sentence of its header comment."""
     found = groups(root)
     if group is not None and group not in found:
         raise SystemExit(f"gptlab-config: no group {group!r}; groups: {', '.join(sorted(found))}")
-    lines = []
+    entries: list[tuple[str | None, str, Path]] = []  # (heading it starts, name, file)
     if group is None:
-        lines.append("primary configs (one per tool):")
-        lines += [f"  {n:<30} {describe(root / f'{n}.yaml')}" for n in PRIMARY if (root / f"{n}.yaml").is_file()]
+        entries += [(None, n, root / f"{n}.yaml") for n in primary_configs(root)]
     for g in sorted(found):
-        if group not in (None, g):
-            continue
-        lines.append(f"{g}:")
-        lines += [f"  {f'{g}/{o}':<30} {describe(root / g / f'{o}.yaml')}" for o in found[g]]
+        if group in (None, g):
+            entries += [(g if i == 0 else None, f"{g}/{o}", root / g / f"{o}.yaml") for i, o in enumerate(found[g])]
+    width = max(30, *(len(name) + 1 for _, name, _ in entries))
+    lines = ["primary configs (one per tool: gptlab-<name>):"] if group is None else []
+    for heading, name, path in entries:
+        if heading:
+            lines.append(f"{heading}:")
+        lines.append(f"  {name:<{width}} {describe(path)}".rstrip())
     return "\n".join(lines) + "\n"
 
 

@@ -13,9 +13,9 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd
-from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
-from lightning.pytorch.strategies.launchers import subprocess_script as pl_launcher
 from omegaconf import DictConfig, OmegaConf
+
+from gptlab.lightning_internals import replace_ddp_child_command
 
 # Set by Lightning's DDP launcher for the processes it starts; restored after each job, so the next
 # job of a sweep (same process) launches its own processes instead of joining the last job's.
@@ -61,17 +61,13 @@ class DDPJobScope:
             self._tmp = tempfile.TemporaryDirectory(prefix="gptlab-ddp-")
             config_dir = Path(self._tmp.name)
             OmegaConf.save(self.cfg, config_dir / "config.yaml")
-        self._modules = (pl_launcher, fabric_launcher)
-        self._originals = [m._hydra_subprocess_cmd for m in self._modules]
-        for m in self._modules:
-            m._hydra_subprocess_cmd = functools.partial(ddp_child_command, config_dir=config_dir)
+        self._restore_launcher = replace_ddp_child_command(functools.partial(ddp_child_command, config_dir=config_dir))
         self._env = {k: os.environ.get(k) for k in _DDP_ENV}
         self._dist_before = torch.distributed.is_available() and torch.distributed.is_initialized()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for m, original in zip(self._modules, self._originals):
-            m._hydra_subprocess_cmd = original
+        self._restore_launcher()
         procs = list(getattr(getattr(getattr(self.trainer, "strategy", None), "launcher", None), "procs", None) or [])
         if not procs:
             if self._tmp is not None:

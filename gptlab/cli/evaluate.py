@@ -10,52 +10,30 @@ The text goes through the same :class:`~gptlab.data.pretrain.PretrainDataModule`
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.data.pretrain import resolve_sources
+from gptlab.cli import entry_point
 from gptlab.errors import ConfigError
-from gptlab.inference import LoadedModel, load_model, resolve_device, resolve_precision
-from gptlab.cli.validation import validate_eval_config
-from gptlab.tokenizer import get_tokenizer
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 VALID_SPLITS = ("train", "val", "all")
 
 
-@torch.no_grad()
-def evaluate_loader(lm: LoadedModel, loader: DataLoader, max_batches: int | None = None, progress: bool = True,
-                    desc: str = "eval") -> dict[str, float]:
-    """Token-weighted mean cross-entropy of ``lm`` over ``loader`` (batches of ``input_ids``/``labels``)."""
-    device = lm.device
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    total_tokens = 0
-    n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
-    for i, batch in enumerate(tqdm(loader, total=n_batches, desc=desc, disable=not progress, leave=False)):
-        if i >= n_batches:
-            break
-        x = batch["input_ids"].to(device, non_blocking=True)
-        y = batch["labels"].to(device, non_blocking=True)
-        with lm.autocast():
-            loss = lm.model.loss(x, y)
-        n = int((y != -100).sum())
-        total_loss += loss.double() * n
-        total_tokens += n
-    if total_tokens == 0:
-        raise ValueError(f"{desc}: no windows to evaluate (the split is shorter than data.max_length + 1)")
-    mean = float(total_loss / total_tokens)
-    return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": total_tokens, "batches": n_batches}
-
-
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Evaluate the model ``cfg`` names on each of ``cfg.splits`` of ``cfg.data``; prints one line per
+    split, writes ``cfg.output`` (JSON) when set, returns ``{split: {loss, ppl, tokens, batches}}``."""
+    from hydra.utils import instantiate  # the heavy imports wait until a model is wanted
+    from omegaconf import OmegaConf
+
+    from gptlab.cli.validation import validate_eval_config
+    from gptlab.data.pretrain import resolve_sources
+    from gptlab.evaluation import evaluate_loader
+    from gptlab.inference import load_model, resolve_device, resolve_precision
+    from gptlab.tokenizer import get_tokenizer
+
     validate_eval_config(cfg)
     splits = list(cfg.splits)
     bad = [s for s in splits if s not in VALID_SPLITS]
@@ -97,18 +75,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "eval", "gptlab-eval")
-    with user_errors("gptlab-eval"):
-        run(cfg)
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; everything else through Hydra."""
-    handle_help("eval", "gptlab-eval", ["data"])
-    call_hydra(_hydra_main, "eval", "gptlab-eval")
-
+main = entry_point("eval", run, prog="gptlab-eval", groups=["data"])
 
 if __name__ == "__main__":
     main()

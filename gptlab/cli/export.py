@@ -11,33 +11,37 @@ merged into the weights first.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-import torch
-from omegaconf import DictConfig
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.inference import load_model
-from gptlab.weights import export_hf
-from gptlab.cli.validation import validate_export_config
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+"""The ``dtype=`` names -> the torch dtype's name."""
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
     """``float32|float16|bfloat16`` (or ``fp32|fp16|bf16``) -> torch dtype; None stays None."""
+    import torch
+
     if name is None:
         return None
     if str(name) not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid choices: {sorted(DTYPES)}")
-    return DTYPES[str(name)]
+    return getattr(torch, DTYPES[str(name)])
 
 
 def run(cfg: DictConfig) -> Path:
     """Load the model ``cfg`` names (``ckpt_path`` or ``init_from``, + ``adapter_path``) and export
     it to ``cfg.out_dir``; returns that folder."""
+    from gptlab.cli.validation import validate_export_config  # the heavy imports wait until they are needed
+    from gptlab.inference import load_model
+    from gptlab.weights import export_hf
+
     validate_export_config(cfg)
     n_heads = cfg.get("n_heads")
     lm = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), expect="lm", device="cpu",
@@ -51,18 +55,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "export", "gptlab-export")
-    with user_errors("gptlab-export"):
-        run(cfg)
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; everything else through Hydra."""
-    handle_help("export", "gptlab-export")
-    call_hydra(_hydra_main, "export", "gptlab-export")
-
+main = entry_point("export", run)
 
 if __name__ == "__main__":
     main()

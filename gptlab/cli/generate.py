@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-import hydra
-import torch
-from omegaconf import DictConfig
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.inference import load_model
-from gptlab.cli.validation import validate_generate_config
-from gptlab.model.generation import generate_stream
-from gptlab.tokenizer import EOT_ID, get_tokenizer
-
-
-class StreamDecoder:
-    """Decode token ids incrementally; holds back bytes until they form complete UTF-8 characters."""
-
-    def __init__(self) -> None:
-        self.tok = get_tokenizer()
-        self.buf = b""
-
-    def push(self, token_id: int) -> str:
-        self.buf += self.tok.decode_single_token_bytes(token_id)
-        try:
-            text, self.buf = self.buf.decode("utf-8"), b""
-        except UnicodeDecodeError:
-            return ""
-        return text
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def run(cfg: DictConfig) -> str:
     """Generate from ``cfg``; prints as it goes when ``cfg.stream``; returns the full text."""
+    import torch  # the heavy imports wait until a model is wanted: --help stays instant
+
+    from gptlab.cli.validation import validate_generate_config
+    from gptlab.inference import load_model
+    from gptlab.model.generation import generate_stream
+    from gptlab.streaming import StreamDecoder
+    from gptlab.tokenizer import EOT_ID
+
     validate_generate_config(cfg)
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
@@ -44,7 +31,7 @@ def run(cfg: DictConfig) -> str:
     if cfg.stream:
         sys.stdout.write(cfg.prompt)
         sys.stdout.flush()
-    dec = StreamDecoder()
+    dec = StreamDecoder(lm.tokenizer)
     for nxt in generate_stream(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                                EOT_ID if cfg.stop_at_eos else None, cfg.use_kv_cache):
         token = int(nxt[0])
@@ -55,6 +42,10 @@ def run(cfg: DictConfig) -> str:
         if cfg.stream and piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
+    tail = dec.flush()
+    out.append(tail)
+    if cfg.stream and tail:
+        sys.stdout.write(tail)
     text = "".join(out)
     if cfg.stream:
         sys.stdout.write("\n")
@@ -63,18 +54,7 @@ def run(cfg: DictConfig) -> str:
     return text
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "generate", "gptlab-generate")
-    with user_errors("gptlab-generate"):
-        run(cfg)
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; everything else through Hydra."""
-    handle_help("generate", "gptlab-generate")
-    call_hydra(_hydra_main, "generate", "gptlab-generate")
-
+main = entry_point("generate", run)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.cli.entry import user_errors
+from gptlab.cli import user_errors
 from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
 from gptlab.run_lock import RunLock, lock_run_folder, release_run_folder
 

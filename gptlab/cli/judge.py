@@ -16,19 +16,22 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.cli.validation import validate_judge_config
-from gptlab.judge import Judge, JudgeError, load_responses, pair_responses, summarize, summarize_pairwise
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from gptlab.judge import Judge
 
 
 def make_judge(cfg: DictConfig, responses: Path) -> tuple[Judge, Path | None]:
     """The judge client of ``cfg.judge`` and its cache file (default: beside the responses)."""
+    from omegaconf import OmegaConf
+
+    from gptlab.judge import Judge
+
     settings = OmegaConf.to_container(cfg.judge, resolve=True)
     cache = settings.pop("cache", None)
     if cache is None:
@@ -38,6 +41,9 @@ def make_judge(cfg: DictConfig, responses: Path) -> tuple[Judge, Path | None]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Judge ``cfg.responses`` (against ``cfg.baseline`` when set); writes the report and returns it."""
+    from gptlab.cli.validation import validate_judge_config  # the heavy imports wait until they are needed
+    from gptlab.judge import load_responses, summarize
+
     validate_judge_config(cfg)
     if cfg.get("baseline"):
         return run_pairwise(cfg)
@@ -65,6 +71,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def run_pairwise(cfg: DictConfig) -> dict[str, Any]:
     """Compare ``cfg.responses`` (the candidate) with ``cfg.baseline`` instruction by instruction;
     writes ``pairwise.json`` (or ``cfg.output``) and returns the report."""
+    from gptlab.judge import load_responses, pair_responses, summarize_pairwise
+
     responses, baseline = Path(cfg.responses), Path(cfg.baseline)
     triples = pair_responses(load_responses(baseline, cfg.response_key, require_output=False),
                              load_responses(responses, cfg.response_key, require_output=False),
@@ -97,22 +105,7 @@ def run_pairwise(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="judge")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "judge", "gptlab-judge")
-    try:
-        with user_errors("gptlab-judge"):
-            run(cfg)
-    except JudgeError as e:
-        print(f"gptlab-judge: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; everything else through Hydra."""
-    handle_help("judge", "gptlab-judge")
-    call_hydra(_hydra_main, "judge", "gptlab-judge")
-
+main = entry_point("judge", run)
 
 if __name__ == "__main__":
     main()

@@ -15,21 +15,25 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.inference import load_model
-from gptlab.tasks.instruct import answer_entries
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 SPLITS = ("train", "val", "test")
 
 
 def run(cfg: DictConfig) -> Path:
     """Answer every entry of ``cfg.split`` of ``cfg.data`` with the model; returns the file written."""
+    from hydra.utils import instantiate  # the heavy imports wait until a model is wanted
+    from omegaconf import OmegaConf
+
+    from gptlab.cli.validation import validate_respond_config
+    from gptlab.inference import answer_entries, load_model
+
+    validate_respond_config(cfg)
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}; valid choices: {list(SPLITS)}")
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
@@ -51,18 +55,7 @@ def run(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="respond")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "respond", "gptlab-respond")
-    with user_errors("gptlab-respond"):
-        run(cfg)
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; everything else through Hydra."""
-    handle_help("respond", "gptlab-respond", ["data"])
-    call_hydra(_hydra_main, "respond", "gptlab-respond")
-
+main = entry_point("respond", run, groups=["data"])
 
 if __name__ == "__main__":
     main()

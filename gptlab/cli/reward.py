@@ -20,17 +20,12 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
-import hydra
-from omegaconf import DictConfig
+from gptlab.cli import entry_point
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.entry import call_hydra, handle_help, require_values, user_errors
-from gptlab.cli.classify import pop_text_argument
-from gptlab.inference import load_model
-from gptlab.judge import load_responses, pair_responses
-from gptlab.tasks.reward import score_responses
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def summarize_rewards(scores: Sequence[float]) -> dict[str, float | int | None]:
@@ -62,6 +57,11 @@ def run(cfg: DictConfig, out: TextIO | None = None, prompt: str | None = None,
         response: str | None = None) -> dict[str, Any]:
     """Score ``cfg.responses`` (against ``cfg.baseline`` when set) or one ``prompt``/``response``;
     writes ``rewards.json`` for files and returns the report."""
+    from gptlab.cli.validation import validate_reward_config  # the heavy imports wait until a model is wanted
+    from gptlab.inference import load_model, score_responses
+    from gptlab.judge import load_responses, pair_responses
+
+    validate_reward_config(cfg)
     out = out or sys.stdout
     prompt = prompt if prompt is not None else cfg.get("prompt")
     response = response if response is not None else cfg.get("response")
@@ -121,26 +121,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, prompt: str | None = None,
     return report
 
 
-_RAW: dict[str, str] = {}
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="reward")
-def _hydra_main(cfg: DictConfig) -> None:
-    require_values(cfg, "reward", "gptlab-reward")
-    with user_errors("gptlab-reward"):
-        run(cfg, prompt=_RAW.get("prompt"), response=_RAW.get("response"))
-
-
-def main() -> None:
-    """Console entry: this tool's ``--help``; ``prompt=`` and ``response=`` taken verbatim, every other
-    argument parsed by Hydra."""
-    handle_help("reward", "gptlab-reward")
-    for key in ("prompt", "response"):
-        value = pop_text_argument(sys.argv, key)
-        if value is not None:
-            _RAW[key] = value
-    call_hydra(_hydra_main, "reward", "gptlab-reward")
-
+main = entry_point("reward", run, verbatim=("prompt", "response"))
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """Where a run's results go, and what the console says about them.
 
 * At the start and the end of every run the log (console and ``train.log``) names the run folder.
-* Every run leaves ``metrics.json`` in its folder (:mod:`gptlab.cli.results`); the sweep summary
-  and ``gptlab-compare`` read it.
+* Every run leaves ``metrics.json`` in its folder (:mod:`gptlab.results.record`); the sweep summary
+  and ``gptlab-compare`` read it (:mod:`gptlab.results`).
 * A sweep (``-m``) names its folder when it starts and ends with a table of its jobs (overrides,
   the optimised metric, status), best first, and the ``tensorboard`` / ``gptlab-compare`` commands
   for it (:class:`SweepSummary`, a Hydra callback). If a job failed, the sweep exits with status 1
@@ -22,8 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.cli.compare import find_runs, load_run, metric_mode, rank_runs, to_markdown, varying_keys
-from gptlab.cli.results import read_result
+from gptlab.results import find_runs, read_result, summary_table
 from gptlab.signals import raise_if_stopped, signal_name
 
 log = logging.getLogger("gptlab")
@@ -147,21 +146,4 @@ def report_stopped_sweep(signum: int) -> None:
         sweep.report_stop(signum)
 
 
-def summary_table(folder: Path, metric: str, max_rows: int = 50) -> str:
-    """Markdown table of the jobs under ``folder``: overrides, ``metric``, status; best first."""
-    runs = [load_run(p, folder, read_curves=False) for p in find_runs(folder)]
-    if not runs:
-        return f"no jobs found under {folder}"
-    ranked = rank_runs(runs, metric, "auto")
-    keys = varying_keys(ranked)
-    header = ["#", "job", *keys, metric, "status"]
-    rows = [[i + 1, r.name, *(r.overrides.get(k, "") for k in keys), r.metrics.get(metric), r.status]
-            for i, r in enumerate(ranked[:max_rows])]
-    best = metric_mode(metric)
-    title = f"{len(runs)} job(s), best first by {metric} ({best})"
-    more = f"\n... {len(runs) - max_rows} more: gptlab-compare {folder}" if len(runs) > max_rows else ""
-    return f"{title}\n{to_markdown(header, rows)}{more}"
-
-
-__all__ = ["announce_start", "announce_end", "SweepSummary", "summary_table", "duration", "planned_jobs",
-           "report_stopped_sweep"]
+__all__ = ["announce_start", "announce_end", "SweepSummary", "duration", "planned_jobs", "report_stopped_sweep"]

@@ -9,37 +9,21 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hydra
-import lightning as L
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
-
-from gptlab.callbacks import NonFiniteError
-from gptlab.checkpoint_io import CheckpointWriteError
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.ddp import DDPJobScope
-from gptlab.cli.entry import call_hydra, check_plugins, handle_help, require_values, user_error
-from gptlab.cli.hparams import log_hparams, select_hparams
-from gptlab.cli.results import write_result
-from gptlab.cli.runs import announce_end, announce_start, report_stopped_sweep
-from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
+from gptlab.cli import entry_point, full_tracebacks, user_error
 from gptlab.errors import InvalidInput, storage_cause
-from gptlab.run_lock import lock_run_folder, release_all_run_folders, release_run_folder
+from gptlab.run_lock import release_all_run_folders
 from gptlab.signals import StopSignals, exit_status, signal_name
-from gptlab.tokenizer import get_tokenizer
+
+if TYPE_CHECKING:
+    import lightning as L
+    from omegaconf import DictConfig
 
 log = logging.getLogger("gptlab")
 GROUPS = ("model", "data", "task", "adapter", "trainer", "logger", "callbacks", "experiment", "hparams_search",
@@ -49,6 +33,9 @@ GROUPS = ("model", "data", "task", "adapter", "trainer", "logger", "callbacks", 
 
 def _instantiate_group(node: DictConfig | None) -> list[Any]:
     """Objects of every ``_target_`` entry in a group like ``callbacks`` or ``logger``."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig
+
     if not node:
         return []
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
@@ -77,6 +64,9 @@ def route_logs() -> None:
 
 def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
     """Instantiate ``cfg.task`` with the model, adapter and init settings of the run."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
     adapter = cfg.get("adapter")
     reward = cfg.task.get("reward")
     if isinstance(reward, DictConfig) and "_target_" in reward and "reward" not in extra:
@@ -104,6 +94,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     leaves complete event files and no open writers behind; the run folder gets ``metrics.json``
     with the status (``ok``/``failed``/``interrupted``) and final metrics.
     """
+    from lightning.pytorch.utilities import rank_zero_only  # heavy imports wait until a run starts
+
+    from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
+    from gptlab.run_lock import lock_run_folder, release_run_folder
+
     validate_train_config(cfg)
     out = Path(cfg.paths.output_dir)
     lock = None
@@ -118,6 +113,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
+    """:func:`train` once the config is checked and the run folder ``out`` is this process's."""
+    import lightning as L  # the heavy imports wait until a run starts: --help stays instant
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+    from lightning.pytorch.utilities import rank_zero_only
+    from omegaconf import OmegaConf
+
+    from gptlab.cli.ddp import DDPJobScope
+    from gptlab.cli.hparams import log_hparams, select_hparams
+    from gptlab.cli.runs import announce_end, announce_start
+    from gptlab.results import write_result
+    from gptlab.tokenizer import get_tokenizer
+
     started = announce_start(out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("float32_matmul_precision"):
@@ -184,6 +194,8 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
 
 def checkpoint_folders(cfg: DictConfig) -> list[str]:
     """The folders the run's callbacks write checkpoints to (their ``dirpath``)."""
+    from omegaconf import DictConfig
+
     folders = {str(node.dirpath) for node in (cfg.get("callbacks") or {}).values()
                if isinstance(node, DictConfig) and node.get("dirpath")}
     return sorted(folders)
@@ -208,11 +220,19 @@ def fit_and_test(cfg: DictConfig, trainer: L.Trainer, task: L.LightningModule,
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    """Hydra entry; returns ``cfg.optimized_metric`` for sweepers."""
+def run_job(cfg: DictConfig) -> float | None:
+    """One Hydra job of ``gptlab-train``: :func:`train`, then ``cfg.optimized_metric`` for sweepers.
+
+    A single run that fails on input a user can fix exits with one line (status 2 for refused input,
+    1 otherwise) and leaves only its log; a failing sweep job records why (``FAILED``) and reports a
+    NaN metric, so the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from gptlab.callbacks import NonFiniteError
+    from gptlab.checkpoint_io import CheckpointWriteError
+
     route_logs()
-    require_values(cfg, "train", "gptlab-train")
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = train(cfg)
@@ -225,7 +245,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             except OSError as w:  # a full or read-only disk must not hide the error that ended the run
                 log.error("could not write %s: %s", out / "FAILED", storage_cause(w))
         if not multirun:
-            if err is None or (os.environ.get("HYDRA_FULL_ERROR") == "1" and not isinstance(err, InvalidInput)):
+            if err is None or (full_tracebacks() and not isinstance(err, InvalidInput)):
                 raise
             sys.stderr.write(f"gptlab-train: error: {err}\n")
             raise SystemExit(2 if isinstance(err, InvalidInput) else 1) from None
@@ -242,17 +262,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return metrics[metric]
 
 
+_entry = entry_point("train", run_job, groups=GROUPS)
+
+
 def main() -> None:
     """Console entry: ``gptlab-train --help`` written from conf/train.yaml; everything else through
     Hydra. A run or sweep stopped by SIGTERM/SIGINT exits with 128 + the signal (:mod:`gptlab.signals`)."""
-    handle_help("train", "gptlab-train", GROUPS)
-    check_plugins("gptlab-train")
     with StopSignals() as stop:
         try:
-            call_hydra(_hydra_main, "train", "gptlab-train")
+            _entry()
         except BaseException:
             if stop.received is None:
                 raise
+            from gptlab.cli.runs import report_stopped_sweep  # Hydra's: only once a sweep has run
+
             # a stopped run is not a success: 128 + the signal, as shells report it (143: SIGTERM)
             report_stopped_sweep(stop.received)
             sys.stderr.write(f"gptlab-train: stopped by {signal_name(stop.received)} "
@@ -260,7 +283,6 @@ def main() -> None:
             raise SystemExit(exit_status(stop.received)) from None
         finally:
             release_all_run_folders()  # the lock files of a run that ended in an error too
-
 
 if __name__ == "__main__":
     main()

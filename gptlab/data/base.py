@@ -21,10 +21,12 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from gptlab.checks import ConfigRules, boolean, integer, raise_problems
+
 STAGES = ("train", "val", "test")
 
 
-class GPTDataModule(L.LightningDataModule):
+class GPTDataModule(ConfigRules, L.LightningDataModule):
     """Base of gptlab's data modules.
 
     A subclass calls ``self.save_hyperparameters(ignore=["tokenizer"], logger=False)`` in its
@@ -33,11 +35,22 @@ class GPTDataModule(L.LightningDataModule):
     return a collate function per stage from :meth:`collate_fn`. Loader settings come from the
     hparams ``batch_size``, ``val_batch_size`` (None = ``batch_size``), ``num_workers``, ``shuffle``
     and ``drop_last`` (training loader only) and ``pin_memory`` (only when CUDA is there).
+
+    Each data module states its arguments' rules in ``RULES`` (:class:`~gptlab.checks.ConfigRules`)
+    and calls :meth:`check_hparams` right after saving them: a ``data`` node is checked the same way
+    before anything is built (``gptlab-train``'s pre-flight).
     """
+
+    RULES = {"batch_size": integer(ge=1), "val_batch_size": integer(ge=1, optional=True),
+             "num_workers": integer(ge=0), "shuffle": boolean(), "drop_last": boolean(), "pin_memory": boolean()}
 
     train_set: Dataset | None = None
     val_set: Dataset | None = None
     test_set: Dataset | None = None
+
+    def check_hparams(self) -> None:
+        """Raise a :class:`~gptlab.errors.ConfigError` naming every argument out of its rule."""
+        raise_problems(type(self).check_config(self.hparams), "data setting")
 
     @property
     def batch_size(self) -> int:

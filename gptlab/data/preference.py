@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from gptlab.data.base import GPTDataModule
-from gptlab.data.instruct import (InstructionTestCollate, get_prompt_style, instruction_collate, prompts_over,
-                                  report_unlearnable, split_entries)
-from gptlab.data.records import DEFAULT_MAX_RECORD_BYTES, DataFileError, read_json_records
+from gptlab.checks import boolean, integer
+from gptlab.data.instruct import InstructionTestCollate, instruction_collate
+from gptlab.data.prompt_styles import get_prompt_style
+from gptlab.data.records import (DEFAULT_MAX_RECORD_BYTES, DataFileError, RecordDataModule, read_json_records,
+                                 starts_beyond)
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_PREFERENCE_DATA = ASSETS / "instruction-data-with-preference.json"
@@ -181,76 +180,54 @@ def preference_collate(batch: Sequence[Mapping[str, Any]], pad_id: int = EOT_ID,
 
 
 # ----------------------------------------------------------------------------- data module
-class PreferenceDataModule(GPTDataModule):
+class PreferenceDataModule(RecordDataModule):
     """Preference pairs, split like the book (first 85% train, next 10% test, last 5% validate:
     935 / 110 / 55 of the book's 1,100).
 
     Args:
-        tokenizer: a tiktoken encoding (default: GPT-2).
-        path: JSON / JSON-lines file of pairs (see the module docstring); None = the book's file.
-        prompt_style: ``alpaca`` | ``phi3`` | ``raw`` (:data:`gptlab.data.instruct.PROMPT_STYLES`);
-            use the style the SFT model was trained with.
-        train_ratio, test_ratio, shuffle_before_split, split_seed, max_entries: as
-            :class:`~gptlab.data.instruct.InstructionDataModule`.
         mask_prompt: score only the responses (the book's ``mask_prompt_tokens=True``).
         score_response_header: also score the response header after its leading newlines (the book).
         score_eos: score the end-of-text after each response (TRL appends EOS; the book does not).
         allowed_max_length: truncate batches to this many positions (the book: 1024).
-        batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings.
-        max_prompt_length: test-time generation prompts keep only their last N tokens.
-        max_record_bytes: refuse an entry whose JSON is longer (None = no limit).
+        ignore_index: the label of positions without a loss.
+        **kwargs: :class:`~gptlab.data.records.RecordDataModule` arguments (``path``: a JSON /
+            JSON-lines file of pairs (module docstring), None = the book's; ``prompt_style``: the one
+            the SFT model was trained with; the split and loader settings).
     """
 
-    def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
-                 train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
-                 split_seed: int = 123, max_entries: int | None = None, mask_prompt: bool = True,
-                 score_response_header: bool = False, score_eos: bool = True,
-                 allowed_max_length: int | None = None, pad_id: int = EOT_ID, ignore_index: int = -100,
-                 batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
-                 max_prompt_length: int | None = None, max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES):
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
-        get_prompt_style(prompt_style)  # fail fast on a typo
-        self.max_record_bytes = max_record_bytes
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
-        self.tokenizer = tokenizer or get_tokenizer()
-        self.path, self.prompt_style, self.score_response_header = path, prompt_style, score_response_header
-        self.train_ratio, self.test_ratio = train_ratio, test_ratio
-        self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
-        self.max_prompt_length = max_prompt_length
-        self.collate_kwargs = dict(pad_id=pad_id, ignore_index=ignore_index, allowed_max_length=allowed_max_length,
-                                   mask_prompt=mask_prompt, score_eos=score_eos)
-        self.train_set: PreferenceDataset | None = None
-        self.val_set: PreferenceDataset | None = None
-        self.test_set: PreferenceDataset | None = None
+    what, unit, default_path = "preference data", "pairs", DEFAULT_PREFERENCE_DATA
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        entries = load_preference_data(self.path, self.max_record_bytes)
-        if self.shuffle_before_split:
-            random.Random(self.split_seed).shuffle(entries)
-        if self.max_entries:
-            entries = entries[: self.max_entries]
-        parts = split_entries(entries, self.train_ratio, self.test_ratio)
-        self.train_set, self.val_set, self.test_set = (
-            PreferenceDataset(part, self.tokenizer, self.prompt_style, self.score_response_header) for part in parts)
-        rank_zero_info(f"preference data {self.path or DEFAULT_PREFERENCE_DATA}: {len(parts[0])} train / "
-                       f"{len(parts[1])} val / {len(parts[2])} test pairs, prompt style {self.prompt_style!r}")
+    RULES = {"mask_prompt": boolean(), "score_response_header": boolean(), "score_eos": boolean(),
+             "allowed_max_length": integer(ge=1, optional=True), "ignore_index": integer()}
+
+    def __init__(self, mask_prompt: bool = True, score_response_header: bool = False, score_eos: bool = True,
+                 allowed_max_length: int | None = None, ignore_index: int = -100, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.score_response_header = score_response_header
+        self.collate_kwargs = dict(pad_id=self.hparams.pad_id, ignore_index=ignore_index,
+                                   allowed_max_length=allowed_max_length, mask_prompt=mask_prompt, score_eos=score_eos)
+
+    def load_entries(self) -> list[dict[str, Any]]:
+        return load_preference_data(self.path, self.max_record_bytes)
+
+    def make_dataset(self, entries: list[dict[str, Any]]) -> PreferenceDataset:
+        return PreferenceDataset(entries, self.tokenizer, self.prompt_style, self.score_response_header)
+
+    def after_split(self, note: str = "") -> None:
+        super().after_split(note)
         self.check_learnable()
 
     def check_learnable(self) -> None:
-        """Pairs that cannot teach a preference: a prompt longer than ``allowed_max_length`` (both
-        responses are cut away entirely), or a chosen response equal to the rejected one (within
-        what the truncated batch keeps): refused when every training pair is such, one warning with
-        the counts when some are (:func:`~gptlab.data.instruct.report_unlearnable`)."""
+        """Pairs that cannot teach a preference: a scored part that starts beyond
+        ``allowed_max_length`` (both responses are cut away entirely), or a chosen response equal to
+        the rejected one (within what the truncated batch keeps): refused when every training pair
+        is such, one warning with the counts when some are
+        (:meth:`~gptlab.data.records.RecordDataModule.report_unlearnable`)."""
         limit = self.collate_kwargs["allowed_max_length"]
-        splits = dict(zip(SPLITS, (self.train_set, self.val_set, self.test_set)))
         useless, cut, same, same_shown = {}, 0, 0, 0
-        for name, ds in splits.items():
-            over = prompts_over(ds.prompt_ids, limit)
+        for name in SPLITS:
+            ds = self.dataset(name)
+            over = starts_beyond(ds.scored_from, limit)
             equal = [ds.response_ids["chosen"][i] == ds.response_ids["rejected"][i] for i in range(len(ds))]
             shown = [ds.visible("chosen", i, limit) == ds.visible("rejected", i, limit) for i in range(len(ds))]
             bad = [(o, not o and e, not o and not e and v) for o, e, v in zip(over, equal, shown)]
@@ -270,9 +247,7 @@ class PreferenceDataModule(GPTDataModule):
                          + (" or shorten the prompts" if cut else ""))
         if same:
             fixes.append("give each pair two different responses")
-        report_unlearnable(self.path or DEFAULT_PREFERENCE_DATA, "pairs", useless,
-                           {k: len(ds) for k, ds in splits.items()}, "; ".join(reasons), "; ".join(fixes),
-                           PreferenceDataError)
+        self.report_unlearnable(useless, "; ".join(reasons), "; ".join(fixes), PreferenceDataError)
 
     def dataset(self, split: str) -> PreferenceDataset:
         """The ``train`` / ``val`` / ``test`` dataset (after :meth:`setup`)."""
@@ -280,10 +255,6 @@ class PreferenceDataModule(GPTDataModule):
             raise ValueError(f"unknown split {split!r}; valid choices: {list(SPLITS)}")
         self.setup()
         return {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
-
-    @property
-    def test_entries(self) -> list[dict[str, Any]]:
-        return self.dataset("test").entries
 
     def fingerprint(self, split: str) -> str:
         """:meth:`PreferenceDataset.fingerprint` of ``split`` combined with the collate settings."""

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gptlab.checks import boolean, choice, integer, number
+from gptlab.checks import text as text_rule
 from gptlab.data.base import GPTDataModule
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
@@ -326,6 +328,10 @@ class PretrainDataModule(GPTDataModule):
         tokenizer: a ``tiktoken.Encoding`` (default: the bundled GPT-2 BPE).
     """
 
+    RULES = {"train_ratio": number(gt=0, le=1), "max_length": integer(ge=1), "stride": integer(ge=1, optional=True),
+             "memmap": choice(True, False, "auto"), "cache_dir": text_rule(optional=True), "strip_gutenberg": boolean(),
+             "endoftext_token": boolean()}
+
     def __init__(self, path: str | Sequence[str] | None = None, train_ratio: float = 0.9, max_length: int = 256,
                  stride: int | None = None, batch_size: int = 8, val_batch_size: int | None = None,
                  num_workers: int = 0, shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
@@ -333,10 +339,7 @@ class PretrainDataModule(GPTDataModule):
                  endoftext_token: bool = True, tokenizer=None):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
-        if not 0.0 < train_ratio <= 1.0:
-            raise ValueError(f"data.train_ratio must be in (0, 1], got {train_ratio}")
-        if memmap not in (True, False, "auto"):
-            raise ValueError(f"data.memmap must be true, false or auto, got {memmap!r}")
+        self.check_hparams()
         self.path, self.train_ratio = path, float(train_ratio)
         self.max_length, self.stride = int(max_length), int(stride or max_length)
         self.memmap, self.cache_dir, self.strip_gutenberg = memmap, cache_dir, strip_gutenberg

@@ -14,17 +14,16 @@ tokenized once, and batched left-padded for batched KV-cache generation.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
-from gptlab.data.base import GPTDataModule
-from gptlab.data.instruct import DEFAULT_INSTRUCTION_DATA, get_prompt_style, left_pad, split_entries
-from gptlab.data.records import DEFAULT_MAX_RECORD_BYTES, DataFileError, read_json_records
+from gptlab.data.instruct import DEFAULT_INSTRUCTION_DATA
+from gptlab.data.prompt_styles import get_prompt_style, left_pad
+from gptlab.data.records import DEFAULT_MAX_RECORD_BYTES, DataFileError, RecordDataModule, read_json_records
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 
@@ -100,56 +99,33 @@ class PromptCollate:
                 "entries": [ds.entries[i] for i in idx], "prompts": [ds.prompts[i] for i in idx]}
 
 
-class PromptDataModule(GPTDataModule):
+class PromptDataModule(RecordDataModule):
     """Prompts split like the book's instruction data (first 85% train, next 10% test, the rest
     validation, which PPO does not use); every training batch is one PPO iteration's prompts.
 
     Args:
-        tokenizer: a tiktoken encoding (default: GPT-2).
-        path: JSON / JSON-lines prompt file (module docstring); None = the book's instruction data.
-        prompt_style: ``alpaca`` | ``phi3`` | ``raw``: the style the SFT model (and the reward model) learned.
-        train_ratio, test_ratio, shuffle_before_split, split_seed, max_entries: as
-            :class:`~gptlab.data.instruct.InstructionDataModule`.
-        max_prompt_length: keep the last N tokens of longer prompts (None = all; the task checks that
-            prompt + response fit the context).
         batch_size: prompts per PPO iteration (rollout batch size); ``val_batch_size`` for the test stage.
-        num_workers, shuffle, drop_last, pin_memory: DataLoader settings.
-        max_record_bytes: refuse an entry whose JSON is longer (None = no limit).
+        **kwargs: :class:`~gptlab.data.records.RecordDataModule` arguments (``path``: a JSON /
+            JSON-lines prompt file (module docstring), None = the book's instruction data;
+            ``prompt_style``: the style the SFT model (and the reward model) learned;
+            ``max_prompt_length``: keep the last N tokens of longer prompts (None = all; the task
+            checks that prompt + response fit the context); the split and loader settings).
     """
 
-    def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
-                 train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
-                 split_seed: int = 123, max_entries: int | None = None, max_prompt_length: int | None = None,
-                 pad_id: int = EOT_ID, batch_size: int = 16, val_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
-                 max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES):
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
-        get_prompt_style(prompt_style)  # fail fast on a typo
-        self.max_record_bytes = max_record_bytes
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(f"data.batch_size={batch_size} / data.val_batch_size={val_batch_size} must be >= 1")
-        if max_prompt_length is not None and max_prompt_length < 1:
-            raise ValueError(f"data.max_prompt_length={max_prompt_length} must be >= 1 (or null)")
-        self.tokenizer = tokenizer or get_tokenizer()
-        self.path, self.prompt_style = path, prompt_style
-        self.train_ratio, self.test_ratio = train_ratio, test_ratio
-        self.shuffle_before_split, self.split_seed, self.max_entries = shuffle_before_split, split_seed, max_entries
-        self.max_prompt_length, self.pad_id = max_prompt_length, pad_id
+    what, unit, default_path = "prompts", "prompts", DEFAULT_INSTRUCTION_DATA
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        entries = load_prompts(self.path, self.max_record_bytes)
-        if self.shuffle_before_split:
-            random.Random(self.split_seed).shuffle(entries)
-        if self.max_entries:
-            entries = entries[: self.max_entries]
-        parts = split_entries(entries, self.train_ratio, self.test_ratio)
-        self.train_set, self.val_set, self.test_set = (
-            PromptDataset(part, self.tokenizer, self.prompt_style) for part in parts)
-        rank_zero_info(f"prompts {self.path or DEFAULT_INSTRUCTION_DATA}: {len(parts[0])} train / {len(parts[2])} "
-                       f"test prompts, prompt style {self.prompt_style!r}")
+    def __init__(self, batch_size: int = 16, **kwargs: Any):
+        super().__init__(batch_size=batch_size, **kwargs)
+        self.pad_id = self.hparams.pad_id
+
+    def load_entries(self) -> list[dict[str, Any]]:
+        return load_prompts(self.path, self.max_record_bytes)
+
+    def make_dataset(self, entries: list[dict[str, Any]]) -> PromptDataset:
+        return PromptDataset(entries, self.tokenizer, self.prompt_style)
+
+    def after_split(self, note: str = "") -> None:
+        super().after_split(note)
         if len(self.train_set) < self.batch_size and self.hparams.drop_last:
             raise ValueError(f"{len(self.train_set)} training prompts do not fill one batch of data.batch_size="
                              f"{self.batch_size} (drop_last=true); lower the batch size or add prompts")
@@ -158,11 +134,6 @@ class PromptDataModule(GPTDataModule):
             if cut:
                 rank_zero_warn(f"{cut} prompts are longer than max_prompt_length={self.max_prompt_length} tokens; "
                                "they keep their last tokens")
-
-    @property
-    def test_entries(self) -> list[dict[str, Any]]:
-        self.setup()
-        return self.test_set.entries
 
     def collate_fn(self, stage: str) -> PromptCollate:
         """Left-padded prompts of the stage's dataset (PPO has no validation stage)."""

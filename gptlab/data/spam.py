@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from gptlab.checks import Problem, boolean, choice, encoding, integer, number, ratios_fit, strings, text
 from gptlab.data.base import GPTDataModule
 from gptlab.errors import InvalidInput
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
@@ -284,6 +285,17 @@ class TextClassificationDataModule(GPTDataModule):
             (training batches shuffled, last partial batch dropped, as in the book).
     """
 
+    RULES = {"format": choice(*FORMATS, name="data format"), "text_column": text(), "label_column": text(),
+             "header": boolean(), "encoding": encoding(), "quoting": choice(*QUOTINGS, name="data.quoting"),
+             "labels": strings(optional=True, unique=True), "balance": boolean(), "train_ratio": number(gt=0, le=1),
+             "val_ratio": number(ge=0, lt=1), "shuffle_before_split": boolean(), "split_seed": integer(),
+             "max_examples": integer(ge=1, optional=True), "max_length": integer(ge=1, optional=True),
+             "pad_to_max_length": boolean(), "pad_id": integer(ge=0)}
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        return super().check_relations(node) + ratios_fit(node, "train_ratio", "val_ratio", "tests")
+
     def __init__(self, tokenizer: Any = None, path: str | None = None, format: str = "auto",
                  text_column: str = "text", label_column: str = "label", header: bool = False,
                  encoding: str = "utf-8", quoting: str = "minimal", labels: Sequence[str] | None = SPAM_LABELS,
@@ -295,11 +307,7 @@ class TextClassificationDataModule(GPTDataModule):
                  drop_last: bool = True, pin_memory: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
-        if format not in FORMATS:
-            raise ValueError(f"unknown data format {format!r}; valid choices: {list(FORMATS)}")
-        if quoting not in QUOTINGS:
-            raise ValueError(f"unknown data.quoting {quoting!r}; valid choices: {list(QUOTINGS)}")
-        split_indices(10, train_ratio, val_ratio)  # fail fast on bad ratios
+        self.check_hparams()
         self.tokenizer = tokenizer or get_tokenizer()
         self.path = path
         self.read_kwargs = dict(format=format, text_column=text_column, label_column=label_column,

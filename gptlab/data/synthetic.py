@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from gptlab.checks import integer
 from gptlab.data.base import GPTDataModule
 
 
@@ -26,11 +27,15 @@ class RandomTokenDataset(Dataset):
 class RandomTokenDataModule(GPTDataModule):
     """Synthetic pretraining data with the same batch contract as ``PretrainDataModule``."""
 
+    RULES = {"max_length": integer(ge=1), "num_train": integer(ge=1), "num_val": integer(ge=1),
+             "vocab_size": integer(ge=1)}
+
     def __init__(self, max_length: int = 1024, batch_size: int = 16, num_train: int = 10_000, num_val: int = 64,
                  vocab_size: int = 50257, num_workers: int = 0, pin_memory: bool = True, shuffle: bool = True,
                  drop_last: bool = True, tokenizer=None):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
+        self.check_hparams()
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams

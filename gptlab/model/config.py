@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
+
+from gptlab.checks import (Problem, boolean, check_node, choice, integer, is_int, number, problem, raise_problems, text,
+                           unknown_keys)
 
 
 @dataclass
@@ -47,25 +50,32 @@ class GPTConfig:
     name: str = "custom"
     """Preset this config came from (informational)."""
 
+    RULES: ClassVar[dict[str, Any]] = {
+        "vocab_size": integer(ge=1), "context_length": integer(ge=1), "emb_dim": integer(ge=1),
+        "n_heads": integer(ge=1), "n_layers": integer(ge=1), "mlp_ratio": integer(ge=1),
+        "pad_vocab_multiple": integer(ge=1), "drop_rate": number(ge=0, lt=1), "ln_eps": number(gt=0),
+        "qkv_bias": boolean(), "tie_weights": boolean(), "activation_checkpointing": boolean(),
+        "init": choice("gpt2", "torch"), "name": text()}
+    """The rule of every field (:mod:`gptlab.checks`)."""
+
     def __post_init__(self) -> None:
-        for name, kind, low in (("vocab_size", int, 1), ("context_length", int, 1), ("emb_dim", int, 1),
-                                ("n_heads", int, 1), ("n_layers", int, 1), ("mlp_ratio", int, 1),
-                                ("pad_vocab_multiple", int, 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
-        if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, (int, float)) \
-                or not 0 <= self.drop_rate < 1:
-            raise ValueError(f"drop_rate={self.drop_rate!r}: expected a number in [0, 1)")
-        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) or not self.ln_eps > 0:
-            raise ValueError(f"ln_eps={self.ln_eps!r}: expected a number > 0")
-        for name in ("qkv_bias", "tie_weights", "activation_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
-        if self.emb_dim % self.n_heads != 0:
-            raise ValueError(f"emb_dim={self.emb_dim} must be divisible by n_heads={self.n_heads}")
-        if self.init not in ("gpt2", "torch"):
-            raise ValueError(f"init={self.init!r}; valid choices: ['gpt2', 'torch']")
+        raise_problems(self.check_config(dataclasses.asdict(self)), "GPTConfig field")
+
+    @classmethod
+    def check_config(cls, node: Mapping[str, Any]) -> list[Problem]:
+        """Every problem of a ``model`` config node (a preset ``name`` fills the fields it leaves
+        out, as :meth:`from_dict` does): unknown fields, values out of type or range, and
+        ``emb_dim`` not divisible by ``n_heads``. Builds nothing."""
+        node = dict(node)
+        valid = {f.name for f in dataclasses.fields(cls)}
+        problems = unknown_keys(node, valid, "GPTConfig")
+        values = {**_preset_fields(node.get("name")), **{k: v for k, v in node.items() if k in valid}}
+        problems += check_node(values, cls.RULES)
+        emb, heads = values.get("emb_dim"), values.get("n_heads")
+        if is_int(emb) and is_int(heads) and emb >= 1 and heads >= 1 and emb % heads:
+            problems.append(problem("n_heads", heads, f"a divisor of emb_dim={emb}",
+                                    f"emb_dim={emb} must be divisible by n_heads={heads}"))
+        return problems
 
     @property
     def head_dim(self) -> int:
@@ -94,12 +104,8 @@ class GPTConfig:
             return d
         d = dict(d)
         valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - valid)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {unknown}; valid fields: {sorted(valid)}")
-        name = d.get("name")
-        base = dict(PRESETS[_ALIASES.get(name, name)]) if name in PRESETS or name in _ALIASES else {}
-        return cls(**{**base, **d})
+        raise_problems(unknown_keys(d, valid, "GPTConfig"), "GPTConfig field")
+        return cls(**{**_preset_fields(d.get("name")), **d})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,3 +127,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 _ALIASES = {"gpt2": "gpt2-small", "124M": "gpt2-small", "355M": "gpt2-medium",
             "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+
+def _preset_fields(name: Any) -> dict[str, Any]:
+    """The fields of the preset ``name`` (or one of its aliases); none for any other name."""
+    key = _ALIASES.get(name, name) if isinstance(name, str) else None
+    return dict(PRESETS[key]) if key in PRESETS else {}

@@ -9,45 +9,29 @@ on top (a CUDA graph on GPU), the fast route for batch-1 decoding on a GPU.
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from gptlab.checks import check_node, integer, number
 from gptlab.model.gpt import GPT, KVCache
 
 
-def sampling_problems(max_new_tokens: Any, temperature: Any = 0.0, top_k: Any = None,
-                      top_p: Any = None) -> list[tuple[str, Any, str]]:
-    """What is wrong with these sampling arguments: ``(name, value, what is allowed)`` per bad one;
-    empty when all are valid. ``temperature`` >= 0 (0 or None: greedy), ``top_k`` >= 0 (0 or None:
-    off), ``0 < top_p <= 1`` (1 or None: off), ``max_new_tokens`` >= 0."""
-    def integer(v: Any) -> bool:
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    def number(v: Any) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-    problems = []
-    if not (integer(max_new_tokens) and max_new_tokens >= 0):
-        problems.append(("max_new_tokens", max_new_tokens, "an integer >= 0"))
-    if temperature is not None and not (number(temperature) and temperature >= 0):
-        problems.append(("temperature", temperature, "a number >= 0 (0 = greedy)"))
-    if top_k is not None and not (integer(top_k) and top_k >= 0):
-        problems.append(("top_k", top_k, "an integer >= 0 or null (0 or null = off)"))
-    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
-        problems.append(("top_p", top_p, "a number in (0, 1] or null (1 or null = off)"))
-    return problems
+SAMPLING_RULES = {"max_new_tokens": integer(ge=0), "temperature": number(ge=0, optional=True, note="0 = greedy"),
+                  "top_k": integer(ge=0, optional=True, note="0 or null = off"),
+                  "top_p": number(gt=0, le=1, optional=True, note="1 or null = off")}
+"""The rule of every sampling argument: ``temperature`` >= 0 (0 or None: greedy), ``top_k`` >= 0
+(0 or None: off), ``0 < top_p <= 1`` (1 or None: off), ``max_new_tokens`` >= 0."""
 
 
 def check_sampling_args(max_new_tokens: Any, temperature: Any = 0.0, top_k: Any = None, top_p: Any = None) -> None:
-    """Raise ``ValueError`` naming every sampling argument out of its range (see :func:`sampling_problems`)."""
-    problems = sampling_problems(max_new_tokens, temperature, top_k, top_p)
+    """Raise ``ValueError`` naming every sampling argument out of its range (:data:`SAMPLING_RULES`)."""
+    problems = check_node(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p),
+                          SAMPLING_RULES)
     if problems:
-        raise ValueError("; ".join(f"{name}={value!r}: expected {allowed}" for name, value, allowed in problems))
+        raise ValueError("; ".join(p.at() for p in problems))
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -67,6 +51,14 @@ def _sample(logits: torch.Tensor, temperature: float | None, top_k: int | None, 
     """:func:`sample_next_token` without the argument checks (the decode loop checks them once)."""
     if not temperature:
         return logits.argmax(dim=-1)
+    probs = F.softmax(_filtered_logits(logits, temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _filtered_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
+                     top_p: float | None) -> torch.Tensor:
+    """``logits`` (B, V) divided by ``temperature`` (> 0), with the tokens outside ``top_k`` and the
+    ``top_p`` nucleus set to -inf: what :func:`sample_next_token` samples from."""
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -78,8 +70,52 @@ def _sample(logits: torch.Tensor, temperature: float | None, top_k: int | None, 
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
         drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return logits
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                generators: list[torch.Generator | None] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token of every row of ``logits`` (B, V) with that row's own settings; ids (B,).
+
+    ``temperature`` (B,) float (0: greedy), ``top_k`` (B,) int (0: off), ``top_p`` (B,) float (1:
+    off) act as in :func:`sample_next_token`, in one pass over the batch (one sort serves both
+    filters). Sampling is the exponential race (argmax of probs / Exp(1) noise, the same distribution
+    as ``torch.multinomial``): a row with its own generator in ``generators`` draws its noise from
+    it, so its tokens depend on its seed only, never on its neighbours; the other rows share
+    ``generator``. Arguments are not checked here (the caller checks them once per sequence).
+    """
+    greedy = temperature <= 0
+    if bool(greedy.all()):
+        return logits.argmax(dim=-1)
+    filtered = _filtered_rows(logits, torch.where(greedy, 1.0, temperature.float()), top_k, top_p)
+    probs = F.softmax(filtered, dim=-1)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    for row, gen in enumerate(generators or ()):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)  # a view: this row's noise from its own stream
+    sampled = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+def _filtered_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor) -> torch.Tensor:
+    """:func:`_filtered_logits` with per-row settings: ``temperature`` (B,) > 0, ``top_k`` (B,) (0:
+    off), ``top_p`` (B,) (>= 1: off)."""
+    V = logits.size(-1)
+    logits = logits.float() / temperature[:, None]
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V).long()
+    kth = sorted_logits.gather(-1, (k - 1)[:, None])  # (B, 1): the k-th largest logit
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    nucleus = top_p < 1.0
+    if bool(nucleus.any()):
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # as in _filtered_logits: drop a token once the tokens ranked above it reach top_p
+        drop_sorted = ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]) & nucleus[:, None]
+        logits = logits.masked_fill(drop_sorted.scatter(-1, sorted_idx, drop_sorted), float("-inf"))
+    return logits
 
 
 def _padding_masks(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,6 +65,113 @@ class KVCache:
         self.pos = 0
 
 
+class RowKVCache:
+    """Keys and values of up to ``max_rows`` sequences that each advance on their own: continuous
+    batching, where sequences join and leave the batch between decode steps.
+
+    Buffers have shape ``(n_layers, max_rows, n_heads, capacity, head_dim)``. Rows ``[0, rows)`` are
+    in use; row ``r`` holds ``lengths[r]`` slots, ``valid[r, s]`` saying whether slot ``s`` is a real
+    token (a prompt's left padding is not). A decode step writes every row's new key/value at its
+    own next slot, and attention reads slots ``[0, max(lengths) + 1)`` of the rows in use under
+    :meth:`attention_mask`, so a short row never pays for a long neighbour's slots beyond that.
+    ``capacity`` grows on demand (doubling, up to ``max_len``). Sequences enter through
+    :meth:`insert` (the keys/values of a prefill pass) and leave through :meth:`keep` (finished rows
+    dropped, the others moved down so rows ``[0, rows)`` stay contiguous).
+    """
+
+    def __init__(self, config: GPTConfig, max_rows: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 capacity: int = 64):
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows}: expected at least 1")
+        self.config, self.max_rows, self.dtype = config, max_rows, dtype
+        self.max_len = min(max_len or config.context_length, config.context_length)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.rows = 0
+        self.lengths: list[int] = []
+        self._alloc(min(capacity, self.max_len))
+
+    def _alloc(self, capacity: int) -> None:
+        c = self.config
+        shape = (c.n_layers, self.max_rows, c.n_heads, capacity, c.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        valid = torch.zeros(self.max_rows, capacity, dtype=torch.bool, device=self.device)
+        if hasattr(self, "k"):  # growing: keep what is written
+            old = self.k.size(3)
+            k[:, :, :, :old], v[:, :, :, :old], valid[:, :old] = self.k, self.v, self.valid
+        self.k, self.v, self.valid = k, v, valid
+        self.capacity = capacity
+
+    def reserve(self, slots: int) -> None:
+        """Make room for ``slots`` slots per row (at most ``max_len``)."""
+        if slots > self.max_len:
+            raise ValueError(f"a sequence of {slots} positions does not fit the cache's {self.max_len}")
+        if slots > self.capacity:
+            self._alloc(min(self.max_len, max(slots, 2 * self.capacity)))
+
+    def insert(self, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Append ``B`` sequences as rows ``[rows, rows + B)``: ``k, v`` (n_layers, B, nh, T, hs) are a
+        prefill pass's keys/values of a left-padded batch whose ``attention_mask`` (B, T) marks the real
+        tokens; each row keeps only its real tokens, moved to slots ``[0, n_real)``."""
+        B, T = attention_mask.shape
+        if self.rows + B > self.max_rows:
+            raise ValueError(f"{self.rows} rows in use + {B} new exceeds max_rows={self.max_rows}")
+        self.reserve(T)
+        n_real = attention_mask.long().sum(-1)  # (B,)
+        # slot j of a row takes the prompt position j + (its padding): the real tokens, left-aligned
+        src = (torch.arange(T, device=k.device)[None] + (T - n_real)[:, None]).clamp(max=T - 1)  # (B, T)
+        index = src[None, :, None, :, None].expand(k.size(0), B, k.size(2), T, k.size(4))
+        r0, r1 = self.rows, self.rows + B
+        self.k[:, r0:r1, :, :T] = k.gather(3, index).to(self.dtype)
+        self.v[:, r0:r1, :, :T] = v.gather(3, index).to(self.dtype)
+        self.valid[r0:r1] = False
+        self.valid[r0:r1, :T] = torch.arange(T, device=k.device)[None] < n_real[:, None]
+        self.rows = r1
+        self.lengths += n_real.tolist()
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in this order) as rows ``[0, len(rows))``; the others are freed."""
+        if rows == list(range(len(rows))):
+            self.rows, self.lengths = len(rows), self.lengths[: len(rows)]
+            return
+        span = max((self.lengths[r] for r in rows), default=0)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        n = len(rows)
+        self.k[:, :n, :, :span] = self.k[:, idx, :, :span]
+        self.v[:, :n, :, :span] = self.v[:, idx, :, :span]
+        self.valid[:n] = self.valid[idx]
+        self.rows, self.lengths = n, [self.lengths[r] for r in rows]
+
+    def next_slots(self) -> torch.Tensor:
+        """Where each row in use writes its next token (rows,); marks those slots as real."""
+        self.reserve(max(self.lengths, default=0) + 1)
+        slots = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+        self.valid[torch.arange(self.rows, device=self.device), slots] = True
+        return slots
+
+    def advance(self) -> None:
+        """Every row in use has written one more token."""
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def attention_mask(self) -> torch.Tensor:
+        """(rows, 1, 1, span) bool: the real slots of each row, for one new token per row."""
+        span = max(self.lengths, default=0) + 1
+        return self.valid[: self.rows, None, None, :span]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token per row, ``k, v`` (rows, nh, 1, hs), at slots ``input_pos`` (rows,); return
+        the (rows, nh, span, hs) keys/values attention reads."""
+        if input_pos is None or k.size(2) != 1 or k.size(0) != self.rows:
+            raise ValueError("RowKVCache takes one token per row in use, with each row's slot as input_pos")
+        rows = torch.arange(self.rows, device=k.device)
+        self.k[layer, rows, :, input_pos] = k[:, :, 0].to(self.dtype)  # (rows, nh, hs)
+        self.v[layer, rows, :, input_pos] = v[:, :, 0].to(self.dtype)
+        span = max(self.lengths, default=0) + 1
+        return self.k[layer, : self.rows, :, :span], self.v[layer, : self.rows, :, :span]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -83,7 +190,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         start = 0
         if kv_cache is not None:
-            start = kv_cache.pos
+            start = getattr(kv_cache, "pos", 0)  # a RowKVCache has no shared position: attn_mask is given
             # (B, nh, start+T, hs); static cache: (B, nh, max_len, hs) with attn_mask set by GPT
             k, v = kv_cache.update(layer, k, v, input_pos)
         dropout_p = self.dropout if self.training else 0.0
@@ -175,15 +282,22 @@ class GPT(nn.Module):
         tokens go to (default: from ``kv_cache.pos``, which then advances; when given, the caller
         keeps ``pos``), ``position_ids`` default to them, and ``attn_mask`` is (B, 1, 1, max_len):
         which slots hold real tokens.
+        With a :class:`RowKVCache`: one token per row in use, ``input_pos`` (B,) each row's slot,
+        ``position_ids`` (B, 1) each row's position; ``attn_mask`` defaults to the cache's own.
         """
         B, T = input_ids.shape
-        static = kv_cache is not None and kv_cache.static
-        advance = kv_cache is not None and (not static or input_pos is None)
+        rows = isinstance(kv_cache, RowKVCache)
+        static = kv_cache is not None and not rows and kv_cache.static
+        advance = kv_cache is not None and not rows and (not static or input_pos is None)
         start = kv_cache.pos if advance else 0
         if start + T > self.config.context_length:
             raise ValueError(f"sequence of {start + T} tokens exceeds context_length="
                              f"{self.config.context_length}")
-        if static:
+        if rows:  # one token per row, each at its own slot and position
+            if input_pos is None or position_ids is None:
+                raise ValueError("a RowKVCache step needs input_pos (each row's slot) and position_ids")
+            attn_mask = kv_cache.attention_mask() if attn_mask is None else attn_mask
+        elif static:
             if input_pos is None:
                 input_pos = torch.arange(start, start + T, device=input_ids.device)
             attn_mask = self._static_cache_mask(kv_cache, input_pos, attn_mask)

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from gptlab.checks import Problem, check_node, choice, integer, number, raise_problems, require, strings
+
 log = logging.getLogger(__name__)
 
 TARGETS = ("q", "k", "v", "attn_proj", "mlp_fc", "mlp_proj", "head")
@@ -43,6 +45,10 @@ update's size), ``plain`` alpha (the book's appendix E), ``rslora`` alpha / sqrt
 APPLY_KEYS = ("rank", "alpha", "dropout", "targets", "scaling", "train_extra")
 """The settings an adapter file must carry to rebuild its layers (the ``apply_lora`` arguments)."""
 ADAPTER_FORMAT = "gptlab-lora"
+LORA_RULES = {"rank": integer(ge=1), "alpha": number(gt=0), "dropout": number(ge=0, lt=1),
+              "scaling": choice(*SCALINGS, name="LoRA scaling"), "targets": strings(TARGETS, nonempty=True),
+              "train_extra": strings()}
+"""The rule of every LoRA setting (the ``apply_lora`` arguments, the ``adapter=lora`` config node)."""
 
 # module-name suffix in the GPT backbone -> target name(s)
 _FUSED_QKV = "attn.qkv"
@@ -82,8 +88,7 @@ class LoRALinear(nn.Linear):
         # build on the meta device (no memory), then adopt the base layer's own parameters
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        require("rank", rank, LORA_RULES["rank"])
         self.rank, self.alpha, self.scaling = rank, alpha, scaling
         self.scale = lora_scale(rank, alpha, scaling)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -203,10 +208,8 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16, dropout: flo
     Returns ``model``; its settings are kept in ``model.lora_config`` (what :func:`save_adapter` stores).
     """
     targets = list(targets)
-    unknown = sorted(set(targets) - set(TARGETS))
-    if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; valid choices: {list(TARGETS)}")
-    lora_scale(rank, alpha, scaling)  # validates ``scaling``
+    raise_problems(check_lora_config(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets, scaling=scaling,
+                                          train_extra=list(train_extra))), "LoRA setting")
     if has_lora(model):
         raise ValueError("LoRA is already applied to this model; call remove_lora(model) first")
     qkv_parts = [t for t in ("q", "k", "v") if t in targets]
@@ -250,6 +253,11 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16, dropout: flo
     log.debug("LoRA rank %d on %d layers: %s trainable parameters", rank, len(replaced),
              f"{trainable_parameters(model):,}")
     return model
+
+
+def check_lora_config(node: Mapping[str, Any]) -> list[Problem]:
+    """Every problem of a LoRA config node (:data:`LORA_RULES`); builds nothing."""
+    return check_node(node, LORA_RULES)
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -432,6 +440,6 @@ def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-__all__ = ["LoRALinear", "TARGETS", "SCALINGS", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora",
+__all__ = ["LoRALinear", "TARGETS", "SCALINGS", "LORA_RULES", "check_lora_config", "apply_lora", "merge_lora", "unmerge_lora", "remove_lora",
            "disable_lora", "lora_state_dict", "save_safetensors", "save_adapter", "load_adapter", "read_adapter",
            "adopt_adapter_head", "lora_layers", "has_lora", "trainable_parameters", "lora_scale"]

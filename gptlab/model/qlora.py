@@ -39,8 +39,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from gptlab.model.lora import (APPLY_KEYS, TARGETS, LoRALinear, adopt_adapter_head, apply_lora, load_adapter,
-                               lora_layers, read_adapter)
+from gptlab.checks import Predicate, Problem, check_node, choice, integer, is_int
+from gptlab.model.lora import (APPLY_KEYS, LORA_RULES, TARGETS, LoRALinear, adopt_adapter_head, apply_lora,
+                               load_adapter, lora_layers, read_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,21 @@ else float32 (CPU matmuls in bfloat16 are slower than in float32 on most CPUs)."
 QUANT_KEYS = ("block_size", "scaler_block_size", "compute_dtype")
 """The settings an adapter file carries, under ``quantization``, to re-quantize a base like training did."""
 _HEADS = ("out_head",)  # task or LM heads: never quantized (small, or untiled like the 50,257-row LM head)
+
+
+def _even_block(v: Any) -> bool:
+    return is_int(v) and v >= 2 and v % 2 == 0
+
+
+QLORA_RULES = {**LORA_RULES, "block_size": Predicate(_even_block, "an even integer >= 2 (two 4-bit codes per byte; "
+                                                                  "QLoRA uses 64)"),
+               "scaler_block_size": integer(ge=1, note="QLoRA uses 256"), "compute_dtype": choice(*COMPUTE_DTYPES)}
+"""The rule of every QLoRA setting (the ``apply_qlora`` arguments, the ``adapter=qlora`` config node)."""
+
+
+def check_qlora_config(node: Mapping[str, Any]) -> list[Problem]:
+    """Every problem of a QLoRA config node (:data:`QLORA_RULES`); builds nothing."""
+    return check_node(node, QLORA_RULES)
 
 
 def nf4_module() -> ModuleType:
@@ -125,10 +141,10 @@ def clone_nf4(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_blocks(block_size: int, scaler_block_size: int) -> None:
-    if not isinstance(block_size, int) or block_size < 2 or block_size % 2:
+    if not _even_block(block_size):
         raise ValueError(f"QLoRA block_size must be an even integer >= 2 (two 4-bit codes per byte), "
                          f"got {block_size!r}; QLoRA uses 64")
-    if not isinstance(scaler_block_size, int) or scaler_block_size < 1:
+    if not QLORA_RULES["scaler_block_size"].ok(scaler_block_size):
         raise ValueError(f"QLoRA scaler_block_size must be an integer >= 1, got {scaler_block_size!r}; QLoRA uses 256")
 
 
@@ -358,6 +374,6 @@ def load_qlora_adapter(model: nn.Module, path: str | Path, requantize: bool = Tr
     return load_adapter(model, path)
 
 
-__all__ = ["QLoRALinear", "apply_qlora", "load_qlora_adapter", "dequantize_qlora", "qlora_layers",
+__all__ = ["QLoRALinear", "QLORA_RULES", "check_qlora_config", "apply_qlora", "load_qlora_adapter", "dequantize_qlora", "qlora_layers",
            "nf4_quantizable", "nf4_nbytes", "frozen_linear_bytes", "nf4_module", "is_nf4",
            "resolve_compute_dtype", "COMPUTE_DTYPES", "QUANT_KEYS"]

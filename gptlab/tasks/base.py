@@ -1,97 +1,34 @@
 """What every task shares: build (or load) the backbone, adapters, freezing, the optimizer node and
-LR schedule (built by :mod:`gptlab.tasks.optim`), gradient clipping, tokens seen, optional
+LR schedule (built by :mod:`gptlab.optim`), gradient clipping, tokens seen, optional
 ``torch.compile``, and what a checkpoint records about the task (reloading one:
-:func:`gptlab.tasks.registry.load_task`)."""
+:func:`gptlab.tasks.registry.load_task`). Also the bases of next-token tasks
+(:class:`LanguageModelTask`) and of tasks trained on preference pairs (:class:`PairwiseTask`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
+import torch.nn as nn
 import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
+from gptlab.callbacks import forget_step_grad_norm, step_grad_norm
+from gptlab.checks import ConfigRules, Problem, boolean, choice, is_number, number, problem, raise_problems
 from gptlab.errors import ConfigError
+from gptlab.model.adapters import apply_adapter
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import save_adapter
-from gptlab.tasks.adapters import apply_adapter
-from gptlab.tasks.checkpoint import load_backbone
-from gptlab.tasks.optim import (WEIGHT_DECAY_ON, build_lr_scheduler, build_optimizer, lr_schedule_config,
-                                optimizer_config, parameter_groups)
+from gptlab.optim import (LR_SCHEDULE_RULES, OPTIMIZER_RULES, WEIGHT_DECAY_ON, build_lr_scheduler, build_optimizer,
+                          fold_legacy_keys, lr_schedule_config, optimizer_config, parameter_groups,
+                          refuse_resume_changes, resume_changes)
+from gptlab.weights.checkpoint import load_backbone
 
-# hyperparameters of checkpoints written before the optimizer became a node -> their new place
-_LEGACY_OPTIMIZER_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "eps": "eps",
-                          "fused_adamw": "fused"}
-_LEGACY_SCHEDULE_KEYS = {"lr_schedule": "name", "warmup_steps": "warmup_steps", "min_lr": "min_lr"}
-
-
-def _fold_legacy_keys(kwargs: dict[str, Any], optimizer: Mapping[str, Any] | None,
-                      lr_schedule: Mapping[str, Any] | str | None) -> tuple[dict[str, Any] | None, Any]:
-    """Move the flat optimizer keys of older checkpoints' hyperparameters (``lr``, ``betas``,
-    ``lr_schedule="cosine"``, ...) out of ``kwargs`` into the ``optimizer`` / ``lr_schedule`` nodes."""
-    legacy_opt = {new: kwargs.pop(old) for old, new in _LEGACY_OPTIMIZER_KEYS.items() if old in kwargs}
-    legacy_sched = {new: kwargs.pop(old) for old, new in _LEGACY_SCHEDULE_KEYS.items() if old in kwargs}
-    if isinstance(lr_schedule, str):  # lr_schedule="cosine" was the schedule's name
-        legacy_sched["name"], lr_schedule = lr_schedule, None
-    if legacy_opt:
-        optimizer = {**dict(optimizer or {}), **legacy_opt}
-    if legacy_sched:
-        lr_schedule = {**dict(lr_schedule or {}), **legacy_sched}
-    return optimizer, lr_schedule
-
-
-IMPLEMENTATION_KEYS = ("_partial_", "fused", "foreach", "capturable", "differentiable")
-"""Optimizer arguments that choose a kernel, not the arithmetic: a resume may change them."""
-
-
-def resume_changes(saved_hparams: Mapping[str, Any], optimizer: Mapping[str, Any] | None,
-                   lr_schedule: Mapping[str, Any] | None, weight_decay_on: str = "matrices") -> list[str]:
-    """What a resume from a checkpoint whose task hyperparameters are ``saved_hparams`` would not
-    apply as asked: ``"task.optimizer.lr=0.001 (the checkpoint's: 0.0004)"`` for each differing value.
-
-    A resume restores the optimizer's state, and with it every value of its parameter groups (``lr``,
-    ``betas``, ``eps``, ``weight_decay``, ...): a new value would be silently ignored, while the LR
-    schedule (rebuilt from the config) would follow part of it (its floor ``min_lr / lr``, its
-    warmup, its shape), so the learning rate would jump and the new checkpoint would record a rate
-    never used. ``weight_decay_on`` changes the parameter groups the state belongs to. Kernel choices
-    (:data:`IMPLEMENTATION_KEYS`) may change.
-    """
-    saved = dict(saved_hparams)
-    saved_opt, saved_sched = _fold_legacy_keys(saved, saved.pop("optimizer", None), saved.pop("lr_schedule", None))
-    pairs = [("task.optimizer", optimizer_config(saved_opt), optimizer_config(optimizer)),
-             ("task.lr_schedule", lr_schedule_config(saved_sched), lr_schedule_config(lr_schedule))]
-    changes = []
-    for prefix, before, now in pairs:
-        for key in sorted(set(before) | set(now)):
-            if key in IMPLEMENTATION_KEYS:
-                continue
-            old, new = _plain(before.get(key)), _plain(now.get(key))
-            if old != new:
-                changes.append(f"{prefix}.{key}={new} (the checkpoint's: {old})")
-    old_on = saved.get("weight_decay_on", "matrices")
-    if old_on != weight_decay_on:
-        changes.append(f"task.weight_decay_on={weight_decay_on} (the checkpoint's: {old_on})")
-    return changes
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def refuse_resume_changes(changes: list[str], ckpt_path: Any) -> None:
-    """Raise :class:`ConfigError` listing ``changes`` (from :func:`resume_changes`), if any."""
-    if changes:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path}: a resume continues the checkpoint's optimizer and LR schedule, which would "
-            f"ignore or only half-apply {'; '.join(changes)}. Resume with the checkpoint's values (see its run's "
-            f".hydra/config.yaml), or start a new run from its weights with init_from={ckpt_path}")
-
-
-class GPTTask(L.LightningModule):
+class GPTTask(ConfigRules, L.LightningModule):
     """Base LightningModule around the shared :class:`GPT` backbone.
 
     Args:
@@ -102,16 +39,17 @@ class GPTTask(L.LightningModule):
         adapter: adapter settings (``adapter=lora``: ``name``, ``rank``, ``alpha``, ...) or None.
         optimizer: the optimizer node (``task.optimizer``): ``_target_`` (a ``torch.optim`` class,
             default ``torch.optim.AdamW``), ``_partial_: true`` and its arguments (``lr``, ``betas``,
-            ``eps``, ``weight_decay``, ``fused``: null = fused on CUDA); None or a node without
-            ``_target_`` = AdamW (:data:`gptlab.tasks.optim.DEFAULT_OPTIMIZER`, updated by the node).
-            Kept as a plain dict; built in :meth:`configure_optimizers`.
+            ``eps``, ``weight_decay``, ``fused``: null = fused where torch has the kernel, CUDA and
+            CPU); None or a node without ``_target_`` = AdamW (:data:`gptlab.optim.DEFAULT_OPTIMIZER`,
+            updated by the node). Kept as a plain dict; built in :meth:`configure_optimizers`.
         lr_schedule: ``name`` (``constant``, ``cosine``, ``linear``) after ``warmup_steps`` of linear
             warmup (an int, or a float < 1 read as a fraction of all steps), decaying to ``min_lr``.
         weight_decay_on: ``matrices`` (linear-layer weight matrices only) or ``all`` (every
-            trainable parameter, the book); see :data:`gptlab.tasks.optim.WEIGHT_DECAY_ON`.
+            trainable parameter, the book); see :data:`gptlab.optim.WEIGHT_DECAY_ON`.
         grad_clip: clip the global gradient norm to this (None/0 = off). Done here rather than by
             the Trainer so fused AdamW keeps working under bf16-mixed.
-        compile: wrap the training/eval step in ``torch.compile``.
+        compile: run the forward passes through ``torch.compile`` (compiled once, on first use:
+            :meth:`compiled`).
 
     Subclasses set ``task_name`` (their name in :data:`gptlab.tasks.registry.TASKS`, recorded in
     checkpoints and adapter files) and ``kind`` (what the model predicts: ``lm`` or ``classifier``;
@@ -120,30 +58,44 @@ class GPTTask(L.LightningModule):
 
     task_name: str = ""
     kind: str = "lm"
+    RULES = {"weight_decay_on": choice(*WEIGHT_DECAY_ON, name="task.weight_decay_on"),
+             "grad_clip": number(ge=0, optional=True), "compile": boolean(),
+             **{f"optimizer.{k}": v for k, v in OPTIMIZER_RULES.items()},
+             **{f"lr_schedule.{k}": v for k, v in LR_SCHEDULE_RULES.items()}}
+    """The rules of the arguments every task takes (subclasses add theirs: :class:`~gptlab.checks.ConfigRules`)."""
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        found = super().check_relations(node)
+        lr = (node.get("optimizer") or {}).get("lr")
+        min_lr = (node.get("lr_schedule") or {}).get("min_lr")
+        if is_number(lr) and is_number(min_lr) and lr > 0 and min_lr > lr:
+            found.append(problem("lr_schedule.min_lr", min_lr, f"at most the peak {{node}}optimizer.lr={lr} "
+                                                               "(the schedule decays to it)"))
+        return found
 
     def __init__(self, model: Mapping[str, Any] | None = None, init_from: str | None = None,
                  adapter: Mapping[str, Any] | None = None, optimizer: Mapping[str, Any] | None = None,
                  lr_schedule: Mapping[str, Any] | None = None, weight_decay_on: str = "matrices",
                  grad_clip: float | None = 1.0, compile: bool = False, **kwargs: Any):
         super().__init__()
-        optimizer, lr_schedule = _fold_legacy_keys(kwargs, optimizer, lr_schedule)
+        optimizer, lr_schedule = fold_legacy_keys(kwargs, optimizer, lr_schedule)
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unknown argument(s) {sorted(kwargs)}")
         # validated now, built in configure_optimizers; stored complete, as plain containers
         optimizer, lr_schedule = optimizer_config(optimizer), lr_schedule_config(lr_schedule)
-        if weight_decay_on not in WEIGHT_DECAY_ON:
-            raise ValueError(f"unknown task.weight_decay_on {weight_decay_on!r}; "
-                             f"valid choices: {list(WEIGHT_DECAY_ON)}")
-        # hparams go to the logger once, at the end, together with the final metrics (cli/train.py)
+        # hparams go to the logger once, at the end, together with the final metrics (cli/train.py);
+        # they hold the arguments of every __init__ of the task's classes
         self.save_hyperparameters(logger=False)
         self.hparams.optimizer, self.hparams.lr_schedule = optimizer, lr_schedule
+        raise_problems(type(self).check_config(self.hparams), "task setting")  # before the backbone is built
         self.tokens_seen = 0  # input tokens trained on (pads included, as the book counts), all ranks
         self.examples_seen = 0
         self.model = self.build_backbone()
         self.configure_backbone()
         if adapter:
             self.apply_adapter(dict(adapter))
-        self._compiled_loss = None
+        self._compiled: dict[Any, Callable[..., Any]] = {}
 
     # ----------------------------------------------------------------- backbone
     def build_backbone(self) -> GPT:
@@ -199,17 +151,22 @@ class GPTTask(L.LightningModule):
                 rank_zero_info(f"LoRA adapter saved to {path}")
 
     # ----------------------------------------------------------------- steps
+    def compiled(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        """``fn``, or with ``compile=true`` its ``torch.compile`` (``options``: its keyword arguments),
+        compiled on first use and kept for every later call."""
+        if not self.hparams.compile:
+            return fn
+        if fn not in self._compiled:
+            self._compiled[fn] = torch.compile(fn, **options)
+        return self._compiled[fn]
+
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scalar training loss of ``batch``. Subclasses override; default: next-token loss."""
+        """Scalar next-token loss of ``batch`` (``input_ids``, ``labels``)."""
         return self.model.loss(batch["input_ids"], batch["labels"])
 
     def loss_fn(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``compute_loss``, compiled on first use when ``compile=true``."""
-        if not self.hparams.compile:
-            return self.compute_loss(batch)
-        if self._compiled_loss is None:
-            self._compiled_loss = torch.compile(self.compute_loss)
-        return self._compiled_loss(batch)
+        """:meth:`compute_loss`, through :meth:`compiled`."""
+        return self.compiled(self.compute_loss)(batch)
 
     def log_progress(self, batch: dict[str, torch.Tensor]) -> None:
         """Count this training batch and log ``train/tokens_seen`` (input tokens, pads included, as
@@ -249,15 +206,20 @@ class GPTTask(L.LightningModule):
         clip = self.hparams.grad_clip or gradient_clip_val
         if clip:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            norm = step_grad_norm(self, optimizer)  # the one NonFiniteGuard computed for this step, if it ran
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        forget_step_grad_norm(self)  # new gradients: the kept norm is stale
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # plain strings and dicts only: a checkpoint never names code to import (gptlab.tasks.checkpoint)
+        # plain strings and dicts only: a checkpoint never names code to import (gptlab.weights.checkpoint)
         checkpoint["gptlab_task"] = self.task_name
         checkpoint["gptlab_kind"] = self.kind
         checkpoint["gptlab_model_config"] = self.model.config.to_dict()
+        checkpoint["gptlab_prediction"] = self.prediction_metadata()
         checkpoint["gptlab_progress"] = {"tokens_seen": self.tokens_seen, "examples_seen": self.examples_seen}
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             # the length the LR schedule was laid out for: a resume must not change it (see below)
@@ -326,3 +288,89 @@ class LanguageModelTask(GPTTask):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
+
+
+class StageMeans(nn.Module):
+    """One ``MeanMetric`` per (stage, metric name): the mean over examples, not over batches, synced
+    across ranks; logged as ``<stage>/<name>`` (names may hold slashes: ``rewards/chosen``).
+
+    Call :meth:`reset` at the start of every epoch: the states are then created in that loop's grad
+    mode (a ``validate()`` runs under inference mode, whose tensors a later fit's no-grad validation
+    could not update in place).
+    """
+
+    def __init__(self, names: Sequence[str], stages: Sequence[str] = ("val", "test")):
+        super().__init__()
+        self.names = tuple(names)
+        self.means = nn.ModuleDict({stage: nn.ModuleDict({_metric_key(n): torchmetrics.MeanMetric() for n in self.names})
+                                    for stage in stages})
+
+    def reset(self, stage: str) -> None:
+        for metric in self.means[stage].values():
+            metric.reset()
+
+    def update(self, stage: str, values: Mapping[str, torch.Tensor], weight: int) -> None:
+        for name, value in values.items():
+            self.means[stage][_metric_key(name)].update(value.detach(), weight=weight)
+
+    def log(self, module: L.LightningModule, stage: str, prog_bar: Sequence[str] = ()) -> None:
+        """Log every metric that got values this epoch, then reset."""
+        for name in self.names:
+            metric = self.means[stage][_metric_key(name)]
+            if metric.update_count:
+                module.log(f"{stage}/{name}", metric.compute(), prog_bar=name in prog_bar, sync_dist=True)
+            metric.reset()
+
+
+def _metric_key(name: str) -> str:
+    """A ModuleDict key for a metric name (no dots or slashes)."""
+    return name.replace("/", "__").replace(".", "_")
+
+
+class PairwiseTask(GPTTask):
+    """What tasks trained on preference pairs share (DPO, the reward model): one dict of metrics per
+    batch (:meth:`pair_metrics`, ``loss`` first), logged as ``train/<name>`` per step and epoch, and
+    as example-weighted means over the whole validation / test set (``val/<name>``, ``test/<name>``).
+
+    Subclasses set :attr:`metrics` (the names :meth:`pair_metrics` returns) and :attr:`progress_bar`.
+    """
+
+    metrics: tuple[str, ...] = ("loss",)
+    progress_bar: tuple[str, ...] = ("loss",)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.eval_metrics = StageMeans(self.metrics)
+
+    def pair_metrics(self, batch: Mapping[str, Any], split: str) -> dict[str, torch.Tensor]:
+        """The loss (mean over the batch's pairs) and the task's metrics of one batch of ``split``."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        metrics = self.pair_metrics(batch, "train")
+        B = batch["chosen_input_ids"].size(0)
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=B,
+                     prog_bar=name in self.progress_bar)
+        return metrics["loss"]
+
+    def _accumulate(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
+        self.eval_metrics.update(stage, self.pair_metrics(batch, stage), weight=batch["chosen_input_ids"].size(0))
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_metrics.reset("val")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._accumulate("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.eval_metrics.log(self, "val", prog_bar=self.progress_bar)
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_metrics.reset("test")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._accumulate("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.eval_metrics.log(self, "test")

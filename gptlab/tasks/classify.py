@@ -12,85 +12,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.nn.utils.rnn import pad_sequence
 
-from gptlab.model.gpt import GPT
+from gptlab.checks import Problem, choice, integer, is_int, problem, strings, text
+from gptlab.inference import predict_texts
+from gptlab.model.heads import POOLINGS, class_logits
 from gptlab.tasks.base import GPTTask
-from gptlab.tokenizer import EOT_ID, get_tokenizer
 
-POOLINGS = ("last_token", "last_position", "mean")
-"""Which hidden state(s) the head reads: ``last_token`` the last real (unpadded) token, which under
-causal attention is the only one that has seen the whole text; ``last_position`` the last column
-(the book's ``[:, -1, :]``: a pad when a shorter text is right-padded); ``mean`` the average over
-the real tokens."""
 TRAINABLE = ("head", "last_block", "last_n_blocks", "all")
 """What trains (without an adapter): ``head`` the new head only; ``last_block`` the last transformer
 block, the final norm and the head (the book); ``last_n_blocks`` the same with the last
 ``trainable_blocks`` blocks; ``all`` every parameter."""
 
 
-def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pooling: str = "last_token") -> torch.Tensor:
-    """One vector per sequence from hidden states (B, T, D) -> (B, D).
-
-    ``attention_mask`` (B, T), 1 = real token, right padding; None = every position is real.
-    """
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; valid choices: {list(POOLINGS)}")
-    if pooling == "last_position" or (attention_mask is None and pooling == "last_token"):
-        return hidden[:, -1]
-    if attention_mask is None:
-        return hidden.mean(dim=1)
-    mask = attention_mask.to(hidden.device)
-    if pooling == "last_token":
-        last = (mask.sum(dim=1) - 1).clamp(min=0)  # (B,) index of the last real token
-        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
-    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-
-def class_logits(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pooling: str = "last_token") -> torch.Tensor:
-    """Class logits (B, num_classes) of a backbone whose ``out_head`` is a classifier: the head
-    reads only the pooled vector, never all T positions."""
-    return model.out_head(pool_hidden(model.hidden_states(input_ids), attention_mask, pooling))
-
-
-@torch.no_grad()
-def predict_texts(model: GPT, texts: Sequence[str], pooling: str = "last_token", max_length: int | None = None,
-                  batch_size: int = 32, pad_id: int = EOT_ID, tokenizer: Any = None,
-                  progress: bool = False) -> torch.Tensor:
-    """Class probabilities (N, num_classes) of ``texts`` (float32, on the CPU).
-
-    Each text keeps its first ``max_length`` tokens (None = the model's context length), as the
-    book's ``classify_review``; batches are right-padded to their longest text.
-    """
-    from tqdm.auto import tqdm
-
-    tok = tokenizer or get_tokenizer()
-    device = next(model.parameters()).device
-    limit = min(max_length or model.config.context_length, model.config.context_length)
-    out = []
-    with tqdm(total=len(texts), unit="text", disable=not progress, desc="classify") as bar:
-        for start in range(0, len(texts), batch_size):
-            ids = [e[:limit] or [pad_id] for e in tok.encode_ordinary_batch(list(texts[start:start + batch_size]))]
-            rows = [torch.tensor(e, dtype=torch.long) for e in ids]
-            input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id).to(device)  # (B, T)
-            lengths = torch.tensor([len(e) for e in ids], device=device)
-            mask = (torch.arange(input_ids.size(1), device=device)[None, :] < lengths[:, None]).long()
-            logits = class_logits(model, input_ids, mask, pooling)
-            out.append(logits.float().softmax(dim=-1).cpu())
-            bar.update(len(ids))
-    if not out:
-        return torch.empty(0, model.out_head.out_features)
-    return torch.cat(out)
+F1_AVERAGES = ("auto", "binary", "macro", "micro", "weighted")
 
 
 class ClassificationTask(GPTTask):
@@ -100,7 +41,8 @@ class ClassificationTask(GPTTask):
         num_classes: size of the new head; None = ``len(labels)``.
         labels: class names in id order (``[ham, spam]``), kept in the checkpoint for
             ``gptlab-classify``; None = taken from the data module at fit time.
-        pooling: ``last_token`` | ``last_position`` (the book) | ``mean`` (see :data:`POOLINGS`).
+        pooling: ``last_token`` | ``last_position`` (the book) | ``mean`` (see
+            :data:`gptlab.model.heads.POOLINGS`).
         trainable: ``head`` | ``last_block`` | ``last_n_blocks`` | ``all`` (see :data:`TRAINABLE`).
             With ``adapter=lora`` the adapter decides instead: LoRA weights (+ ``train_extra``) train.
         trainable_blocks: k for ``last_n_blocks``.
@@ -114,22 +56,32 @@ class ClassificationTask(GPTTask):
 
     task_name = "classify"
     kind = "classifier"
+    RULES = {"num_classes": integer(ge=2, optional=True), "labels": strings(optional=True, unique=True),
+             "pooling": choice(*POOLINGS, name="pooling"), "trainable": choice(*TRAINABLE, name="trainable"),
+             "trainable_blocks": integer(ge=1), "max_length": integer(ge=1, optional=True),
+             "f1_average": choice(*F1_AVERAGES, name="f1_average"), "confusion_matrix_file": text()}
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        found = super().check_relations(node)
+        labels, n = node.get("labels"), node.get("num_classes")
+        if isinstance(labels, (list, tuple)) and is_int(n) and len(labels) != n:
+            found.append(problem("num_classes", n, f"{len(labels)}, the number of {{node}}labels={list(labels)}",
+                                 f"num_classes={n} but {len(labels)} labels {list(labels)}"))
+        if labels is None and n is None:
+            found.append(Problem("{node}num_classes=None, {node}labels=None: expected one of them (e.g. "
+                                 "{node}num_classes=2)", "ClassificationTask needs num_classes or labels "
+                                                          "(e.g. task.num_classes=2)"))
+        classes = len(labels) if isinstance(labels, (list, tuple)) else n
+        if node.get("f1_average") == "binary" and is_int(classes) and classes != 2:
+            found.append(problem("f1_average", "binary", f"another average for {classes} classes (binary needs 2)",
+                                 f"f1_average=binary needs 2 classes, got {classes}"))
+        return found
 
     def __init__(self, num_classes: int | None = None, labels: Sequence[str] | None = None,
                  pooling: str = "last_token", trainable: str = "last_block", trainable_blocks: int = 1,
                  max_length: int | None = None, f1_average: str = "auto",
                  confusion_matrix_file: str = "confusion_matrix.json", **kwargs: Any):
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; valid choices: {list(POOLINGS)}")
-        if trainable not in TRAINABLE:
-            raise ValueError(f"unknown trainable {trainable!r}; valid choices: {list(TRAINABLE)}")
-        if labels is not None and num_classes is not None and len(labels) != num_classes:
-            raise ValueError(f"num_classes={num_classes} but {len(labels)} labels {list(labels)}")
-        if labels is None and num_classes is None:
-            raise ValueError("ClassificationTask needs num_classes or labels (e.g. task.num_classes=2)")
-        if f1_average not in ("auto", "binary", "macro", "micro", "weighted"):
-            raise ValueError(f"unknown f1_average {f1_average!r}; valid choices: "
-                             "['auto', 'binary', 'macro', 'micro', 'weighted']")
         super().__init__(**kwargs)
         n = self.num_classes
         self.train_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
@@ -138,14 +90,11 @@ class ClassificationTask(GPTTask):
         self.val_loss, self.test_loss = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
         average = f1_average if f1_average != "auto" else ("binary" if n == 2 else "macro")
         if average == "binary":
-            if n != 2:
-                raise ValueError(f"f1_average=binary needs 2 classes, got {n}")
             self.test_f1 = torchmetrics.classification.BinaryF1Score()
         else:
             self.test_f1 = torchmetrics.classification.MulticlassF1Score(n, average=average)
         self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(n)
         self.confusion_matrix: list[list[int]] | None = None
-        self._compiled_logits = None
 
     @property
     def num_classes(self) -> int:
@@ -189,15 +138,12 @@ class ClassificationTask(GPTTask):
         return class_logits(self.model, input_ids, attention_mask, self.hparams.pooling)
 
     def logits_fn(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """:meth:`forward` on a batch, compiled on first use when ``compile=true``."""
-        if not self.hparams.compile:
-            return self(batch["input_ids"], batch.get("attention_mask"))
-        if self._compiled_logits is None:
-            self._compiled_logits = torch.compile(self.forward)
-        return self._compiled_logits(batch["input_ids"], batch.get("attention_mask"))
+        """:meth:`forward` on a batch, through :meth:`compiled`."""
+        return self.compiled(self.forward)(batch["input_ids"], batch.get("attention_mask"))
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(self(batch["input_ids"], batch.get("attention_mask")), batch["label"])
+        """Cross-entropy of a batch's class logits and its ``label``."""
+        return F.cross_entropy(self.logits_fn(batch), batch["label"])
 
     # ----------------------------------------------------------------- fit
     def setup(self, stage: str) -> None:

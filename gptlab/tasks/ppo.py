@@ -45,21 +45,25 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from gptlab.data.instruct import extract_response, get_prompt_style
-from gptlab.model.lora import disable_lora
+from gptlab.alignment.advantages import gae, token_rewards
+from gptlab.alignment.kl import KL_CONTROLLER_RULES, KL_ESTIMATORS, KLController, kl_estimate
+from gptlab.alignment.losses import clipped_policy_loss, clipped_value_loss
+from gptlab.alignment.masked import masked_mean, masked_whiten
+from gptlab.alignment.reference import eval_mode, switch_off_dropout
+from gptlab.alignment.rollout import (GENERATION_CACHES, Completions, PhaseTimer, PolicyOutput, Rollout, chunked,
+                                      completion_id_lists, prompt_id_lists, response_forward, sample_completions,
+                                      stopped_rows)
+from gptlab.checks import boolean, choice, integer, number
+from gptlab.data.prompt_styles import extract_response
+from gptlab.rewards import call_reward
 from gptlab.tasks.base import GPTTask
-from gptlab.tasks.dpo import eval_mode, frozen_copy, switch_off_dropout
-from gptlab.tasks.instruct import ResponseGenerationMixin
-from gptlab.tasks.rlhf import (KL_ESTIMATORS, KLController, clipped_policy_loss, clipped_value_loss, gae, kl_estimate,
-                               masked_mean, masked_whiten, response_mask, token_rewards)
-from gptlab.tasks.rollout import (GENERATION_CACHES, PhaseTimer, PolicyOutput, Rollout, chunked, pack_sequences,
-                                  response_forward, sample_responses)
+from gptlab.tasks.mixins import ReferenceMixin, ResponseGenerationMixin
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 REFERENCES = ("auto", "copy", "adapters_off")
 
 
-class PPOTask(ResponseGenerationMixin, GPTTask):
+class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
     """PPO on batches of prompts (:class:`gptlab.data.prompts.PromptDataModule`: left-padded
     ``prompt_ids`` / ``prompt_attention_mask``, ``index``, ``entries``, ``prompts``).
 
@@ -74,7 +78,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         generation_cache: ``dynamic`` | ``static`` | ``compiled`` (:data:`GENERATION_CACHES`).
         kl_coef: β, the weight of the per-token KL penalty (the initial β when adaptive).
         kl_target, kl_horizon: adapt β towards this mean KL per response (None = fixed β).
-        kl_estimator: ``k1`` | ``k2`` | ``k3`` (:data:`gptlab.tasks.rlhf.KL_ESTIMATORS`).
+        kl_estimator: ``k1`` | ``k2`` | ``k3`` (:data:`gptlab.alignment.kl.KL_ESTIMATORS`).
         missing_eos_penalty: subtracted from the score of a response that never stopped (TRL).
         whiten_rewards: whiten the per-token rewards before GAE (TRL's option, off).
         gamma, lam: GAE's discount γ and λ.
@@ -95,6 +99,19 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
 
     task_name = "ppo"
     kind = "lm"
+    RULES = {"max_new_tokens": integer(ge=1),
+             "temperature": number(gt=0, name="task.temperature",
+                                   why="PPO learns from sampled responses (greedy decoding explores nothing); use "
+                                       "test_temperature=0 for greedy test answers"),
+             "stop_token_id": integer(ge=0, optional=True),
+             "generation_cache": choice(*GENERATION_CACHES, name="generation_cache"),
+             "kl_estimator": choice(*KL_ESTIMATORS, name="kl_estimator"), **KL_CONTROLLER_RULES,
+             "missing_eos_penalty": number(optional=True), "whiten_rewards": boolean(),
+             "gamma": number(ge=0, le=1), "lam": number(ge=0, le=1), "whiten_advantages": boolean(),
+             "ppo_epochs": integer(ge=1), "num_mini_batches": integer(ge=1), "clip_range": number(gt=0),
+             "clip_range_value": number(gt=0, optional=True), "vf_coef": number(ge=0), "entropy_coef": number(ge=0),
+             "reference": choice(*REFERENCES, name="reference"), "disable_dropout": boolean(),
+             "log_samples_every_n": integer(ge=0), "log_samples": integer(ge=0), "test_temperature": number(ge=0)}
 
     def __init__(self, reward: Callable[..., Any] | None = None, max_new_tokens: int = 64, temperature: float = 0.7,
                  top_k: int | None = None, top_p: float | None = None, stop_token_id: int | None = EOT_ID,
@@ -111,18 +128,12 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         if reward is not None and (isinstance(reward, Mapping) or not callable(reward)):
             raise TypeError(f"task.reward must be a callable built from a _target_ (gptlab.rewards), got "
                             f"{type(reward).__name__}; a plain function needs _partial_: true")
-        _check_settings(max_new_tokens=max_new_tokens, temperature=temperature, generation_cache=generation_cache,
-                        kl_estimator=kl_estimator, gamma=gamma, lam=lam, ppo_epochs=ppo_epochs,
-                        num_mini_batches=num_mini_batches, clip_range=clip_range, reference=reference,
-                        adapter=kwargs.get("adapter"))
-        get_prompt_style(prompt_style)
-        kl_controller = KLController(kl_coef, kl_target, kl_horizon)  # validates kl_coef, kl_target, kl_horizon
         # the reward is code built from the run's config: never stored with the hyperparameters (nor
         # deep-copied by save_hyperparameters, which reads this frame's arguments)
         reward_fn, reward = reward, None
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # checks every argument (RULES) before the backbone is built
         self.hparams.pop("reward", None)
-        self._kl = kl_controller
+        self._kl = KLController(kl_coef, kl_target, kl_horizon)
         if disable_dropout:
             switch_off_dropout(self.model)
         D = self.model.config.emb_dim
@@ -130,44 +141,23 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.automatic_optimization = False
-        # not submodules: kept out of state_dict and parameters(); the reference copy moves with the
-        # task (_apply), the reward function to the task's device when fitting or testing starts
+        # not a submodule: kept out of state_dict and parameters(); moved to the task's device when
+        # fitting or testing starts
         self.reward_fn = reward_fn
-        self.reference_model: nn.Module | None = None
-        self._policy_is_reference = True  # until the first optimizer step or a restored checkpoint
+        self.init_reference(reference)
         self._warned_crop = False
-        self._compiled_forward: Callable[..., PolicyOutput] | None = None
         self.reset_responses()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("reference_model", "reward_fn"):  # bypass nn.Module registration on purpose
+        if name == "reward_fn":  # a reward model must not become a submodule (nor go into checkpoints)
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "PPOTask":
-        # .to(device) / precision plugins reach the hidden reference copy too
-        super()._apply(fn, *args, **kwargs)
-        if self.__dict__.get("reference_model") is not None:
-            self.reference_model._apply(fn, *args, **kwargs)
-        return self
-
-    def prediction_metadata(self) -> dict[str, Any]:
-        """The prompt style, so the tuned model is prompted the way it was trained (``gptlab-chat``)."""
-        return {"prompt_style": self.hparams.prompt_style}
 
     @property
     def kl_coef(self) -> float:
         """β now (changes after every iteration when adaptive)."""
         return self._kl.value
-
-    @property
-    def reference_mode(self) -> str:
-        """``copy`` or ``adapters_off`` (``auto`` resolved)."""
-        mode = self.hparams.reference
-        if mode == "auto":
-            return "adapters_off" if self.hparams.adapter else "copy"
-        return mode
 
     @property
     def steps_per_iteration(self) -> int:
@@ -187,12 +177,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
             raise ValueError(f"the reward model was trained on prompt_style={style!r} prompts but task.prompt_style="
                              f"{self.hparams.prompt_style!r}; set data.prompt_style={style} (the policy and the reward "
                              "model must see the same prompts)")
-        # before a checkpoint is restored, so the copy holds the STARTING weights, never trained ones
-        if self.reference_mode == "copy" and self.reference_model is None:
-            self.reference_model = self.build_reference_copy()
-
-    def build_reference_copy(self) -> nn.Module:
-        return frozen_copy(self.model)
+        self.build_reference()
 
     def _move_reward(self) -> None:
         if hasattr(self.reward_fn, "to"):
@@ -218,14 +203,12 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
             self._warned_crop = True
         return prompt_ids[:, -keep:], prompt_mask[:, -keep:]
 
-    def sample(self, batch: Mapping[str, Any], temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor]:
-        """``(prompt_ids, prompt_mask, responses, mask)`` for a batch of prompts."""
+    def sample(self, batch: Mapping[str, Any], temperature: float) -> Completions:
+        """Sampled completions of a batch of prompts (cropped to fit the context)."""
         hp = self.hparams
         prompt_ids, prompt_mask = self.crop_prompts(batch["prompt_ids"], batch["prompt_attention_mask"])
-        responses = sample_responses(self.model, prompt_ids, prompt_mask, hp.max_new_tokens, temperature,
-                                     hp.top_k, hp.top_p, hp.stop_token_id, hp.generation_cache)
-        return prompt_ids, prompt_mask, responses, response_mask(responses, hp.stop_token_id)
+        return sample_completions(self.model, prompt_ids, prompt_mask, hp.max_new_tokens, temperature, hp.top_k,
+                                  hp.top_p, hp.stop_token_id, hp.generation_cache)
 
     def score(self, batch: Mapping[str, Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
               responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -233,49 +216,33 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
         decoded completions (without the stop token)."""
         tok = get_tokenizer()
         stop = self.hparams.stop_token_id
-        lengths = mask.sum(dim=1).tolist()
-        ends_with_stop = (responses.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1) == stop) \
-            if stop is not None else torch.zeros(len(lengths), dtype=torch.bool, device=responses.device)
-        rows = responses.tolist()
-        completion_ids = [r[: n - int(s)] for r, n, s in zip(rows, lengths, ends_with_stop.tolist())]
-        prompt_rows = prompt_ids.tolist()
-        prompt_lists = [p[len(p) - int(m):] for p, m in zip(prompt_rows, prompt_mask.sum(dim=1).tolist())]
+        stopped = stopped_rows(responses, stop)
+        completion_ids = completion_id_lists(responses, mask, stopped)
+        prompt_lists = prompt_id_lists(prompt_ids, prompt_mask)
         completions = [tok.decode(ids) for ids in completion_ids]
         prompts = list(batch.get("prompts") or [tok.decode(p) for p in prompt_lists])
-        entries = list(batch.get("entries") or [{} for _ in rows])
-        scores = self.reward_fn(prompts=prompts, completions=completions, prompt_ids=prompt_lists,
-                                completion_ids=completion_ids, entries=entries)
-        scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device).reshape(-1)
-        if scores.numel() != len(rows):
-            raise ValueError(f"the reward function returned {scores.numel()} scores for {len(rows)} responses")
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"the reward function returned non-finite scores: {scores.tolist()}")
+        entries = list(batch.get("entries") or [{} for _ in completion_ids])
+        scores = call_reward(self.reward_fn, prompts=prompts, completions=completions, prompt_ids=prompt_lists,
+                             completion_ids=completion_ids, entries=entries).to(self.device)
         if self.hparams.missing_eos_penalty and stop is not None:
-            scores = scores - self.hparams.missing_eos_penalty * (~ends_with_stop).float()
+            scores = scores - self.hparams.missing_eos_penalty * (~stopped).float()
         return scores, prompts, completions
 
     def reference_forward(self, sequences: torch.Tensor, positions: torch.Tensor, responses: torch.Tensor
                           ) -> PolicyOutput:
         """Log-probs of the responses under the reference model (no gradients, eval mode)."""
-        t = self.hparams.temperature
-        if self.reference_mode == "adapters_off":
-            with eval_mode(self.model), disable_lora(self.model):
-                return response_forward(self.model, sequences, positions, responses, t)
-        if self.reference_model is None:  # used outside a Trainer
-            if not self._policy_is_reference:
-                raise RuntimeError("the reference copy was never built and the policy has been trained")
-            self.reference_model = self.build_reference_copy().to(self.device)
-        return response_forward(self.reference_model, sequences, positions, responses, t)
+        with self.reference.active(self.model) as model:
+            return response_forward(model, sequences, positions, responses, self.hparams.temperature)
 
     @torch.no_grad()
     def make_rollout(self, batch: Mapping[str, Any]) -> tuple[Rollout, dict[str, float]]:
         """Steps 1-5 of an iteration (module docstring); returns the rollout and its timings (s)."""
         hp = self.hparams
         timer = PhaseTimer(self.device)
-        prompt_ids, prompt_mask, responses, mask = self.sample(batch, hp.temperature)
+        sampled = self.sample(batch, hp.temperature)
         timer.lap("generation_s")
-        scores, prompts, completions = self.score(batch, prompt_ids, prompt_mask, responses, mask)
-        sequences, positions = pack_sequences(prompt_ids, prompt_mask, responses)
+        sequences, positions, responses, mask = sampled.sequences, sampled.positions, sampled.tokens, sampled.mask
+        scores, prompts, completions = self.score(batch, sampled.prompt_ids, sampled.prompt_mask, responses, mask)
         chunk = _minibatch_size(len(responses), hp.num_mini_batches)
         with eval_mode(self.model):
             policy = chunked(self.policy_forward, len(responses), chunk, sequences, positions, responses)
@@ -298,11 +265,7 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
                        with_entropy: bool = False) -> PolicyOutput:
         """Log-probs, values (and entropy) of the responses under the current policy; through
         ``torch.compile`` (dynamic shapes: lengths change every iteration) when ``compile=true``."""
-        forward = response_forward
-        if self.hparams.compile:
-            if self._compiled_forward is None:
-                self._compiled_forward = torch.compile(response_forward, dynamic=True)
-            forward = self._compiled_forward
+        forward = self.compiled(response_forward, dynamic=True)
         return forward(self.model, sequences, positions, responses, self.hparams.temperature, self.value_head,
                        with_entropy, entropy_grad=with_entropy and bool(self.hparams.entropy_coef))
 
@@ -330,10 +293,9 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
                     loss = loss - hp.entropy_coef * entropy
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                if hp.grad_clip:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+                if hp.grad_clip:  # GPTTask's clipping: its norm is the one NonFiniteGuard then reuses
+                    self.configure_gradient_clipping(optimizer, hp.grad_clip)
                 optimizer.step()
-                self._policy_is_reference = False
                 for name, value in (("policy/approxkl", pg.approxkl), ("policy/clipfrac", pg.clipfrac),
                                     ("policy/entropy", entropy), ("loss/policy", pg_loss), ("val/value_loss", vf_loss),
                                     ("val/clipfrac", vf_clipfrac), ("val/ratio", pg.ratio), ("loss/total", loss)):
@@ -396,11 +358,12 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
 
     @torch.no_grad()
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        prompt_ids, prompt_mask, responses, mask = self.sample(batch, self.hparams.test_temperature)
+        sampled = self.sample(batch, self.hparams.test_temperature)
+        responses, mask = sampled.tokens, sampled.mask
         B = responses.size(0)
         self.log("test/response_length", mask.sum(1).float().mean(), batch_size=B)
         if self.reward_fn is not None:
-            scores, _, completions = self.score(batch, prompt_ids, prompt_mask, responses, mask)
+            scores, _, completions = self.score(batch, sampled.prompt_ids, sampled.prompt_mask, responses, mask)
             self.log("test/scores", scores.mean(), batch_size=B)
             scores = scores.tolist()
         else:
@@ -423,50 +386,14 @@ class PPOTask(ResponseGenerationMixin, GPTTask):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["ppo_kl_coef"] = self.kl_coef
-        if self.reference_model is not None and not self.hparams.init_from:
-            # a reference built from scratch cannot be rebuilt from init_from on resume
-            checkpoint["ppo_reference_state"] = self.reference_model.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._policy_is_reference = False
         if "ppo_kl_coef" in checkpoint:
             self._kl.value = float(checkpoint["ppo_kl_coef"])
-        state = checkpoint.get("ppo_reference_state")
-        if state is not None and self.reference_mode == "copy":
-            if self.reference_model is None:
-                self.reference_model = self.build_reference_copy()
-            self.reference_model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_settings(*, max_new_tokens: int, temperature: float, generation_cache: str, kl_estimator: str,
-                    gamma: float, lam: float, ppo_epochs: int, num_mini_batches: int, clip_range: float,
-                    reference: str, adapter: Any) -> None:
-    """Raise ValueError naming the ``task.*`` key of the first invalid setting."""
-    checks = [
-        (max_new_tokens >= 1, f"task.max_new_tokens={max_new_tokens} must be >= 1"),
-        (temperature is not None and temperature > 0,
-         f"task.temperature={temperature} must be > 0: PPO learns from sampled responses (greedy decoding "
-         "explores nothing); use test_temperature=0 for greedy test answers"),
-        (generation_cache in GENERATION_CACHES,
-         f"unknown task.generation_cache {generation_cache!r}; valid choices: {list(GENERATION_CACHES)}"),
-        (kl_estimator in KL_ESTIMATORS,
-         f"unknown task.kl_estimator {kl_estimator!r}; valid choices: {list(KL_ESTIMATORS)}"),
-        (0 <= gamma <= 1 and 0 <= lam <= 1, f"task.gamma={gamma} and task.lam={lam} must be in [0, 1]"),
-        (ppo_epochs >= 1 and num_mini_batches >= 1,
-         f"task.ppo_epochs={ppo_epochs} and task.num_mini_batches={num_mini_batches} must be >= 1"),
-        (clip_range > 0, f"task.clip_range={clip_range} must be > 0"),
-        (reference in REFERENCES, f"unknown task.reference {reference!r}; valid choices: {list(REFERENCES)}"),
-        (reference != "adapters_off" or bool(adapter),
-         "task.reference=adapters_off needs an adapter (adapter=lora): without one the policy has nothing to "
-         "switch off; use reference=copy"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 def _minibatch_size(n: int, num_mini_batches: int) -> int:
     return max(1, -(-n // num_mini_batches))
 

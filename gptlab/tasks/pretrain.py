@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from gptlab.model.generation import generate
+from gptlab.checks import boolean, text
+from gptlab.model.generation import SAMPLING_RULES, generate
 from gptlab.tasks.base import LanguageModelTask
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
@@ -27,6 +28,8 @@ class PretrainTask(LanguageModelTask):
     """
 
     task_name = "pretrain"
+    RULES = {"sample_prompt": text(nonempty=False, optional=True), "sample_stop_at_eos": boolean(),
+             **{f"sample_{k}": SAMPLING_RULES[k] for k in ("max_new_tokens", "temperature", "top_k")}}
 
     def __init__(self, sample_prompt: str | None = "Every effort moves you", sample_max_new_tokens: int = 40,
                  sample_temperature: float = 0.0, sample_top_k: int | None = None, sample_stop_at_eos: bool = True,

@@ -11,36 +11,24 @@ from typing import Any
 import torch
 
 from gptlab.tasks.base import GPTTask
-from gptlab.tasks.checkpoint import CheckpointError, read_checkpoint
 from gptlab.tasks.classify import ClassificationTask
 from gptlab.tasks.dpo import DPOTask
 from gptlab.tasks.instruct import InstructionTask
 from gptlab.tasks.ppo import PPOTask
 from gptlab.tasks.pretrain import PretrainTask
 from gptlab.tasks.reward import RewardModelTask
+from gptlab.weights.checkpoint import read_checkpoint, task_name
 
 TASKS: dict[str, type[GPTTask]] = {cls.task_name: cls for cls in (PretrainTask, ClassificationTask, InstructionTask,
                                                                   DPOTask, RewardModelTask, PPOTask)}
 """Registry name -> task class."""
 
-_LEGACY_NAMES = {f"{cls.__module__}.{cls.__qualname__}": name for name, cls in TASKS.items()}
-"""Checkpoints written before the registry recorded the class path of gptlab's own task; only
-these exact strings are accepted (looked up, not imported)."""
 
 
 def task_class(name: str, source: str | Path = "checkpoint") -> type[GPTTask]:
-    """The gptlab task class registered as ``name`` (or under its pre-registry class path)."""
-    cls = TASKS.get(_LEGACY_NAMES.get(name, name))
-    if cls is None:
-        raise CheckpointError(f"{source}: task {name!r} is not one of gptlab's tasks {sorted(TASKS)}; gptlab "
-                              "only loads checkpoints of its own tasks and never imports a name stored in a file")
-    return cls
-
-
-def checkpoint_kind(ckpt: dict[str, Any], source: str | Path = "checkpoint") -> str:
-    """What a checkpoint's model predicts (``lm``, ``classifier``, ...): the recorded ``gptlab_kind``,
-    else its task class's kind."""
-    return ckpt.get("gptlab_kind") or task_class(ckpt["gptlab_task"], source).kind
+    """The gptlab task class registered as ``name`` (or under its pre-registry class path); anything
+    else raises :class:`~gptlab.weights.checkpoint.CheckpointError`."""
+    return TASKS[task_name(name, source, known=TASKS)]
 
 
 def load_task(ckpt_path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any) -> GPTTask:
@@ -63,4 +51,4 @@ def load_task(ckpt_path: str | Path, map_location: str | torch.device = "cpu", *
     return task.to(map_location)
 
 
-__all__ = ["TASKS", "task_class", "checkpoint_kind", "load_task"]
+__all__ = ["TASKS", "task_class", "load_task"]

@@ -8,7 +8,7 @@ tables in :mod:`gptlab.weights.formats` onto a :class:`~gptlab.model.gpt.GPT`, e
 
 The model is built on the ``meta`` device and the tensors are assigned, not copied, so loading
 needs about the model's own size in RAM (``experiments/pretrained_memory``). gptlab's training
-checkpoints (``.ckpt``) hold a task, not just weights: ``gptlab.tasks.checkpoint.load_backbone``
+checkpoints (``.ckpt``) hold a task, not just weights: ``gptlab.weights.checkpoint.load_backbone``
 reads those (and everything this reads).
 """
 
@@ -120,7 +120,7 @@ def _native_entries(r: Reader, source: str) -> dict[str, _Entry]:
     lora = [k for k in out if ".lora_A" in k or ".lora_B" in k]
     if lora:
         raise ValueError(f"{source} holds LoRA weights ({lora[0]}, ...); load it with "
-                         "gptlab.tasks.checkpoint.load_backbone (it merges LoRA), or export the merged model first")
+                         "gptlab.weights.checkpoint.load_backbone (it merges LoRA), or export the merged model first")
     return out
 
 
@@ -300,7 +300,7 @@ def load_state_dict_object(obj: Any, source: str, overrides: Mapping[str, Any] |
     if is_training_checkpoint(obj):
         raise TrainingCheckpointError(
             f"{source} is a gptlab training checkpoint, not plain weights: read it with "
-            "gptlab.tasks.checkpoint.load_backbone (init_from= and ckpt_path= on the command line do)")
+            "gptlab.weights.checkpoint.load_backbone (init_from= and ckpt_path= on the command line do)")
     if isinstance(obj, Mapping) and isinstance(obj.get("model_state_dict"), Mapping):
         obj = obj["model_state_dict"]
     if not isinstance(obj, Mapping):
@@ -328,7 +328,7 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = torch.
         read with ``torch.load(weights_only=True)``: a file that would run code is refused.
 
     A gptlab training checkpoint (``.ckpt``) raises :class:`TrainingCheckpointError`: its backbone
-    depends on the task (heads, adapters), so ``gptlab.tasks.checkpoint.load_backbone`` reads it.
+    depends on the task (heads, adapters), so ``gptlab.weights.checkpoint.load_backbone`` reads it.
 
     ``overrides``: GPTConfig fields applied on top of what the weights say, e.g. ``drop_rate=0.0``,
     ``context_length=256`` (the position table is cut), ``tie_weights=False`` (the head becomes a
