@@ -27,6 +27,9 @@ def config_dir() -> str:
 
 
 CONFIG_DIR = config_dir()
+VOCAB_FROM_TOKENIZER = "${gptlab.vocab_size:${tokenizer}}"
+"""A model preset's ``vocab_size`` in the config tree: the number of ids of the run's ``tokenizer``
+(``model.vocab_size=N`` still sets it; ``model.pad_vocab_multiple`` rounds the rows up)."""
 
 
 def register_model_presets() -> None:
@@ -35,14 +38,20 @@ def register_model_presets() -> None:
     takes it as its defaults and states only what differs, so a preset's numbers are written once
     (``PRESETS``) and every field is still a key of the composed ``model`` node (``model.n_layers=2``
     works). Call it before composing ``CONFIG_DIR`` (the entry factory and the benchmarks do); calling
-    it again changes nothing. Hydra and the model config load here, not when this module is imported."""
+    it again changes nothing. A preset's ``vocab_size`` is :data:`VOCAB_FROM_TOKENIZER`: the model has
+    a row for each id of the run's ``tokenizer`` (GPT-2's 50,257 by default, as in ``PRESETS``); the
+    resolver it reads is registered here too (:func:`gptlab.tokenizer.register_resolvers`). Hydra, the
+    model config and the tokenizer load here, not when this module is imported."""
     from hydra.core.config_store import ConfigStore
 
     from gptlab.model.config import PRESETS, GPTConfig
+    from gptlab.tokenizer import register_resolvers
 
+    register_resolvers()
     store = ConfigStore.instance()
     for name in PRESETS:
-        store.store(group="model/preset", name=name, node=GPTConfig.from_name(name).to_dict())
+        store.store(group="model/preset", name=name,
+                    node={**GPTConfig.from_name(name).to_dict(), "vocab_size": VOCAB_FROM_TOKENIZER})
 
 _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$")
 _DEFAULT = re.compile(r"^\s*-\s*(?:override\s+)?(?P<group>[\w/]+)\s*:\s*(?P<option>[\w.-]+)")
@@ -167,5 +176,5 @@ def render(config_name: str, prog: str, group_names: Sequence[str] = (), config_
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["CONFIG_DIR", "config_dir", "read_keys", "header", "groups", "primary_configs", "describe", "first_sentence", "render",
+__all__ = ["CONFIG_DIR", "VOCAB_FROM_TOKENIZER", "config_dir", "read_keys", "header", "groups", "primary_configs", "describe", "first_sentence", "render",
            "HYDRA_LINES"]

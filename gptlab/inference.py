@@ -1,6 +1,7 @@
 """The one loader of every inference tool (generate, chat, classify, eval, export, respond, reward, the
 PPO reward model): a checkpoint or pretrained weights, plus an optional adapter file, into a ready
-model and what prediction needs; and the batched prediction those tools share.
+model and what prediction needs, its tokenizer included (a checkpoint's own, rebuilt from the
+checkpoint alone); and the batched prediction those tools share.
 
     lm = load_model(ckpt_path="outputs/.../last.ckpt")                   # any task's language model
     clf = load_model(init_from="gpt2-small", adapter_path="adapter.safetensors", expect="classifier")
@@ -32,11 +33,12 @@ from gptlab.model.gpt import GPT
 from gptlab.model.heads import class_logits, reward_scores
 from gptlab.model.lora import merge_lora, read_adapter
 from gptlab.model.qlora import load_qlora_adapter
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import check_same_tokenizer, get_tokenizer
 from gptlab.weights import is_training_checkpoint, safe_torch_load
 from gptlab.weights.checkpoint import (LEGACY_TASK_KINDS, PREDICTION_KEYS, CheckpointError, check_gptlab_checkpoint,
-                                       checkpoint_adapter, checkpoint_kind, checkpoint_model, load_backbone,
-                                       prediction_settings, read_checkpoint, recorded_task, task_name)
+                                       checkpoint_adapter, checkpoint_kind, checkpoint_model, checkpoint_tokenizer,
+                                       load_backbone, prediction_settings, read_checkpoint, recorded_task, task_name)
+from gptlab.weights.formats import resolve_pretrained_name
 from gptlab.weights.loading import TORCH_SUFFIXES
 
 KINDS = {"lm": "language model", "classifier": "classifier", "reward": "reward model"}
@@ -130,7 +132,8 @@ def _file_kind(kind: str, source: str) -> str:
 def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None = None,
                adapter_path: str | Path | None = None, *, expect: str | None = "lm",
                device: str | torch.device = "cpu", precision: str = "32", merge: bool = True,
-               overrides: Mapping[str, Any] | None = None) -> LoadedModel:
+               overrides: Mapping[str, Any] | None = None,
+               tokenizer: str | Path | tiktoken.Encoding | None = None) -> LoadedModel:
     """Load a model for inference.
 
     Args:
@@ -151,6 +154,11 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
             precision (its dequantized base + the update). ``merge=False`` keeps a QLoRA base in 4 bits.
         overrides: GPTConfig fields for pretrained weights (e.g. ``n_heads`` for a state dict whose
             width matches no preset).
+        tokenizer: None = the one the model was trained with (a checkpoint records it; GPT-2 for
+            pretrained weights); a name (``gpt2``), a trained tokenizer's folder or an encoding: must
+            be that same tokenizer (:class:`~gptlab.tokenizer.TokenizerMismatch` names both hashes),
+            except for weights that record none (a Hugging Face folder, a state dict), which it then
+            decodes.
     """
     if (ckpt_path is None) == (init_from is None) or not (ckpt_path or init_from):
         raise ValueError("give exactly one of ckpt_path=... (a gptlab checkpoint) or init_from=... (pretrained weights)")
@@ -173,10 +181,19 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
         adapter = checkpoint_adapter(ckpt)
         model = checkpoint_model(ckpt, source, unquantized(adapter) if adapter and merge else adapter)
         meta.update(prediction_settings(ckpt))
+        trained_with = checkpoint_tokenizer(ckpt, source)
     else:
         source = str(init_from)
         model = load_backbone(init_from, dtype=None if precision == "keep" else torch.float32, **dict(overrides or {}))
         kind = "lm"
+        trained_with = get_tokenizer("gpt2") if resolve_pretrained_name(str(init_from)) and \
+            not Path(init_from).expanduser().exists() else None
+    given = None if tokenizer is None else tokenizer if isinstance(tokenizer, tiktoken.Encoding) \
+        else get_tokenizer(tokenizer)
+    if trained_with is not None and given is not None:
+        check_same_tokenizer(trained_with, given, source, f"tokenizer={tokenizer}",
+                             "leave tokenizer= unset: the model decodes with its own")
+    tok = trained_with or given or get_tokenizer("gpt2")
     if adapter_path is not None:
         source = f"{source} + {adapter_path}"
         _, adapter_cfg = read_adapter(adapter_path)
@@ -191,8 +208,14 @@ def load_model(ckpt_path: str | Path | None = None, init_from: str | Path | None
     dtype = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32}.get(precision)
     model = model.to(dev) if dtype is None else model.to(dev, dtype)
     return LoadedModel(model=model.eval(), kind=kind, source=source, device=dev, precision=precision,
-                       tokenizer=get_tokenizer(), task=task, labels=meta["labels"], pooling=meta["pooling"],
+                       tokenizer=tok, task=task, labels=meta["labels"], pooling=meta["pooling"],
                        max_length=meta["max_length"], prompt_style=meta["prompt_style"])
+
+
+def tokenizer_for_checkpoint(ckpt_path: str | Path) -> tiktoken.Encoding:
+    """The tokenizer a gptlab checkpoint was trained with, rebuilt from the checkpoint alone (GPT-2's
+    for checkpoints written before they recorded one), without building the model."""
+    return checkpoint_tokenizer(read_checkpoint(ckpt_path), ckpt_path)
 
 
 def _gptlab_checkpoint_at(name_or_path: str | Path) -> dict[str, Any] | None:
@@ -234,16 +257,18 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device |
 
 @torch.no_grad()
 def predict_texts(model: GPT, texts: Sequence[str], pooling: str = "last_token", max_length: int | None = None,
-                  batch_size: int = 32, pad_id: int = EOT_ID, tokenizer: Any = None,
+                  batch_size: int = 32, pad_id: int | None = None, tokenizer: Any = None,
                   progress: bool = False) -> torch.Tensor:
     """Class probabilities (N, num_classes) of ``texts`` from a classifier backbone (float32, CPU).
 
     Each text keeps its first ``max_length`` tokens (None = the model's context length), as the
-    book's ``classify_review``; batches are right-padded to their longest text.
+    book's ``classify_review``; batches are right-padded to their longest text with ``pad_id``
+    (None = the tokenizer's ``<|endoftext|>``; ``tokenizer`` None = GPT-2's).
     """
     from tqdm.auto import tqdm
 
     tok = tokenizer or get_tokenizer()
+    pad_id = tok.eot_token if pad_id is None else pad_id
     device = next(model.parameters()).device
     limit = min(max_length or model.config.context_length, model.config.context_length)
     out = []
@@ -261,16 +286,18 @@ def predict_texts(model: GPT, texts: Sequence[str], pooling: str = "last_token",
 @torch.no_grad()
 def generate_answers(model: torch.nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
                      prompt_style: str = "alpaca", max_new_tokens: int = 256, temperature: float = 0.0,
-                     top_k: int | None = None, top_p: float | None = None) -> list[str]:
+                     top_k: int | None = None, top_p: float | None = None, tokenizer: Any = None) -> list[str]:
     """Answers to a left-padded batch of prompts (B, T): batched KV-cache generation (greedy at
-    temperature 0), stopped at ``<|endoftext|>``, cut at the prompt style's stop markers."""
+    temperature 0), stopped at ``<|endoftext|>``, cut at the prompt style's stop markers, decoded
+    with ``tokenizer`` (the model's ``tiktoken.Encoding``; None = GPT-2's)."""
+    tok = tokenizer or get_tokenizer()
+    eot = tok.eot_token
     out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=EOT_ID, attention_mask=attention_mask)
+                   eos_id=eot, attention_mask=attention_mask)
     new = out[:, prompt_ids.size(1):].tolist()  # the prompt is stripped by position
-    tok = get_tokenizer()
     answers = []
     for ids in new:
-        ids = ids[: ids.index(EOT_ID)] if EOT_ID in ids else ids
+        ids = ids[: ids.index(eot)] if eot in ids else ids
         answers.append(extract_response(tok.decode(ids), prompt_style))
     return answers
 
@@ -278,21 +305,23 @@ def generate_answers(model: torch.nn.Module, prompt_ids: torch.Tensor, attention
 def answer_entries(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]], prompt_style: str = "alpaca",
                    max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None, batch_size: int = 8, max_prompt_length: int | None = None,
-                   progress: bool = False) -> list[str]:
+                   progress: bool = False, tokenizer: Any = None) -> list[str]:
     """Answers to every entry's instruction (+ input) in ``prompt_style``, generated in batches of
-    ``batch_size`` left-padded prompts exactly as the test stage of a training run does."""
+    ``batch_size`` left-padded prompts exactly as the test stage of a training run does
+    (``tokenizer``: the model's; None = GPT-2's)."""
     from tqdm.auto import tqdm
 
     style = get_prompt_style(prompt_style)
-    tok = get_tokenizer()
+    tok = tokenizer or get_tokenizer()
     device = next(model.parameters()).device
     answers: list[str] = []
     with tqdm(total=len(entries), unit="entry", desc="generating", disable=not progress) as bar:
         for start in range(0, len(entries), batch_size):
             part = entries[start:start + batch_size]
-            ids, mask = left_pad(tok.encode_ordinary_batch([style.prompt(e) for e in part]), EOT_ID, max_prompt_length)
+            ids, mask = left_pad(tok.encode_ordinary_batch([style.prompt(e) for e in part]), tok.eot_token,
+                                 max_prompt_length)
             answers += generate_answers(model, ids.to(device), mask.to(device), prompt_style, max_new_tokens,
-                                        temperature, top_k, top_p)
+                                        temperature, top_k, top_p, tok)
             bar.update(len(part))
     return answers
 
@@ -300,12 +329,14 @@ def answer_entries(model: torch.nn.Module, entries: Sequence[Mapping[str, Any]],
 @torch.no_grad()
 def score_responses(model: GPT, entries: Sequence[Mapping[str, Any]], prompt_style: str = "alpaca",
                     response_key: str = "model_response", batch_size: int = 16, max_length: int | None = None,
-                    pad_id: int = EOT_ID, tokenizer: Any = None) -> list[float]:
+                    pad_id: int | None = None, tokenizer: Any = None) -> list[float]:
     """Rewards of ``entry[response_key]`` as the answer to each entry's prompt (its ``instruction``
     and ``input`` in ``prompt_style``) from a reward model, tokenized exactly as in training (prompt
-    ids + response ids), keeping the first ``max_length`` tokens (None = the model's context length)."""
+    ids + response ids), keeping the first ``max_length`` tokens (None = the model's context length);
+    ``pad_id`` None = the tokenizer's ``<|endoftext|>``."""
     style = get_prompt_style(prompt_style)
     tok = tokenizer or get_tokenizer()
+    pad_id = tok.eot_token if pad_id is None else pad_id
     device = next(model.parameters()).device
     limit = min(max_length or model.config.context_length, model.config.context_length)
     scores: list[float] = []
@@ -323,6 +354,6 @@ def score_responses(model: GPT, entries: Sequence[Mapping[str, Any]], prompt_sty
     return scores
 
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_precision", "WrongModelKind", "KINDS",
+__all__ = ["LoadedModel", "load_model", "tokenizer_for_checkpoint", "resolve_device", "resolve_precision", "WrongModelKind", "KINDS",
            "PRECISIONS", "check_device", "PRECISION_RULE", "right_pad", "predict_texts", "generate_answers",
            "answer_entries", "score_responses"]

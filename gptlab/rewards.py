@@ -61,14 +61,14 @@ def call_reward(reward_fn: Callable[..., Any], *, prompts: list[str], completion
 class TokenCountReward:
     """``weight`` per occurrence of one token in the response: the simplest rule-based reward (a
     test of whether PPO learns at all). ``token``: a token id, or a string that is exactly one
-    GPT-2 token (e.g. ``" the"``)."""
+    token of ``tokenizer`` (the run's: ``gpt2`` or a trained tokenizer's folder; e.g. ``" the"``)."""
 
-    def __init__(self, token: int | str, weight: float = 1.0):
+    def __init__(self, token: int | str, weight: float = 1.0, tokenizer: str | None = "gpt2"):
         if isinstance(token, str):
-            ids = get_tokenizer().encode_ordinary(token)
+            ids = get_tokenizer(tokenizer).encode_ordinary(token)
             if len(ids) != 1:
-                raise ValueError(f"TokenCountReward token={token!r} is {len(ids)} GPT-2 tokens {ids}; give a string "
-                                 "that is exactly one token, or its id")
+                raise ValueError(f"TokenCountReward token={token!r} is {len(ids)} tokens {ids} of tokenizer "
+                                 f"{tokenizer}; give a string that is exactly one token, or its id")
             token = ids[0]
         self.token_id, self.weight = int(token), float(weight)
 
@@ -125,6 +125,7 @@ class RewardModel:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.prompt_style = self.loaded.prompt_style
+        self.tokenizer = self.loaded.tokenizer  # PPO checks it is the policy's: the model reads the policy's ids
         self.batch_size = batch_size
         context = self.model.config.context_length
         self.max_length = min(max_length or context, context)

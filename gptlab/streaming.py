@@ -13,7 +13,7 @@ import torch
 
 from gptlab.model.generation import generate_stream
 from gptlab.model.gpt import GPT
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
     import tiktoken
@@ -77,17 +77,20 @@ class StopStrings:
 
 def stream_response(model: GPT, style: PromptStyle, instruction: str, input_text: str = "",
                     max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, use_kv_cache: bool = True) -> Iterator[str]:
+                    top_p: float | None = None, use_kv_cache: bool = True,
+                    tokenizer: tiktoken.Encoding | None = None) -> Iterator[str]:
     """Yield the model's response to ``instruction`` (and ``input_text``) piece by piece, written in
-    the prompt ``style``; ends at ``<|endoftext|>`` or where the model starts a new turn."""
-    tok = get_tokenizer()
+    the prompt ``style``; ends at ``<|endoftext|>`` or where the model starts a new turn.
+    ``tokenizer``: the model's (None = GPT-2's)."""
+    tok = tokenizer or get_tokenizer()
+    eot = tok.eot_token
     device = next(model.parameters()).device
     prompt = style.prompt({"instruction": instruction, "input": input_text, "output": ""})
     ids = torch.tensor(tok.encode_ordinary(prompt), device=device)
     dec, stops = StreamDecoder(tok), StopStrings(("<|endoftext|>", *style.stop_markers))
-    for nxt in generate_stream(model, ids, max_new_tokens, temperature, top_k, top_p, EOT_ID, use_kv_cache):
+    for nxt in generate_stream(model, ids, max_new_tokens, temperature, top_k, top_p, eot, use_kv_cache):
         token = int(nxt[0])
-        if token == EOT_ID:
+        if token == eot:
             break
         piece = stops.push(dec.push(token))
         if piece:

@@ -17,13 +17,14 @@ import torch
 
 from faults import corrupt_tensor_bytes
 from gptlab.config_tree import CONFIG_DIR
-from gptlab.cli import chat, classify, evaluate, export, generate, judge, respond, reward, serve, train
+from gptlab.cli import chat, classify, evaluate, export, generate, judge, respond, reward, serve, tokenizer, train
 
 TOOLS = {"train": (train.main, "gptlab-train"), "generate": (generate.main, "gptlab-generate"),
          "chat": (chat.main, "gptlab-chat"), "classify": (classify.main, "gptlab-classify"),
          "eval": (evaluate.main, "gptlab-eval"), "export": (export.main, "gptlab-export"),
          "judge": (judge.main, "gptlab-judge"), "respond": (respond.main, "gptlab-respond"),
-         "reward": (reward.main, "gptlab-reward"), "serve": (serve.main, "gptlab-serve")}
+         "reward": (reward.main, "gptlab-reward"), "serve": (serve.main, "gptlab-serve"),
+         "tokenizer": (tokenizer.main, "gptlab-tokenizer")}
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
 
 CASES = [
@@ -178,6 +179,16 @@ CASES = [
     ("reward", ["ckpt_path={files}/good.ckpt", "responses={files}/responses.json", "prompt_style=chatml"],
      "prompt_style='chatml'"),
     ("reward", ["responses={files}/responses.json"], "ckpt_path=None, init_from=None: expected exactly one of them"),
+    # --- gptlab-tokenizer (the first argument is the command)
+    ("tokenizer", [], "no command"),
+    ("tokenizer", ["encdoe", "text=hello"], "unknown command 'encdoe' (did you mean encode?)"),
+    ("tokenizer", ["train", "data.path={files}/texts.txt", "vocab_size=100", "out={run}/tok"],
+     "vocab_size=100: expected an integer in [257, 65536]"),
+    ("tokenizer", ["train", "data.path={files}/missing.txt", "out={run}/tok"], "no such file or folder"),
+    ("tokenizer", ["encode", "tokenizer={files}/missing", "text=hello"], "expected gpt2 or a folder written by"),
+    ("tokenizer", ["encode", "text=a <|im_start|> b"], "'<|im_start|>' (character 2), which is not a special token"),
+    ("tokenizer", ["decode", "ids=[1,50257]"], "ids: 50257 is not an id of gpt2"),
+    ("train", ["tokenizer={files}/missing"], "tokenizer='{files}/missing': expected gpt2 or a folder written by"),
 ]
 
 

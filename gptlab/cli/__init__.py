@@ -118,6 +118,7 @@ def call_hydra(config: str, prog: str, job: Callable[[DictConfig], Any], argv: l
         nonlocal started
         started = True
         refusals.release()
+        register_model_presets()  # again in the job: a launcher's worker process resolves configs it did not compose
         require_values(cfg, config, prog)
         with user_errors(prog):
             return job(cfg)

@@ -11,7 +11,7 @@ where the model starts a new turn (``###`` in the Alpaca style, ``<|user|>`` in 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from gptlab.cli import entry_point
 
@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 
 
 def answer(model: GPT, style: PromptStyle, cfg: DictConfig, instruction: str, input_text: str,
-           out: TextIO) -> str:
-    """Stream one response to ``out``; returns it (stripped)."""
+           out: TextIO, tokenizer: Any = None) -> str:
+    """Stream one response to ``out`` (``tokenizer``: the model's; None = GPT-2's); returns it (stripped)."""
     from gptlab.streaming import stream_response
 
     pieces = []
     for piece in stream_response(model, style, instruction, input_text, cfg.max_new_tokens, cfg.temperature,
-                                 cfg.top_k, cfg.top_p, cfg.use_kv_cache):
+                                 cfg.top_k, cfg.top_p, cfg.use_kv_cache, tokenizer):
         pieces.append(piece)
         out.write(piece)
         out.flush()
@@ -51,11 +51,11 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
-                    precision=cfg.precision)
+                    precision=cfg.precision, tokenizer=cfg.get("tokenizer"))
     model = lm.model
     style = get_prompt_style(cfg.prompt_style or lm.prompt_style or "alpaca")
     if cfg.instruction is not None:
-        return [answer(model, style, cfg, cfg.instruction, cfg.input or "", out)]
+        return [answer(model, style, cfg, cfg.instruction, cfg.input or "", out, lm.tokenizer)]
     interactive = stdin.isatty()
     if interactive:
         enable_line_editing()
@@ -68,7 +68,7 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None)
         instruction, _, input_text = line.rstrip("\r\n").partition("\t")
         if not instruction.strip():
             continue
-        responses.append(answer(model, style, cfg, instruction.strip(), input_text.strip(), out))
+        responses.append(answer(model, style, cfg, instruction.strip(), input_text.strip(), out, lm.tokenizer))
 
 
 def banner(lm: LoadedModel, style: str, cfg: DictConfig) -> str:

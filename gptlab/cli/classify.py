@@ -64,7 +64,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
     if (text is None) == (cfg.input is None):
         raise ValueError("give exactly one of text=\"...\" or input=<file with one text per line>")
     clf = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="classifier", device=cfg.device,
-                     precision=cfg.precision)
+                     precision=cfg.precision, tokenizer=cfg.get("tokenizer"))
     model = clf.model
     n = model.out_head.out_features
     labels = list(cfg.labels or clf.labels or [str(i) for i in range(n)])
@@ -73,7 +73,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, text: str | None = None) -> 
     pooling = cfg.pooling or clf.pooling or "last_token"
     max_length = cfg.max_length or clf.max_length
     texts = [str(text)] if text is not None else read_lines(cfg.input)
-    probs = predict_texts(model, texts, pooling, max_length, cfg.batch_size,
+    probs = predict_texts(model, texts, pooling, max_length, cfg.batch_size, tokenizer=clf.tokenizer,
                           progress=bool(cfg.progress) and cfg.input is not None)
     best_p, best = probs.max(dim=-1) if len(texts) else (torch.empty(0), torch.empty(0, dtype=torch.long))
     results = [(labels[i], p) for i, p in zip(best.tolist(), best_p.tolist())]

@@ -32,7 +32,6 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     from gptlab.data.pretrain import resolve_sources
     from gptlab.evaluation import evaluate_loader
     from gptlab.inference import load_model, resolve_device, resolve_precision
-    from gptlab.tokenizer import get_tokenizer
 
     validate_eval_config(cfg)
     splits = list(cfg.splits)
@@ -43,7 +42,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, auto="bf16-mixed")
     lm = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), expect="lm",
-                    device=device, precision="bf16-mixed" if precision == "bf16" else precision)
+                    device=device, precision="bf16-mixed" if precision == "bf16" else precision,
+                    tokenizer=cfg.get("tokenizer"))
     context = lm.model.config.context_length
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     if data_cfg.get("max_length") is None:  # model.context_length=null: windows as long as the model reads
@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         data_cfg["train_ratio"] = 1.0
     # in file order, every window: the train split goes through the same public loader as training
     data_cfg.update(shuffle=False, drop_last=False)
-    dm = instantiate(data_cfg, tokenizer=get_tokenizer(), _convert_="all")
+    dm = instantiate(data_cfg, tokenizer=lm.tokenizer, _convert_="all")
     dm.setup("fit")
     results: dict[str, dict[str, float]] = {}
     for split in splits:

@@ -45,9 +45,10 @@ def run(cfg: DictConfig) -> Path:
     validate_export_config(cfg)
     n_heads = cfg.get("n_heads")
     lm = load_model(cfg.get("ckpt_path"), cfg.get("init_from"), cfg.get("adapter_path"), expect="lm", device="cpu",
-                    precision="keep", overrides={"n_heads": int(n_heads)} if n_heads else None)
+                    precision="keep", overrides={"n_heads": int(n_heads)} if n_heads else None,
+                    tokenizer=cfg.get("tokenizer"))
     model = lm.model
-    out = export_hf(model, cfg.out_dir, dtype=parse_dtype(cfg.get("dtype")))
+    out = export_hf(model, cfg.out_dir, dtype=parse_dtype(cfg.get("dtype")), tokenizer=lm.tokenizer)
     c = model.config
     print(f"exported {c.name} ({model.num_params():,} parameters, {c.n_layers} layers, emb_dim {c.emb_dim}, "
           f"tied head: {c.tie_weights}) to {out.resolve()}")

@@ -19,12 +19,12 @@ def run(cfg: DictConfig) -> str:
     from gptlab.inference import load_model
     from gptlab.model.generation import generate_stream
     from gptlab.streaming import StreamDecoder
-    from gptlab.tokenizer import EOT_ID
 
     validate_generate_config(cfg)
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
-                    precision=cfg.precision)
+                    precision=cfg.precision, tokenizer=cfg.get("tokenizer"))
+    eot = lm.tokenizer.eot_token
     model = lm.model
     ids = torch.tensor(lm.tokenizer.encode(cfg.prompt, allowed_special={"<|endoftext|>"}), device=lm.device)
     out = [cfg.prompt]
@@ -33,9 +33,9 @@ def run(cfg: DictConfig) -> str:
         sys.stdout.flush()
     dec = StreamDecoder(lm.tokenizer)
     for nxt in generate_stream(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                               EOT_ID if cfg.stop_at_eos else None, cfg.use_kv_cache):
+                               eot if cfg.stop_at_eos else None, cfg.use_kv_cache):
         token = int(nxt[0])
-        if cfg.stop_at_eos and token == EOT_ID:
+        if cfg.stop_at_eos and token == eot:
             break
         piece = dec.push(token)
         out.append(piece)

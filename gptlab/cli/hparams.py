@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 SWEPT_GROUPS = ("model", "data", "task", "adapter", "trainer")
 """Config nodes whose leaves are hyperparameters."""
-TOP_LEVEL = ("seed", "init_from", "compile")
+TOP_LEVEL = ("seed", "init_from", "compile", "tokenizer")
 """Top-level keys that are hyperparameters."""
 NOT_HPARAMS = ("_target_", "_convert_", "_partial_", "_recursive_", "default_root_dir", "dirpath", "save_dir",
                "path", "cache_dir", "tokenizer", "responses_file", "confusion_matrix_file", "enable_progress_bar",

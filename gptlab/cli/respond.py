@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}; valid choices: {list(SPLITS)}")
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
-                    precision=cfg.precision)
+                    precision=cfg.precision, tokenizer=cfg.get("tokenizer"))
     style = cfg.prompt_style or lm.prompt_style or cfg.data.get("prompt_style") or "alpaca"
     dm = instantiate(OmegaConf.to_container(cfg.data, resolve=True), tokenizer=lm.tokenizer, _convert_="all")
     dm.setup()
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> Path:
           f"(prompt style {style!r}, {cfg.max_new_tokens} new tokens)", file=sys.stderr)
     with lm.autocast():
         answers = answer_entries(lm.model, entries, style, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                 cfg.batch_size, cfg.max_prompt_length, progress=cfg.progress)
+                                 cfg.batch_size, cfg.max_prompt_length, progress=cfg.progress, tokenizer=lm.tokenizer)
     path = Path(cfg.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{**e, "model_response": a} for e, a in zip(entries, answers)]

@@ -72,7 +72,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, prompt: str | None = None,
     if cfg.baseline and cfg.responses is None:
         raise ValueError("baseline= compares against responses=<file>; give responses= too")
     rm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="reward", device=cfg.device,
-                    precision=cfg.precision)
+                    precision=cfg.precision, tokenizer=cfg.get("tokenizer"))
     style = cfg.prompt_style or rm.prompt_style or "alpaca"
     key = cfg.response_key
 

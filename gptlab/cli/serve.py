@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> None:
     validate_serve_config(cfg)
     require_server_libraries()  # before the (slow) model load: the install hint comes at once
     lm = load_model(cfg.ckpt_path, cfg.init_from, cfg.adapter_path, expect="lm", device=cfg.device,
-                    precision=cfg.precision)
+                    precision=cfg.precision, tokenizer=cfg.get("tokenizer"))
     name = model_name(cfg)
     server = build_server(lm, name, cfg.prompt_style, cfg.host, cfg.port, cfg.api_key or os.environ.get(API_KEY_ENV) or None,
                           cfg.max_batch_size, cfg.batch_window_ms / 1000, cfg.max_queue, cfg.max_tokens,

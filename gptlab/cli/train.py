@@ -126,14 +126,15 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
     from gptlab.cli.hparams import log_hparams, select_hparams
     from gptlab.cli.runs import announce_end, announce_start
     from gptlab.results import write_result
-    from gptlab.tokenizer import get_tokenizer
+    from gptlab.tokenizer import describe, get_tokenizer
 
     started = announce_start(out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer(cfg.get("tokenizer"))
+    log.info("tokenizer: %s, %s ids", describe(tokenizer), f"{tokenizer.n_vocab:,}")
     log.info("data: %s", cfg.data._target_)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
     # read the data first: a bad data file is reported before the model, logger or trainer exist
@@ -141,7 +142,7 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
         datamodule.prepare_data()
     datamodule.setup("fit")
     log.info("task: %s", cfg.task._target_)
-    task = build_task(cfg)
+    task = build_task(cfg, tokenizer=tokenizer)
     n_total = task.model.num_params()
     n_train = task.trainable_parameter_count()
     log.info("parameters: %s total, %s trainable (%.2f%%)", f"{n_total:,}", f"{n_train:,}",

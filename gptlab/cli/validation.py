@@ -38,7 +38,8 @@ from gptlab.model.config import GPTConfig
 from gptlab.model.generation import SAMPLING_RULES
 from gptlab.model.heads import POOLINGS
 from gptlab.optim import resume_changes
-from gptlab.weights.checkpoint import checkpoint_file_problems, init_from_problems
+from gptlab.tokenizer import TokenizerError, check_vocab_fits, get_tokenizer
+from gptlab.weights.checkpoint import checkpoint_file_problems, init_from_problems, tokenizer_problems
 from gptlab.weights.readers import safe_torch_load
 
 Check = Callable[[Any], "str | None"]
@@ -68,6 +69,7 @@ def accelerator(v: Any) -> str | None:
 
 TRAIN_RULES: dict[str, Check] = {
     "seed": integer(), "compile": boolean(), "train": boolean(), "test": boolean(), "task_name": text(),
+    "tokenizer": text(),
     "float32_matmul_precision": choice("highest", "high", "medium", optional=True),
     "data.path": existing_paths,
     "trainer.max_steps": Predicate(lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or an integer >= 1"),
@@ -86,6 +88,7 @@ TRAIN_RULES: dict[str, Check] = {
 """``gptlab-train``'s own keys and Lightning's (the Trainer, its ModelCheckpoint)."""
 
 SOURCE_RULES: dict[str, Check] = {"ckpt_path": text(optional=True), "init_from": text(optional=True),
+                                  "tokenizer": text(optional=True),
                                   "adapter_path": existing_file(), "device": check_device,
                                   "precision": PRECISION_RULE}
 """Where an inference tool's model comes from, and where it runs."""
@@ -105,6 +108,7 @@ EVAL_RULES: dict[str, Check] = {**SOURCE_RULES, "splits": strings(("train", "val
                                 "progress": boolean(), "model.context_length": integer(ge=1, optional=True),
                                 "data.path": existing_paths}
 EXPORT_RULES: dict[str, Check] = {"ckpt_path": text(optional=True), "init_from": text(optional=True),
+                                  "tokenizer": text(optional=True),
                                   "adapter_path": existing_file(), "n_heads": integer(ge=1, optional=True),
                                   "out_dir": text(),
                                   "dtype": choice("float32", "fp32", "float16", "fp16", "bfloat16", "bf16",
@@ -221,6 +225,23 @@ def _one_source(cfg: DictConfig) -> list[str]:
     return problems + [p.at() for p in found]
 
 
+def _tokenizer(cfg: DictConfig) -> list[str]:
+    """The run's tokenizer loads (its ranks match their hash), the model has a row for each of its
+    ids, and the weights the run starts from or resumes were trained with it."""
+    name = _get(cfg, "tokenizer")
+    if not isinstance(name, str):
+        return []
+    try:
+        tok = get_tokenizer(name)
+        vocab = _get(cfg, "model.vocab_size")
+        if is_int(vocab) and _value(cfg, "init_from") is None:
+            check_vocab_fits(vocab, tok, f"model.vocab_size={vocab}: the model")
+    except TokenizerError as e:
+        return [str(e)]
+    found = [p for key in ("init_from", "ckpt_path") for p in tokenizer_problems(key, _value(cfg, key), tok, name)]
+    return [p.at() for p in found]
+
+
 def raise_problems(problems: Sequence[str], what: str = "config") -> None:
     if problems:
         n = len(problems)
@@ -231,7 +252,7 @@ def raise_problems(problems: Sequence[str], what: str = "config") -> None:
 # ----------------------------------------------------------------------------- per tool
 def validate_train_config(cfg: DictConfig) -> None:
     """Check a composed ``gptlab-train`` config; raises :class:`ConfigError` listing every bad value."""
-    problems = apply_rules(cfg, TRAIN_RULES) + _model(cfg) + _adapter(cfg)
+    problems = apply_rules(cfg, TRAIN_RULES) + _model(cfg) + _adapter(cfg) + _tokenizer(cfg)
     task_extra = {"model": _value(cfg, "model"), "adapter": _value(cfg, "adapter"),
                   "init_from": _value(cfg, "init_from"), "compile": _value(cfg, "compile") or False}
     problems += owner_problems(cfg, "task", task_extra) + owner_problems(cfg, "data")

@@ -179,7 +179,7 @@ class InstructionDataModule(RecordDataModule):
     def __init__(self, mask_prompt: bool = True, allowed_max_length: int | None = None, ignore_index: int = -100,
                  **kwargs: Any):
         super().__init__(**kwargs)
-        self.collate_kwargs = dict(pad_id=self.hparams.pad_id, ignore_index=ignore_index,
+        self.collate_kwargs = dict(pad_id=self.pad_id, ignore_index=ignore_index,
                                    allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
 
     def load_entries(self) -> list[dict[str, str]]:

@@ -204,7 +204,7 @@ class PreferenceDataModule(RecordDataModule):
                  allowed_max_length: int | None = None, ignore_index: int = -100, **kwargs: Any):
         super().__init__(**kwargs)
         self.score_response_header = score_response_header
-        self.collate_kwargs = dict(pad_id=self.hparams.pad_id, ignore_index=ignore_index,
+        self.collate_kwargs = dict(pad_id=self.pad_id, ignore_index=ignore_index,
                                    allowed_max_length=allowed_max_length, mask_prompt=mask_prompt, score_eos=score_eos)
 
     def load_entries(self) -> list[dict[str, Any]]:

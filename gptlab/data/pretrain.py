@@ -5,15 +5,16 @@ Small texts (the bundled short story) are tokenized in memory, exactly like the 
 progress bar, into a ``uint16`` token file that is memory-mapped afterwards: windows are read straight
 from disk in every dataloader worker, nothing is loaded whole and nothing is tokenized twice.
 
-A literal ``<|endoftext|>`` in the text is the end-of-text token (id 50256), as the book's
+A literal ``<|endoftext|>`` in the text is the end-of-text token (GPT-2: id 50256), as the book's
 ``GPTDatasetV1`` encodes with ``allowed_special={"<|endoftext|>"}``, and the files of a folder are
 joined with it (the book's Gutenberg pretraining script joins its books the same way);
 ``endoftext_token=False`` reads it as plain text (7 ordinary tokens).
 
 Token files are cached beside the source (``<file>.gpt2.bin``; for a folder
-``<folder>/.gptlab.gpt2.bin``) with a ``.json`` sidecar describing the sources they came from (size and
-modification time). When the source folder is read-only they go to ``cache_dir`` (default
-``$GPTLAB_CACHE/tokens`` or ``~/.cache/gptlab/tokens``).
+``<folder>/.gptlab.gpt2.bin``; a trained tokenizer's files are ``.bpe-<its hash>.bin``) with a ``.json``
+sidecar describing the tokenizer and the sources they came from (size and modification time). When
+the source folder is read-only they go to ``cache_dir`` (default ``$GPTLAB_CACHE/tokens`` or
+``~/.cache/gptlab/tokens``).
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from torch.utils.data import Dataset
 from gptlab.checks import boolean, choice, integer, number
 from gptlab.checks import text as text_rule
 from gptlab.data.base import GPTDataModule
-from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
+from gptlab.tokenizer import ASSETS, MAX_VOCAB_SIZE, TokenizerError, describe, get_tokenizer, tokenizer_tag
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEXT = ASSETS / "the-verdict.txt"
 EOT_TEXT = "<|endoftext|>"
-TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
+TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit (any tokenizer up to 65,536); half the bytes of int32
 AUTO_MEMMAP_BYTES = 8 * 2**20  # memmap="auto": corpora above 8 MiB are memory-mapped
 
 _GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:-)?BOOK.*?\*\*\*[^\n]*\n",
@@ -127,7 +128,7 @@ def split_for_bpe(text: str, chunk_chars: int = 1 << 18) -> list[str]:
 
 
 def encode(text: str, tokenizer=None, endoftext_token: bool = True) -> list[int]:
-    """Token ids of ``text``: a literal ``<|endoftext|>`` is id 50256 (``endoftext_token``, the
+    """Token ids of ``text``: a literal ``<|endoftext|>`` is its id (50256 in GPT-2; ``endoftext_token``, the
     book's ``allowed_special={"<|endoftext|>"}``) or plain text; no other special token exists."""
     enc = tokenizer or get_tokenizer()
     return enc.encode(text, allowed_special={EOT_TEXT}) if endoftext_token else enc.encode_ordinary(text)
@@ -147,7 +148,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer=None, *, eot_between: bool = 
     enc = tokenizer or get_tokenizer()
     num_threads = num_threads or os.cpu_count() or 1  # the encoder releases the GIL: all cores help
     total = sum(len(t) for t in texts)
-    eot = np.array([EOT_ID], dtype=TOKEN_DTYPE)
+    eot = np.array([enc.eot_token], dtype=TOKEN_DTYPE)
     with tqdm(total=total, unit="char", unit_scale=True, desc=desc, disable=not progress) as bar:
         for i, text in enumerate(texts):
             if i > 0 and eot_between:
@@ -162,9 +163,10 @@ def tokenize_texts(texts: Sequence[str], tokenizer=None, *, eot_between: bool = 
                 bar.update(sum(len(c) for c in batch))
 
 
-def _source_signature(files: Sequence[Path], strip_gutenberg: bool, endoftext_token: bool = True) -> dict[str, Any]:
-    return {"tokenizer": "gpt2", "dtype": "uint16", "eot_between_files": True, "strip_gutenberg": bool(strip_gutenberg),
-            "endoftext_token": bool(endoftext_token),
+def _source_signature(files: Sequence[Path], strip_gutenberg: bool, endoftext_token: bool = True,
+                      tokenizer: Any = None) -> dict[str, Any]:
+    return {"tokenizer": tokenizer_tag(tokenizer or get_tokenizer()), "dtype": "uint16", "eot_between_files": True,
+            "strip_gutenberg": bool(strip_gutenberg), "endoftext_token": bool(endoftext_token),
             "sources": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
@@ -173,23 +175,25 @@ def default_cache_dir() -> Path:
 
 
 def token_file_path(files: Sequence[Path], cache_dir: str | os.PathLike | None = None,
-                    strip_gutenberg: bool = False, endoftext_token: bool = True) -> Path:
+                    strip_gutenberg: bool = False, endoftext_token: bool = True, tokenizer: Any = None) -> Path:
     """Where the token file of ``files`` lives: beside the source when that folder is writable (and
     ``cache_dir`` is not given), else in ``cache_dir`` under a name hashed from the sources. Each
-    reading (``strip_gutenberg``, ``endoftext_token``) has its own file."""
+    reading (``strip_gutenberg``, ``endoftext_token``) and each tokenizer (``gpt2``, ``bpe-<hash>``)
+    has its own file."""
+    tag = tokenizer_tag(tokenizer or get_tokenizer())
     suffix = (".nohdr" if strip_gutenberg else "") + ("" if endoftext_token else ".eottext")
     if cache_dir is None:
         if len(files) == 1:
-            beside = files[0].with_name(files[0].name + f"{suffix}.gpt2.bin")
+            beside = files[0].with_name(files[0].name + f"{suffix}.{tag}.bin")
         else:
             parents = {f.parent for f in files}
             folder = parents.pop() if len(parents) == 1 else Path(os.path.commonpath([str(f) for f in files]))
-            beside = folder / f".gptlab{suffix}.gpt2.bin"
+            beside = folder / f".gptlab{suffix}.{tag}.bin"
         if os.access(beside.parent, os.W_OK):
             return beside
         cache_dir = default_cache_dir()
     key = hashlib.sha1(json.dumps([str(f.resolve()) for f in files]).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"{files[0].stem}-{key}{suffix}.gpt2.bin"
+    return Path(cache_dir) / f"{files[0].stem}-{key}{suffix}.{tag}.bin"
 
 
 def build_token_file(files: Sequence[Path], out: Path | None = None, *, cache_dir=None, strip_gutenberg: bool = False,
@@ -203,9 +207,10 @@ def build_token_file(files: Sequence[Path], out: Path | None = None, *, cache_di
     leaves a truncated cache behind.
     """
     files = [Path(f) for f in files]
-    out = Path(out) if out else token_file_path(files, cache_dir, strip_gutenberg, endoftext_token)
+    out = Path(out) if out else token_file_path(files, cache_dir, strip_gutenberg, endoftext_token, tokenizer)
     meta_path = out.with_suffix(out.suffix + ".json")
-    sig = _source_signature(files, strip_gutenberg, endoftext_token)
+    sig = _source_signature(files, strip_gutenberg, endoftext_token, tokenizer)
+    eot = (tokenizer or get_tokenizer()).eot_token
     if not force and out.exists() and meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
@@ -232,7 +237,7 @@ def build_token_file(files: Sequence[Path], out: Path | None = None, *, cache_di
                     arr.tofile(fh)
                     n += arr.size
                 if i + 1 < len(files):
-                    np.array([EOT_ID], dtype=TOKEN_DTYPE).tofile(fh)
+                    np.array([eot], dtype=TOKEN_DTYPE).tofile(fh)
                     n += 1
                 bar.update(f.stat().st_size)
                 bar.set_postfix(tokens=f"{n:,}", file=f.name)
@@ -323,9 +328,10 @@ class PretrainDataModule(GPTDataModule):
             ``False`` tokenizes in memory; ``"auto"`` memory-maps corpora above 8 MiB.
         cache_dir: where token files go (default: beside the source, or ``~/.cache/gptlab/tokens``).
         strip_gutenberg: drop Project Gutenberg licence headers/trailers from every file.
-        endoftext_token: a literal ``<|endoftext|>`` in the text is the end-of-text token (id 50256,
+        endoftext_token: a literal ``<|endoftext|>`` in the text is the end-of-text token (GPT-2: 50256,
             the book's ``GPTDatasetV1``); False = plain text. Files are always joined with the token.
-        tokenizer: a ``tiktoken.Encoding`` (default: the bundled GPT-2 BPE).
+        tokenizer: a ``tiktoken.Encoding`` (default: the bundled GPT-2 BPE; at most 65,536 ids: token
+            files are ``uint16``).
     """
 
     RULES = {"train_ratio": number(gt=0, le=1), "max_length": integer(ge=1), "stride": integer(ge=1, optional=True),
@@ -345,6 +351,9 @@ class PretrainDataModule(GPTDataModule):
         self.memmap, self.cache_dir, self.strip_gutenberg = memmap, cache_dir, strip_gutenberg
         self.endoftext_token = bool(endoftext_token)
         self.tokenizer = tokenizer or get_tokenizer()
+        if self.tokenizer.n_vocab > MAX_VOCAB_SIZE:
+            raise TokenizerError(f"tokenizer {describe(self.tokenizer)} has {self.tokenizer.n_vocab:,} ids; token files "
+                                 f"hold at most {MAX_VOCAB_SIZE:,} (uint16)")
 
     # ------------------------------------------------------------------ preparing
     def _files(self) -> list[Path]:
@@ -384,7 +393,7 @@ class PretrainDataModule(GPTDataModule):
             else:  # several documents: <|endoftext|> between them, split by tokens
                 ids: list[int] = []
                 for j, f in enumerate(files):
-                    ids.extend(([EOT_ID] if j else []) + enc(read_text(f, self.strip_gutenberg)))
+                    ids.extend(([self.tokenizer.eot_token] if j else []) + enc(read_text(f, self.strip_gutenberg)))
                 tokens = np.asarray(ids, dtype=TOKEN_DTYPE)
                 k = int(self.train_ratio * len(tokens))
                 train, val = TokenArray(tokens, stop=k), TokenArray(tokens, start=k)

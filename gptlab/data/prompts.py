@@ -116,7 +116,6 @@ class PromptDataModule(RecordDataModule):
 
     def __init__(self, batch_size: int = 16, **kwargs: Any):
         super().__init__(batch_size=batch_size, **kwargs)
-        self.pad_id = self.hparams.pad_id
 
     def load_entries(self) -> list[dict[str, Any]]:
         return load_prompts(self.path, self.max_record_bytes)

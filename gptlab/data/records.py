@@ -12,10 +12,10 @@ are about 4 KB of English text), while one oversized entry is tokenized, padded 
 a single 50 MB line took 5.2 GB of memory in ``gptlab-train``. A JSON-lines file is read line by line
 and an oversized line is refused after reading at most ``max_record_bytes`` of it.
 
-Data that cannot train is refused before training, naming the file (:meth:`RecordDataModule.report_unlearnable`):
-an entry whose scored part starts beyond the batch length (:func:`starts_beyond`) has every label
-masked, so its loss is 0/0 = NaN; when every training entry is such the run is refused, when some
-are one warning gives the counts per split.
+Data that cannot train is refused before training, naming the file
+(:meth:`RecordDataModule.report_unlearnable`): an entry whose scored part starts beyond the batch
+length (:func:`starts_beyond`) has every label masked, so its loss is 0/0 = NaN; when every training
+entry is such the run is refused, when some are one warning gives the counts per split.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from gptlab.checks import Problem, boolean, choice, integer, number, ratios_fit
 from gptlab.data.base import GPTDataModule
 from gptlab.data.prompt_styles import PROMPT_STYLES
 from gptlab.errors import InvalidInput
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import get_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DEFAULT_MAX_RECORD_BYTES = 1_000_000
@@ -191,7 +191,7 @@ class RecordDataModule(GPTDataModule):
         shuffle_before_split, split_seed: permute the entries (seeded) before splitting.
         max_entries: keep only the first N entries (after the optional shuffle); for quick runs.
         max_prompt_length: generation prompts keep only their last N tokens (None = whole prompt).
-        pad_id: the padding token id.
+        pad_id: the padding token id (None = the tokenizer's ``<|endoftext|>``: :attr:`pad_id`).
         max_record_bytes: refuse an entry whose JSON is longer than this many bytes (None = no limit;
             see the module docstring).
         batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings
@@ -201,7 +201,7 @@ class RecordDataModule(GPTDataModule):
     RULES = {"prompt_style": choice(*PROMPT_STYLES, name="prompt style"), "train_ratio": number(gt=0, le=1),
              "test_ratio": number(ge=0, lt=1), "shuffle_before_split": boolean(), "split_seed": integer(),
              "max_entries": integer(ge=1, optional=True), "max_prompt_length": integer(ge=1, optional=True),
-             "pad_id": integer(ge=0), "max_record_bytes": integer(ge=1, optional=True)}
+             "pad_id": integer(ge=0, optional=True), "max_record_bytes": integer(ge=1, optional=True)}
 
     @classmethod
     def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
@@ -210,7 +210,7 @@ class RecordDataModule(GPTDataModule):
     def __init__(self, tokenizer: Any = None, path: str | None = None, prompt_style: str = "alpaca",
                  train_ratio: float = 0.85, test_ratio: float = 0.10, shuffle_before_split: bool = False,
                  split_seed: int = 123, max_entries: int | None = None, max_prompt_length: int | None = None,
-                 pad_id: int = EOT_ID, batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
+                 pad_id: int | None = None, batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
                  max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES):
         super().__init__()
@@ -236,6 +236,11 @@ class RecordDataModule(GPTDataModule):
     @property
     def path(self) -> str | None:
         return self.hparams.path
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id: ``hparams.pad_id``, or (None) the tokenizer's ``<|endoftext|>``."""
+        return self.tokenizer.eot_token if self.hparams.pad_id is None else self.hparams.pad_id
 
     @property
     def max_prompt_length(self) -> int | None:

@@ -280,7 +280,7 @@ class TextClassificationDataModule(GPTDataModule):
         max_length: truncate/pad every text to this many tokens; None = the longest training text
             (the book), which validation and test texts are then truncated to.
         pad_to_max_length: batches ``max_length`` wide (book) or as wide as their longest text.
-        pad_id: the padding token (``<|endoftext|>``).
+        pad_id: the padding token (None = the tokenizer's ``<|endoftext|>``).
         batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings
             (training batches shuffled, last partial batch dropped, as in the book).
     """
@@ -290,7 +290,7 @@ class TextClassificationDataModule(GPTDataModule):
              "labels": strings(optional=True, unique=True), "balance": boolean(), "train_ratio": number(gt=0, le=1),
              "val_ratio": number(ge=0, lt=1), "shuffle_before_split": boolean(), "split_seed": integer(),
              "max_examples": integer(ge=1, optional=True), "max_length": integer(ge=1, optional=True),
-             "pad_to_max_length": boolean(), "pad_id": integer(ge=0)}
+             "pad_to_max_length": boolean(), "pad_id": integer(ge=0, optional=True)}
 
     @classmethod
     def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
@@ -302,7 +302,7 @@ class TextClassificationDataModule(GPTDataModule):
                  balance: bool = True,
                  train_ratio: float = 0.7, val_ratio: float = 0.1, shuffle_before_split: bool = True,
                  split_seed: int = 123, max_examples: int | None = None, max_length: int | None = None,
-                 pad_to_max_length: bool = True, pad_id: int = EOT_ID, batch_size: int = 8,
+                 pad_to_max_length: bool = True, pad_id: int | None = None, batch_size: int = 8,
                  val_batch_size: int | None = None, num_workers: int = 0, shuffle: bool = True,
                  drop_last: bool = True, pin_memory: bool = True):
         super().__init__()
@@ -315,7 +315,8 @@ class TextClassificationDataModule(GPTDataModule):
         self.label_names: list[str] | None = list(labels) if labels else None
         self.balance, self.train_ratio, self.val_ratio = balance, train_ratio, val_ratio
         self.shuffle_before_split, self.split_seed, self.max_examples = shuffle_before_split, split_seed, max_examples
-        self.configured_max_length, self.pad_to_max_length, self.pad_id = max_length, pad_to_max_length, pad_id
+        self.configured_max_length, self.pad_to_max_length = max_length, pad_to_max_length
+        self.pad_id = self.tokenizer.eot_token if pad_id is None else pad_id  # None: the tokenizer's <|endoftext|>
         self.split_rows: dict[str, np.ndarray] = {}
 
     @property

@@ -28,7 +28,7 @@ from gptlab.inference import LoadedModel
 from gptlab.serving.engine import Closed, Engine, QueueFull, Update
 from gptlab.serving.protocol import (APIError, GenerationRequest, ModelCard, chunk_body, parse_chat,
                                      parse_completion, response_body, usage)
-from gptlab.tokenizer import ASSETS, EOT_ID
+from gptlab.tokenizer import ASSETS
 
 CHAT_PAGE = ASSETS / "chat.html"
 SERVER_LIBRARIES = ("fastapi", "uvicorn")
@@ -270,7 +270,7 @@ def build_server(lm: LoadedModel, name: str, prompt_style: str | None = None, ho
     require_server_libraries()
     style = get_prompt_style(prompt_style or lm.prompt_style or "alpaca")
     card = ModelCard(name, lm.model.config.context_length, style, lm.tokenizer, max_tokens, max_batch_size)
-    engine = Engine(lm.model, lm.tokenizer, EOT_ID, max_batch_size, batch_window, max_queue, seed, lm.autocast)
+    engine = Engine(lm.model, lm.tokenizer, lm.tokenizer.eot_token, max_batch_size, batch_window, max_queue, seed, lm.autocast)
     app = create_app(engine, card, api_key, max_body_bytes)
     return Server(app, engine, host, port, drain_timeout, log_level)
 

@@ -26,7 +26,8 @@ from gptlab.model.lora import save_adapter
 from gptlab.optim import (LR_SCHEDULE_RULES, OPTIMIZER_RULES, WEIGHT_DECAY_ON, build_lr_scheduler, build_optimizer,
                           fold_legacy_keys, lr_schedule_config, optimizer_config, parameter_groups,
                           refuse_resume_changes, resume_changes)
-from gptlab.weights.checkpoint import load_backbone
+from gptlab.tokenizer import check_same_tokenizer, get_tokenizer, tokenizer_from_record, tokenizer_record
+from gptlab.weights.checkpoint import TOKENIZER_KEY, load_backbone
 
 class GPTTask(ConfigRules, L.LightningModule):
     """Base LightningModule around the shared :class:`GPT` backbone.
@@ -50,6 +51,9 @@ class GPTTask(ConfigRules, L.LightningModule):
             the Trainer so fused AdamW keeps working under bf16-mixed.
         compile: run the forward passes through ``torch.compile`` (compiled once, on first use:
             :meth:`compiled`).
+        tokenizer: the ``tiktoken.Encoding`` the task's text goes through (samples, generated
+            answers, rewards), recorded in every checkpoint; None = the checkpoint's own when one is
+            loaded, else GPT-2's. Not a hyperparameter: a checkpoint holds the tokenizer itself.
 
     Subclasses set ``task_name`` (their name in :data:`gptlab.tasks.registry.TASKS`, recorded in
     checkpoints and adapter files) and ``kind`` (what the model predicts: ``lm`` or ``classifier``;
@@ -77,7 +81,7 @@ class GPTTask(ConfigRules, L.LightningModule):
     def __init__(self, model: Mapping[str, Any] | None = None, init_from: str | None = None,
                  adapter: Mapping[str, Any] | None = None, optimizer: Mapping[str, Any] | None = None,
                  lr_schedule: Mapping[str, Any] | None = None, weight_decay_on: str = "matrices",
-                 grad_clip: float | None = 1.0, compile: bool = False, **kwargs: Any):
+                 grad_clip: float | None = 1.0, compile: bool = False, tokenizer: Any = None, **kwargs: Any):
         super().__init__()
         optimizer, lr_schedule = fold_legacy_keys(kwargs, optimizer, lr_schedule)
         if kwargs:
@@ -86,7 +90,8 @@ class GPTTask(ConfigRules, L.LightningModule):
         optimizer, lr_schedule = optimizer_config(optimizer), lr_schedule_config(lr_schedule)
         # hparams go to the logger once, at the end, together with the final metrics (cli/train.py);
         # they hold the arguments of every __init__ of the task's classes
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
+        self._tokenizer = tokenizer
         self.hparams.optimizer, self.hparams.lr_schedule = optimizer, lr_schedule
         raise_problems(type(self).check_config(self.hparams), "task setting")  # before the backbone is built
         self.tokens_seen = 0  # input tokens trained on (pads included, as the book counts), all ranks
@@ -96,6 +101,11 @@ class GPTTask(ConfigRules, L.LightningModule):
         if adapter:
             self.apply_adapter(dict(adapter))
         self._compiled: dict[Any, Callable[..., Any]] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        """The task's ``tiktoken.Encoding`` (GPT-2's unless one was given or a checkpoint loaded)."""
+        return self._tokenizer if self._tokenizer is not None else get_tokenizer()
 
     # ----------------------------------------------------------------- backbone
     def build_backbone(self) -> GPT:
@@ -219,6 +229,7 @@ class GPTTask(ConfigRules, L.LightningModule):
         checkpoint["gptlab_task"] = self.task_name
         checkpoint["gptlab_kind"] = self.kind
         checkpoint["gptlab_model_config"] = self.model.config.to_dict()
+        checkpoint[TOKENIZER_KEY] = tokenizer_record(self.tokenizer)
         checkpoint["gptlab_prediction"] = self.prediction_metadata()
         checkpoint["gptlab_progress"] = {"tokens_seen": self.tokens_seen, "examples_seen": self.examples_seen}
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
@@ -235,6 +246,10 @@ class GPTTask(ConfigRules, L.LightningModule):
         self.examples_seen = int(progress.get("examples_seen", 0))
         self._resumed_schedule_steps = checkpoint.get("gptlab_schedule_steps")
         self._resumed_step = checkpoint.get("global_step")
+        recorded = tokenizer_from_record(checkpoint.get(TOKENIZER_KEY))
+        if self._tokenizer is not None:  # resuming: the run's tokenizer must be the one the weights learned
+            check_same_tokenizer(recorded, self._tokenizer, "the checkpoint", "the run's tokenizer")
+        self._tokenizer = recorded
 
     def on_train_start(self) -> None:
         self.check_resumed_schedule()  # strategies that restore the checkpoint after on_fit_start (FSDP)

@@ -242,7 +242,7 @@ class ClassificationTask(GPTTask):
         self.eval()
         try:
             return predict_texts(self.model, texts, self.hparams.pooling, self.hparams.max_length, batch_size,
-                                 progress=progress)
+                                 tokenizer=self.tokenizer, progress=progress)
         finally:
             self.train(was_training)
 

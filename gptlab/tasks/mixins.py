@@ -54,7 +54,7 @@ class ResponseGenerationMixin:
         """:func:`generate_answers` with the task's generation settings."""
         hp = self.hparams
         return generate_answers(self.model, prompt_ids, attention_mask, hp.prompt_style, hp.max_new_tokens,
-                                hp.temperature, hp.top_k, hp.top_p)
+                                hp.temperature, hp.top_k, hp.top_p, self.tokenizer)
 
     def flush_responses(self) -> None:
         """Gather the collected answers from every rank, write them in test-set order, log examples."""

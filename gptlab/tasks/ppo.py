@@ -58,7 +58,7 @@ from gptlab.data.prompt_styles import extract_response
 from gptlab.rewards import call_reward
 from gptlab.tasks.base import GPTTask
 from gptlab.tasks.mixins import ReferenceMixin, ResponseGenerationMixin
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import EOT_ID, check_same_tokenizer
 
 REFERENCES = ("auto", "copy", "adapters_off")
 
@@ -177,6 +177,9 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
             raise ValueError(f"the reward model was trained on prompt_style={style!r} prompts but task.prompt_style="
                              f"{self.hparams.prompt_style!r}; set data.prompt_style={style} (the policy and the reward "
                              "model must see the same prompts)")
+        reward_tokenizer = getattr(self.reward_fn, "tokenizer", None)  # it reads the policy's token ids
+        if reward_tokenizer is not None:
+            check_same_tokenizer(reward_tokenizer, self.tokenizer, "the reward model", "the policy's tokenizer")
         self.build_reference()
 
     def _move_reward(self) -> None:
@@ -214,7 +217,7 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
               responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[str], list[str]]:
         """The reward function's scores (B,) float32 on the policy's device, the prompts and the
         decoded completions (without the stop token)."""
-        tok = get_tokenizer()
+        tok = self.tokenizer
         stop = self.hparams.stop_token_id
         stopped = stopped_rows(responses, stop)
         completion_ids = completion_id_lists(responses, mask, stopped)
@@ -367,7 +370,7 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
             self.log("test/scores", scores.mean(), batch_size=B)
             scores = scores.tolist()
         else:
-            tok = get_tokenizer()
+            tok = self.tokenizer
             completions = [tok.decode(r[:n]) for r, n in zip(responses.tolist(), mask.sum(1).tolist())]
             scores = [None] * B
         if self.hparams.generate_on_test and "entries" in batch:

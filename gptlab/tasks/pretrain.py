@@ -9,7 +9,6 @@ import torch
 from gptlab.checks import boolean, text
 from gptlab.model.generation import SAMPLING_RULES, generate
 from gptlab.tasks.base import LanguageModelTask
-from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 
 class PretrainTask(LanguageModelTask):
@@ -49,14 +48,15 @@ class PretrainTask(LanguageModelTask):
 
     def log_sample(self) -> str:
         """Continue ``sample_prompt`` with the current weights; log and return the text."""
-        tok = get_tokenizer()
+        tok = self.tokenizer
+        eot = tok.eot_token
         ids = torch.tensor(tok.encode(self.hparams.sample_prompt), device=self.device)
         stop = self.hparams.sample_stop_at_eos
         out = generate(self.model, ids, self.hparams.sample_max_new_tokens,
                        temperature=self.hparams.sample_temperature, top_k=self.hparams.sample_top_k,
-                       eos_id=EOT_ID if stop else None).tolist()
-        if stop and EOT_ID in out[len(ids):]:  # generate() keeps the end-of-text token; the book stops before it
-            out = out[:len(ids) + out[len(ids):].index(EOT_ID)]
+                       eos_id=eot if stop else None).tolist()
+        if stop and eot in out[len(ids):]:  # generate() keeps the end-of-text token; the book stops before it
+            out = out[:len(ids) + out[len(ids):].index(eot)]
         text = tok.decode(out)
         self.last_sample = text
         experiment = getattr(self.logger, "experiment", None)

@@ -17,7 +17,7 @@ from gptlab.tasks.instruct import InstructionTask
 from gptlab.tasks.ppo import PPOTask
 from gptlab.tasks.pretrain import PretrainTask
 from gptlab.tasks.reward import RewardModelTask
-from gptlab.weights.checkpoint import read_checkpoint, task_name
+from gptlab.weights.checkpoint import checkpoint_tokenizer, read_checkpoint, task_name
 
 TASKS: dict[str, type[GPTTask]] = {cls.task_name: cls for cls in (PretrainTask, ClassificationTask, InstructionTask,
                                                                   DPOTask, RewardModelTask, PPOTask)}
@@ -36,7 +36,8 @@ def load_task(ckpt_path: str | Path, map_location: str | torch.device = "cpu", *
 
     The class comes from :data:`TASKS` by the name the checkpoint records. Pretrained ``init_from``
     weights are not fetched again: the checkpoint holds every weight, so the backbone is built from
-    the stored config. ``overrides``: constructor arguments to change (e.g. ``compile=False``).
+    the stored config; the tokenizer is the one the checkpoint records. ``overrides``: constructor
+    arguments to change (e.g. ``compile=False``).
     """
     ckpt = read_checkpoint(ckpt_path)
     cls = task_class(ckpt["gptlab_task"], ckpt_path)
@@ -46,7 +47,7 @@ def load_task(ckpt_path: str | Path, map_location: str | torch.device = "cpu", *
         hp["model"] = {**ckpt["gptlab_model_config"], **{k: v for k, v in (hp.get("model") or {}).items() if k in keep}}
         hp["init_from"] = None
     hp.update(overrides)
-    task = cls(**hp)
+    task = cls(**hp, tokenizer=checkpoint_tokenizer(ckpt, ckpt_path))
     task.load_state_dict(ckpt["state_dict"])
     return task.to(map_location)
 

@@ -7,7 +7,9 @@ A gptlab checkpoint is a plain container: tensors, numbers, strings, lists and d
 * ``gptlab_task``: the registry name of the task that trained it (``pretrain``, ``classify``, ...);
 * ``gptlab_kind``: what the model predicts (``lm``, ``classifier`` or ``reward``);
 * ``gptlab_model_config``: the backbone's :class:`~gptlab.model.config.GPTConfig` fields;
-* ``gptlab_prediction``: what prediction needs besides the weights (class names, prompt style, ...).
+* ``gptlab_prediction``: what prediction needs besides the weights (class names, prompt style, ...);
+* ``gptlab_tokenizer``: the tokenizer (:func:`gptlab.tokenizer.tokenizer_record`: name and hash, and for
+  a trained tokenizer its manifest and ranks, so the file decodes on any machine; absent = GPT-2).
 
 Files are read with ``torch.load(weights_only=True)`` only (:func:`gptlab.weights.safe_torch_load`);
 a file that stores anything else is refused, and nothing a file names is ever imported or called.
@@ -29,6 +31,7 @@ from gptlab.errors import InvalidInput
 from gptlab.model.adapters import apply_adapter, unquantized
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
+from gptlab.tokenizer import check_same_tokenizer, get_tokenizer, tokenizer_from_record
 from gptlab.weights.export import plain_state_dict
 from gptlab.weights.loading import (TORCH_SUFFIXES, is_training_checkpoint, load_from_reader, load_pretrained,
                                     load_state_dict_object)
@@ -46,6 +49,8 @@ LEGACY_TASK_NAMES = {"gptlab.tasks.pretrain.PretrainTask": "pretrain",
 task; looked up here, never imported) -> the registry name."""
 PREDICTION_KEYS = ("labels", "pooling", "max_length", "prompt_style")
 """What inference reads besides the weights (a classifier's class names, the prompt style, ...)."""
+TOKENIZER_KEY = "gptlab_tokenizer"
+"""The checkpoint entry that records the tokenizer."""
 
 
 class CheckpointError(ValueError):
@@ -104,6 +109,12 @@ def checkpoint_kind(ckpt: Mapping[str, Any], source: str | Path = "checkpoint") 
     if kind:
         return str(kind)
     return LEGACY_TASK_KINDS[task_name(ckpt["gptlab_task"], source)]
+
+
+def checkpoint_tokenizer(ckpt: Mapping[str, Any], source: str | Path = "checkpoint") -> Any:
+    """The ``tiktoken.Encoding`` a gptlab checkpoint was trained with (GPT-2's for files written
+    before checkpoints recorded it), rebuilt from the checkpoint alone."""
+    return tokenizer_from_record(ckpt.get(TOKENIZER_KEY), source)
 
 
 def prediction_settings(ckpt: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,7 +264,39 @@ def init_from_problems(key: str, value: Any) -> list[Problem]:
     return []
 
 
-__all__ = ["CheckpointError", "LEGACY_TASK_KINDS", "LEGACY_TASK_NAMES", "PREDICTION_KEYS", "read_checkpoint",
-           "check_gptlab_checkpoint", "task_name", "recorded_task", "checkpoint_kind", "prediction_settings", "checkpoint_model_config",
+def trained_tokenizer(value: Any) -> Any:
+    """The tokenizer (a ``tiktoken.Encoding``) the weights at ``value`` (an ``init_from`` or
+    ``ckpt_path``) were trained with: a gptlab checkpoint's record, GPT-2's for a named GPT-2 model;
+    None when the weights do not say (a state dict, a Hugging Face folder) or cannot be read (the
+    file checks report that)."""
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            ckpt = safe_torch_load(path)
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by checkpoint_file_problems
+            return None
+        return checkpoint_tokenizer(ckpt, path) if is_training_checkpoint(ckpt) else None
+    return get_tokenizer("gpt2") if not path.exists() and resolve_pretrained_name(value) else None
+
+
+def tokenizer_problems(key: str, value: Any, tokenizer: Any, tokenizer_value: Any) -> list[Problem]:
+    """The problem of training from (or resuming) the weights at ``key=value`` with ``tokenizer``
+    (given as ``tokenizer=tokenizer_value``) when the weights were trained with another one: both
+    named with their hashes."""
+    try:
+        recorded = trained_tokenizer(value)
+        if recorded is not None:
+            check_same_tokenizer(recorded, tokenizer, f"{key}={value}", f"tokenizer={tokenizer_value}",
+                                 f"train with tokenizer= set to the tokenizer {key} was trained with")
+    except InvalidInput as e:
+        return [Problem(f"{{node}}{key}: {e}", str(e))]
+    return []
+
+
+__all__ = ["CheckpointError", "LEGACY_TASK_KINDS", "LEGACY_TASK_NAMES", "PREDICTION_KEYS", "TOKENIZER_KEY", "read_checkpoint",
+           "check_gptlab_checkpoint", "task_name", "recorded_task", "checkpoint_kind", "checkpoint_tokenizer", "prediction_settings", "checkpoint_model_config",
            "checkpoint_adapter", "checkpoint_model", "backbone_from_checkpoint", "load_backbone",
-           "checkpoint_file_problems", "init_from_problems"]
+           "checkpoint_file_problems", "init_from_problems",
+           "trained_tokenizer", "tokenizer_problems"]

@@ -13,7 +13,7 @@ import torch
 from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import lora_layers, save_safetensors
-from gptlab.tokenizer import ASSETS, EOT_ID, EOT_TOKEN
+from gptlab.tokenizer import ASSETS, EOT_TOKEN, get_tokenizer, hf_vocab_and_merges, tokenizer_info
 from gptlab.weights.formats import (BOOK_BLOCK, BOOK_QKV, BOOK_TOP, HF_BLOCK, HF_CONV1D, HF_HEAD, HF_TOP,
                                     NATIVE_KEY, config_to_hf)
 
@@ -106,12 +106,14 @@ TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 """Hugging Face tokenizer file -> the same file shipped in ``gptlab/assets``."""
 
 
-def export_hf(model: GPT, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export_hf(model: GPT, out_dir: str | Path, dtype: torch.dtype | None = None, tokenizer: Any = None) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 folder ``transformers.GPT2LMHeadModel.from_pretrained``
     and ``AutoTokenizer`` read: ``config.json``, ``model.safetensors`` (``dtype``: cast, e.g. to
-    float16; default the model's), ``generation_config.json`` and the GPT-2 tokenizer
-    (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``).
-    Returns ``out_dir``."""
+    float16; default the model's), ``generation_config.json`` and its tokenizer (``tokenizer``, a
+    ``tiktoken.Encoding``; None = GPT-2's) as byte-level BPE files (``vocab.json``, ``merges.txt``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``). Returns ``out_dir``."""
+    tok = tokenizer or get_tokenizer()
+    eot = tok.eot_token
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(model)
@@ -119,18 +121,23 @@ def export_hf(model: GPT, out_dir: str | Path, dtype: torch.dtype | None = None)
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     tensors = {k: v.cpu() for k, v in tensors.items()}
     save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    hf_config = config_to_hf(model.config)
+    hf_config = config_to_hf(model.config, eos_token_id=eot)
     hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     _write_json(out / "config.json", hf_config)
-    _write_json(out / "generation_config.json", {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID})
-    for hf_name, ours in TOKENIZER_FILES.items():
-        shutil.copyfile(ASSETS / ours, out / hf_name)
+    _write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})
+    if tokenizer_info(tok).is_gpt2:
+        for hf_name, ours in TOKENIZER_FILES.items():
+            shutil.copyfile(ASSETS / ours, out / hf_name)
+    else:  # a trained tokenizer: the same byte-level BPE in Hugging Face's two files
+        vocab, merges = hf_vocab_and_merges(tok)
+        _write_json(out / "vocab.json", vocab)
+        (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
     _write_json(out / "special_tokens_map.json", special)
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.context_length,
         "add_prefix_space": False, "errors": "replace", **special,
-        "added_tokens_decoder": {str(EOT_ID): {"content": EOT_TOKEN, "lstrip": False, "normalized": True,
+        "added_tokens_decoder": {str(eot): {"content": EOT_TOKEN, "lstrip": False, "normalized": True,
                                                "rstrip": False, "single_word": False, "special": True}},
     })
     return out

@@ -128,8 +128,9 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> dict[s
                 tie_weights=bool(hf.get("tie_word_embeddings", True)))
 
 
-def config_to_hf(config: GPTConfig) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` of a GPT2LMHeadModel with ``config``'s shape."""
+def config_to_hf(config: GPTConfig, eos_token_id: int = 50256) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` of a GPT2LMHeadModel with ``config``'s shape; ``eos_token_id``:
+    the tokenizer's ``<|endoftext|>`` (also the BOS, as in GPT-2)."""
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -148,8 +149,8 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "use_cache": True,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
         "tie_word_embeddings": config.tie_weights,
         "torch_dtype": "float32",
     }
