@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gptlab.checks import ConfigRules, boolean, choice, integer, require
-from gptlab.errors import CheckpointWriteError
+from gptlab.errors import CheckpointWriteError, NonFiniteError
 from gptlab.lightning_internals import restore_loader_position, save_now
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,10 @@ class StepCheckpoint(ConfigRules, ModelCheckpoint):
     """``last.ckpt``, the full training state to resume from, every ``every_n_train_steps`` optimizer
     steps and when training ends, whatever metrics exist (it monitors nothing, so it never waits for
     a first validation). ``keep_every=true`` also keeps each of them as ``step<N>.ckpt``.
+
+    Names never fork: ``last.ckpt`` (and ``step<N>.ckpt``) are replaced, never written beside as
+    ``last-v1.ckpt`` (Lightning's version counter, which a resume into a moved folder used to
+    trigger, leaving ``last.ckpt`` at the old step for the next resume to go back to).
     """
 
     RULES = {"every_n_train_steps": integer(ge=1), "keep_every": boolean()}
@@ -143,7 +147,7 @@ class StepCheckpoint(ConfigRules, ModelCheckpoint):
                  filename: str = "step{step:06d}"):
         super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_last=True,
                          save_top_k=-1 if keep_every else 0, every_n_train_steps=every_n_train_steps,
-                         auto_insert_metric_name=False)
+                         auto_insert_metric_name=False, enable_version_counter=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the final state too, when the run does not end on a multiple of every_n_train_steps
@@ -269,10 +273,6 @@ def forget_step_grad_norm(pl_module: L.LightningModule) -> None:
     pl_module.__dict__.pop(_GRAD_NORM, None)
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient norm (the message names the step)."""
-
-
 ACTIONS = ("error", "skip")
 
 
@@ -293,7 +293,9 @@ class NonFiniteGuard(ConfigRules, L.Callback):
 
     The check runs after backward and before the optimizer step, so the weights and the optimizer
     state never take a non-finite update, and no checkpoint is written for the failing step (the last
-    good one stays). A skipped step drops its gradients; ``max_consecutive_skips`` of them in a row end
+    good one stays). An update with finite gradients can still overflow the weights (a huge learning
+    rate): the checkpoint writer (:func:`gptlab.checkpoint_io.refuse_non_finite_weights`) then
+    refuses to save them with the same error. A skipped step drops its gradients; ``max_consecutive_skips`` of them in a row end
     the run with the same error. Under DDP the gradients are already averaged across processes at this
     point, so every process makes the same decision. With fp16 mixed precision the gradient scaler
     already skips steps with infinite gradients, so only the loss is checked.

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from gptlab.errors import CheckpointWriteError
+from gptlab.errors import CheckpointWriteError, NonFiniteError, storage_cause
 from gptlab.weights.readers import CorruptCheckpointError, verify_checkpoint
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ __all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "CorruptCheckpointError
 
 TMP_MARK = ".tmp-"
 """Temporary files are ``.<name><TMP_MARK><host>-<pid>`` beside their target."""
+
 
 # ----------------------------------------------------------------------------- writing
 def _temp_path(path: Path) -> Path:
@@ -82,6 +83,49 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def refuse_non_finite_weights(checkpoint: dict[str, Any], path: Path) -> None:
+    """Raise :class:`~gptlab.errors.NonFiniteError` when a floating-point weight of ``checkpoint``'s
+    ``state_dict`` is NaN or infinite: such a file would be taken for the last good checkpoint. (The
+    non-finite guard checks the loss and the gradients; an update with finite gradients can still
+    overflow the weights, e.g. with a huge learning rate.) One pass over the weights, one host sync."""
+    weights = [(name, t) for name, t in (checkpoint.get("state_dict") or {}).items()
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not weights:
+        return
+    flags = [torch.isfinite(t).all() for _, t in weights]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).cpu()
+    if bool(finite.all()):
+        return
+    bad = [name for (name, _), ok in zip(weights, finite.tolist()) if not ok]
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise NonFiniteError(
+        f"non-finite weights at step {checkpoint.get('global_step', '?')} ({shown}): {path} was not written, "
+        "the last good checkpoint was left as it was (lower task.optimizer.lr or set task.grad_clip)")
+
+
+def write_failure(error: BaseException, folder: Path) -> OSError | None:
+    """The storage error behind a failed checkpoint write, or None when it was something else.
+
+    ``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:672]
+    . unexpected pos ...``; the ``OSError`` (``ENOSPC``) its file write raised is the context of that
+    error. Should a torch version drop it, a writer error on a file system with no space left is
+    taken for ``ENOSPC``."""
+    seen: BaseException | None = error
+    for _ in range(8):  # the chain of causes and contexts, never an endless loop
+        if seen is None:
+            break
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, RuntimeError) and "inline_container" in str(error):
+        try:
+            if os.statvfs(folder).f_bavail == 0:
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            pass
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO`` that never leaves a partial file under a checkpoint's name.
 
@@ -97,10 +141,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(path.parent)
+        refuse_non_finite_weights(checkpoint, path)
         tmp = _temp_path(path)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(path.parent)
             with open(tmp, "wb") as f:
                 self.write(checkpoint, f)
                 f.flush()
@@ -109,11 +154,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if os.name == "posix":  # the rename itself reaches the disk
                 _fsync(path.parent)
         except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
-                why = "no space left on the device" if e.errno == errno.ENOSPC else str(e)
-                raise CheckpointWriteError(e.errno or errno.EIO,
-                                           f"could not write checkpoint {path} ({why}); the previous "
+            cause = write_failure(e, path.parent)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a read-only folder: nothing was written there, and the real error follows
+                pass
+            if cause is not None and not isinstance(e, CheckpointWriteError):
+                raise CheckpointWriteError(cause.errno or errno.EIO,
+                                           f"could not write checkpoint {path}: {storage_cause(cause)}; the previous "
                                            f"{path.name}, if any, is unchanged") from e
             raise
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from gptlab.checks import Predicate, boolean, check_node, choice, is_number, number, raise_problems, unknown_keys
+from gptlab.errors import ConfigError
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 5e-5,
                                      "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1, "fused": None}
@@ -41,6 +42,12 @@ of linear layers only (biases, norms, embeddings and a head tied to them get 0: 
 GPT-2/nanoGPT); ``all`` every one (the book's ``AdamW(model.parameters(), weight_decay=0.1)``)."""
 
 
+MAX_LR = 10
+"""The largest ``task.optimizer.lr`` accepted: no optimizer of torch.optim trains a network above it,
+and a value such as 1e38 overflows float32 inside the optimizer's step (a raw traceback) instead of
+being refused before the run."""
+
+
 def _warmup_ok(v: Any) -> bool:
     return is_number(v) and v >= 0 and (v < 1 or float(v).is_integer())
 
@@ -48,7 +55,7 @@ def _warmup_ok(v: Any) -> bool:
 OPTIMIZER_RULES = {"_target_": Predicate(lambda v: _is_optimizer_class(_named_class(v)),
                                          "an optimizer of torch.optim (e.g. torch.optim.AdamW, torch.optim.SGD)"),
                    "_partial_": Predicate(lambda v: v is True, "true (the task passes the parameter groups itself)"),
-                   "lr": number(gt=0), "weight_decay": number(ge=0), "eps": number(gt=0),
+                   "lr": number(gt=0, le=MAX_LR), "weight_decay": number(ge=0), "eps": number(gt=0),
                    "fused": boolean(optional=True)}
 """The rule of the ``task.optimizer`` node's keys (others are the optimizer class's own arguments)."""
 LR_SCHEDULE_RULES = {"name": choice(*LR_SCHEDULES, name="task.lr_schedule.name"),
@@ -187,6 +194,75 @@ def keep_implementation_on_load(optimizer: torch.optim.Optimizer) -> torch.optim
 
     optimizer.register_load_state_dict_post_hook(restore)
     return optimizer
+
+
+# hyperparameters of checkpoints written before the optimizer became a node -> their new place
+_LEGACY_OPTIMIZER_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "eps": "eps",
+                          "fused_adamw": "fused"}
+_LEGACY_SCHEDULE_KEYS = {"lr_schedule": "name", "warmup_steps": "warmup_steps", "min_lr": "min_lr"}
+
+
+def fold_legacy_keys(kwargs: dict[str, Any], optimizer: Mapping[str, Any] | None,
+                     lr_schedule: Mapping[str, Any] | str | None) -> tuple[dict[str, Any] | None, Any]:
+    """Move the flat optimizer keys of older checkpoints' hyperparameters (``lr``, ``betas``,
+    ``lr_schedule="cosine"``, ...) out of ``kwargs`` into the ``optimizer`` / ``lr_schedule`` nodes."""
+    legacy_opt = {new: kwargs.pop(old) for old, new in _LEGACY_OPTIMIZER_KEYS.items() if old in kwargs}
+    legacy_sched = {new: kwargs.pop(old) for old, new in _LEGACY_SCHEDULE_KEYS.items() if old in kwargs}
+    if isinstance(lr_schedule, str):  # lr_schedule="cosine" was the schedule's name
+        legacy_sched["name"], lr_schedule = lr_schedule, None
+    if legacy_opt:
+        optimizer = {**dict(optimizer or {}), **legacy_opt}
+    if legacy_sched:
+        lr_schedule = {**dict(lr_schedule or {}), **legacy_sched}
+    return optimizer, lr_schedule
+
+
+RESUME_MAY_CHANGE = ("_partial_", *IMPLEMENTATION_KEYS)
+"""Optimizer keys a resume may change: the kernel choice, which the resumed optimizer keeps from this
+run (:func:`keep_implementation_on_load`), not from the checkpoint."""
+
+
+def resume_changes(saved_hparams: Mapping[str, Any], optimizer: Mapping[str, Any] | None,
+                   lr_schedule: Mapping[str, Any] | None, weight_decay_on: str = "matrices") -> list[str]:
+    """What a resume from a checkpoint whose task hyperparameters are ``saved_hparams`` would not
+    apply as asked: ``"task.optimizer.lr=0.001 (the checkpoint's: 0.0004)"`` for each differing value.
+
+    A resume restores the optimizer's state, and with it every value of its parameter groups (``lr``,
+    ``betas``, ``eps``, ``weight_decay``, ...): a new value would be silently ignored, while the LR
+    schedule (rebuilt from the config) would follow part of it (its floor ``min_lr / lr``, its
+    warmup, its shape), so the learning rate would jump and the new checkpoint would record a rate
+    never used. ``weight_decay_on`` changes the parameter groups the state belongs to. The kernel
+    choice (:data:`RESUME_MAY_CHANGE`) may change. Raises ``ValueError`` for a node that is not valid.
+    """
+    saved = dict(saved_hparams)
+    saved_opt, saved_sched = fold_legacy_keys(saved, saved.pop("optimizer", None), saved.pop("lr_schedule", None))
+    pairs = [("task.optimizer", optimizer_config(saved_opt), optimizer_config(optimizer)),
+             ("task.lr_schedule", lr_schedule_config(saved_sched), lr_schedule_config(lr_schedule))]
+    changes = []
+    for prefix, before, now in pairs:
+        for key in sorted(set(before) | set(now)):
+            if key in RESUME_MAY_CHANGE:
+                continue
+            old, new = _plain(before.get(key)), _plain(now.get(key))
+            if old != new:
+                changes.append(f"{prefix}.{key}={new} (the checkpoint's: {old})")
+    old_on = saved.get("weight_decay_on", "matrices")
+    if old_on != weight_decay_on:
+        changes.append(f"task.weight_decay_on={weight_decay_on} (the checkpoint's: {old_on})")
+    return changes
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def refuse_resume_changes(changes: list[str], ckpt_path: Any) -> None:
+    """Raise :class:`ConfigError` listing ``changes`` (from :func:`resume_changes`), if any."""
+    if changes:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: a resume continues the checkpoint's optimizer and LR schedule, which would "
+            f"ignore or only half-apply {'; '.join(changes)}. Resume with the checkpoint's values (see its run's "
+            f".hydra/config.yaml), or start a new run from its weights with init_from={ckpt_path}")
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -20,6 +22,25 @@ register_model_presets()  # the model presets conf/model/*.yaml compose from
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str) -> Iterator[Path]:
+    """A real ``tmpfs`` of ``size`` (``"1m"``) mounted at ``where`` for the block (full and read-only
+    disk tests); the test is skipped, saying why, where this machine does not allow mounting."""
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here: cannot make a small file system")
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip() or 'not permitted'}); "
+                    "the injected-error tests cover this case")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.fixture(autouse=True)

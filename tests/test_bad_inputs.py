@@ -8,6 +8,7 @@ run folder.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA wh
 
 CASES = [
     # --- gptlab-train: values out of type, range or choices (refused before the run folder exists)
-    ("train", ["task.optimizer.lr=abc"], "task.optimizer.lr='abc': expected a number > 0"),
+    ("train", ["task.optimizer.lr=abc"], "task.optimizer.lr='abc': expected a number in (0, 10]"),
+    ("train", ["task.optimizer.lr=1e38"], "task.optimizer.lr=1e+38: expected a number in (0, 10]"),  # overflowed in AdamW
     ("train", ["task.optimizer.lr=-1"], "task.optimizer.lr=-1"),
     ("train", ["task.optimizer.lr=0"], "task.optimizer.lr=0"),
     ("train", ["task.optimizer._target_=os.system"], "task.optimizer._target_='os.system': expected an optimizer of torch.optim"),
@@ -103,8 +105,18 @@ CASES = [
     ("train", ["ckpt_path={files}/weights.ckpt"], "holds weights only"),
     ("train", ["init_from={files}/corrupt.ckpt"], "{files}/corrupt.ckpt is corrupted"),
     ("train", ["hydra.run.dir={files}/old_run"], "{files}/old_run/checkpoints already holds checkpoints (last.ckpt)"),
+    ("train", ["hydra.run.dir={files}/best_only"],
+     "{files}/best_only/checkpoints already holds checkpoints (best-epoch000-step000010.ckpt); a fresh run there would "
+     "overwrite them. None of them holds the training state a resume needs (weights only); start from their weights "
+     "with init_from={files}/best_only/checkpoints/best-epoch000-step000010.ckpt"),
+    ("train", ["task=instruct", "data=instruct", "data.path={files}/huge_line.jsonl", "data.max_record_bytes=1000"],
+     "{files}/huge_line.jsonl: line 2 is 5,047 bytes long, more than data.max_record_bytes=1,000"),
     ("train", ["task=instruct", "data=instruct", "data.path={files}/broken.json"], "{files}/broken.json: invalid JSON at line 2"),
     ("train", ["task=classify", "data=spam", "data.path={files}/broken.tsv"], "{files}/broken.tsv:2: expected 'label<TAB>text'"),
+    ("train", ["task=instruct", "data=instruct", "data.path={files}/long_prompts.json", "data.allowed_max_length=32"],
+     "{files}/long_prompts.json: none of the 8 training entries can be learned from"),  # every label masked
+    ("train", ["task=reward_model", "data=preference", "data.path={files}/same_pairs.json"],
+     "{files}/same_pairs.json: none of the 8 training pairs can be learned from"),  # chosen == rejected
     # --- gptlab-generate
     ("generate", ["init_from=gpt2-small", "temperature=-1"], "temperature=-1: expected a number >= 0"),
     ("generate", ["init_from=gpt2-small", "top_p=0"], "top_p=0: expected a number in (0, 1]"),
@@ -218,6 +230,12 @@ def files(tmp_path_factory) -> Path:
     shutil.copy(good, d / "old_run" / "checkpoints" / "last.ckpt")
     (d / "broken.json").write_text('[\n  {"instruction": "x", "input": "", "output": "y",}\n]\n')
     (d / "broken.tsv").write_text("ham\thello\nthis line has no tab\n")
+    (d / "best_only" / "checkpoints").mkdir(parents=True)
+    shutil.copy(good, d / "best_only" / "checkpoints" / "best-epoch000-step000010.ckpt")
+    (d / "huge_line.jsonl").write_text("".join(json.dumps({"instruction": i, "input": "", "output": "y"}) + "\n"
+                                               for i in ("x", "w" * 5000, "z")))
+    (d / "long_prompts.json").write_text(json.dumps([{"instruction": "word " * 40, "input": "", "output": "y"}] * 10))
+    (d / "same_pairs.json").write_text(json.dumps([{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}] * 10))
     (d / "texts.txt").write_text("one\ntwo\n")
     (d / "responses.json").write_text('[{"instruction": "x", "input": "", "output": "y", "model_response": "y"}]')
     write_weight_files(d)  # tiny.safetensors, lie_*.safetensors, nan.ckpt, inf_book.pth, *adapter*.safetensors
@@ -246,6 +264,7 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_written(tool, args, expec
     # Hydra's record of the run and its log, when the run got that far; nothing else
     assert {f for f in written_files(tmp_path) if not f.startswith("run/.hydra/")} <= {"run/train.log"}
     assert written_files(files / "old_run") == {"checkpoints/last.ckpt"}
+    assert written_files(files / "best_only") == {"checkpoints/best-epoch000-step000010.ckpt"}
 
 
 def test_the_table_covers_every_tool_with_at_least_40_cases():

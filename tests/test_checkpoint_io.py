@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from faults import FullDiskCheckpointIO, corrupt_tensor_bytes
+from faults import FullDiskCheckpointIO, TorchFullDiskCheckpointIO, corrupt_tensor_bytes
+from conftest import small_filesystem
+from gptlab import checkpoint_io
 from gptlab.weights import safe_torch_load
 from gptlab.checkpoint_io import (TMP_MARK, AtomicCheckpointIO, CheckpointWriteError, CorruptCheckpointError,
                                   remove_stale_temp_files, verify_checkpoint)
@@ -35,6 +37,48 @@ def test_a_full_disk_during_a_save_keeps_the_previous_file_and_removes_the_parti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     ckpt = AtomicCheckpointIO().load_checkpoint(path)
     assert ckpt["global_step"] == 5 and torch.equal(ckpt["state_dict"]["w"], checkpoint(5)["state_dict"]["w"])
+
+
+def test_torchs_own_full_disk_error_is_reported_as_no_space_left(tmp_path):
+    """``torch.save`` turns the write's ENOSPC into ``RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos ...``; the message says what happened."""
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(checkpoint(5), path)
+    with pytest.raises(CheckpointWriteError) as e:
+        TorchFullDiskCheckpointIO(room=1000).save_checkpoint(checkpoint(10), path)
+    assert str(e.value) == (f"could not write checkpoint {path}: no space left on the device; the previous "
+                            "last.ckpt, if any, is unchanged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 5
+
+
+def test_a_read_only_folder_is_reported_as_such_not_as_the_cleanups_error(tmp_path, monkeypatch):
+    """On a read-only file system the temporary file cannot be created, and removing it fails too:
+    the message names the first failure, not the clean-up's."""
+    path = tmp_path / "last.ckpt"
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint_io, "open", read_only, raising=False)  # the module's open(tmp, "wb")
+    monkeypatch.setattr(checkpoint_io.Path, "unlink", read_only)
+    with pytest.raises(CheckpointWriteError, match=rf"could not write checkpoint {path}: read-only file system"):
+        AtomicCheckpointIO().save_checkpoint(checkpoint(1), path)
+
+
+def test_on_a_real_small_and_read_only_file_system(tmp_path):
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        path = disk / "last.ckpt"
+        AtomicCheckpointIO().save_checkpoint(checkpoint(1), path)  # 256 KB: fits
+        big = {"global_step": 2, "state_dict": {"w": torch.zeros(1024, 1024)}}  # 4 MB: does not
+        with pytest.raises(CheckpointWriteError, match=rf"{path}: no space left on the device"):
+            AtomicCheckpointIO().save_checkpoint(big, path)
+        assert sorted(p.name for p in disk.iterdir()) == ["last.ckpt"]
+        assert safe_torch_load(path)["global_step"] == 1
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(CheckpointWriteError, match=rf"{path}: read-only file system"):
+            AtomicCheckpointIO().save_checkpoint(checkpoint(3), path)
+        assert safe_torch_load(path)["global_step"] == 1
 
 
 def test_bytes_changed_inside_a_tensor_are_refused_naming_file_and_record(tmp_path):

@@ -216,3 +216,44 @@ def test_jsonl_file_one_entry_per_line_and_errors_name_the_line(tmp_path):
     p.write_text(json.dumps(NO_INPUT) + "\n{oops\n")
     with pytest.raises(InstructionDataError, match=rf"{p}: invalid JSON at line 2, column 2"):
         load_instruction_data(p)
+
+
+# ----------------------------------------------------------------------------- data that cannot train
+def test_entries_whose_prompt_fills_the_context_are_refused_when_all_and_counted_when_some(tmp_path):
+    long = {"instruction": "word " * 60, "input": "", "output": "ok"}  # a prompt of about 90 tokens
+    short = {"instruction": "Say ok.", "input": "", "output": "ok"}  # about 30 tokens
+    p = tmp_path / "long.json"
+    p.write_text(json.dumps([long] * 20))
+    with pytest.raises(InstructionDataError, match=(
+            rf"^{p}: none of the 17 training entries can be learned from \(17 of 17 train, 1 of 1 val, 2 of 2 test\): "
+            r"their prompts \(up to \d+ tokens\) are longer than data.allowed_max_length=64 tokens .*"
+            r"every label is masked and the loss is 0/0 = NaN; raise data.allowed_max_length")):
+        InstructionDataModule(path=str(p), allowed_max_length=64).setup()
+    # the very batch such entries would make: every label masked, and the mean over no labels is NaN
+    ds = InstructionDataset([long], prompt_style="alpaca")
+    batch = instruction_collate([ds[0]], allowed_max_length=64, mask_prompt=True)
+    assert (batch["labels"] == -100).all()
+
+    q = tmp_path / "some.json"
+    q.write_text(json.dumps([long, short] * 10))
+    with pytest.warns(UserWarning, match=rf"{q}: 10 entries teach nothing \(9 of 17 train, 0 of 1 val, 1 of 2 test\)"):
+        InstructionDataModule(path=str(q), allowed_max_length=64).setup()
+    InstructionDataModule(path=str(p), allowed_max_length=64, mask_prompt=False).setup()  # prompts are targets too
+    InstructionDataModule(path=str(p), allowed_max_length=None).setup()  # nothing is truncated
+
+
+def test_an_entry_larger_than_max_record_bytes_is_refused_naming_file_and_line(tmp_path):
+    big = {"instruction": "word " * 300_000, "input": "", "output": "y"}  # 1.5 MB of JSON
+    lines = tmp_path / "big.jsonl"
+    lines.write_text("".join(json.dumps(e) + "\n" for e in [NO_INPUT, big, NO_INPUT]))
+    size = len(json.dumps(big))
+    with pytest.raises(InstructionDataError, match=rf"^{lines}: line 2 is {size:,} bytes long, more than "
+                                                   r"data.max_record_bytes=1,000,000 \(a context of 1,024 tokens"):
+        load_instruction_data(lines)
+    listed = tmp_path / "big.json"
+    listed.write_text(json.dumps([NO_INPUT, big]))
+    with pytest.raises(InstructionDataError, match=rf"^{listed}: entry 1 is {size:,} bytes of JSON, more than "
+                                                   r"data.max_record_bytes=1,000,000"):
+        load_instruction_data(listed)
+    assert load_instruction_data(lines, max_record_bytes=None)[1] == big  # no limit: read as before
+    assert load_instruction_data(lines, max_record_bytes=size) == [NO_INPUT, big, NO_INPUT]  # the bound is inclusive

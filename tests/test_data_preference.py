@@ -150,7 +150,23 @@ def test_fingerprint_follows_the_tokens_and_the_collate_settings(tmp_path):
     assert PreferenceDataModule(path=str(q)).fingerprint("train") != a.fingerprint("train")
 
 
-def test_long_prompts_that_leave_no_response_are_reported(tmp_path):
-    p = write(tmp_path, [{**PAIR, "instruction": "word " * 60}] * 10)
-    with pytest.warns(UserWarning, match="10 preference pairs have prompts of 32\\+ tokens"):
+def test_pairs_that_cannot_teach_a_preference_are_refused_when_all_and_counted_when_some(tmp_path):
+    long = {**PAIR, "instruction": "word " * 60}  # the prompt alone is longer than 32 tokens
+    same = {**PAIR, "rejected": PAIR["chosen"]}
+    late = {**PAIR, "chosen": "Red " + "and more " * 40 + "A.", "rejected": "Red " + "and more " * 40 + "B."}
+    p = write(tmp_path, [long] * 10, "long.json")
+    with pytest.raises(PreferenceDataError, match=(
+            rf"^{p}: none of the 8 training pairs can be learned from \(8 of 8 train, 1 of 1 val, 1 of 1 test\): "
+            r"10 have prompts longer than data.allowed_max_length=32 tokens \(model.context_length by default\), "
+            r"which cuts both responses away; raise data.allowed_max_length")):
         PreferenceDataModule(path=str(p), allowed_max_length=32).setup()
+    q = write(tmp_path, [same] * 10, "same.json")
+    with pytest.raises(PreferenceDataError, match="none of the 8 training pairs .* 10 have identical chosen and "
+                                                  "rejected responses; give each pair two different responses"):
+        PreferenceDataModule(path=str(q)).setup()
+    r = write(tmp_path, [PAIR] * 7 + [long, same, late] * 1, "some.json")
+    with pytest.warns(UserWarning, match=(
+            rf"{r}: 3 pairs teach nothing \(1 of 8 train, 1 of 1 val, 1 of 1 test\): 1 have prompts longer .*; "
+            r"1 have identical chosen and rejected responses; 1 have responses that differ only after the first "
+            r"64 tokens a batch keeps")):
+        PreferenceDataModule(path=str(r), allowed_max_length=64).setup()

@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gptlab"
 LAYERS = {"model": 0, "tokenizer": 0, "tokenizer_training": 0, "callbacks": 0, "errors": 0, "checks": 0, "optim": 0, "lightning_internals": 0,
-          "config_tree": 0, "results": 0,
+          "config_tree": 0, "results": 0, "run_lock": 0, "signals": 0, "loggers": 0,
           "weights": 1, "data": 1, "checkpoint_io": 1,
           "inference": 2, "alignment": 2, "rewards": 2, "evaluation": 2, "streaming": 2,
           "tasks": 3, "judge": 4, "serving": 4, "cli": 5}

@@ -126,12 +126,13 @@ def test_a_resume_that_would_bend_the_lr_schedule_is_refused(reference, tmp_path
 
 # ----------------------------------------------------------------------------- in-process Lightning
 class Linear(L.LightningModule):
-    """One parameter vector, gradient 1 per step with SGD lr 0.1; the loss is NaN at ``nan_at``."""
+    """One parameter vector, gradient ``scale`` per step with SGD at ``lr`` (1 and 0.1: w drops by 0.1
+    per step); the loss is NaN at ``nan_at``."""
 
-    def __init__(self, nan_at: int | None = None, fail_at: int | None = None):
+    def __init__(self, nan_at: int | None = None, fail_at: int | None = None, lr: float = 0.1, scale: float = 1.0):
         super().__init__()
         self.w = nn.Parameter(torch.ones(3))
-        self.nan_at, self.fail_at = nan_at, fail_at
+        self.nan_at, self.fail_at, self.lr, self.scale = nan_at, fail_at, lr, scale
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         if self.global_step == self.fail_at:
@@ -140,10 +141,10 @@ class Linear(L.LightningModule):
         return loss * float("nan") if self.global_step == self.nan_at else loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(torch.ones(10, 3), batch_size=1)
+        return DataLoader(torch.ones(10, 3) * self.scale, batch_size=1)
 
 
 def fit(tmp_path: Path, module: Linear, *callbacks: L.Callback, max_steps: int = 6) -> L.Trainer:
@@ -163,6 +164,24 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_check
     last = safe_torch_load(tmp_path / "last.ckpt")
     assert last["global_step"] == 3 and torch.allclose(last["state_dict"]["w"], torch.full((3,), 0.7))
     assert not (tmp_path / "interrupted.ckpt").exists()  # a NaN state is not worth resuming
+
+
+def test_weights_an_update_overflowed_are_never_saved_as_the_last_good_checkpoint(tmp_path):
+    """lr 1e30 and gradients of 1e10: the loss and the gradient of step 3 are finite, the update
+    makes the weights infinite. The checkpoint of step 3 is refused; step 2's stays."""
+    class LrJump(L.Callback):  # the third step runs at lr 1e30
+        def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+            if trainer.global_step == 2:
+                trainer.optimizers[0].param_groups[0]["lr"] = 1e30
+
+    module = Linear(scale=1e10)
+    with pytest.raises(NonFiniteError, match=rf"non-finite weights at step 3 \(w\): {tmp_path / 'last.ckpt'} was not "
+                                             "written, the last good checkpoint was left as it was"):
+        fit(tmp_path, module, NonFiniteGuard("error"), LrJump())
+    assert not torch.isfinite(module.w).all()  # what would have been saved
+    last = safe_torch_load(tmp_path / "last.ckpt")
+    assert last["global_step"] == 2 and torch.isfinite(last["state_dict"]["w"]).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no interrupted.ckpt, no partial file
 
 
 def test_skip_drops_the_non_finite_step_and_goes_on(tmp_path):

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptlab.cli import entry_point, full_tracebacks, user_error
-from gptlab.errors import InvalidInput
+from gptlab.errors import InvalidInput, storage_cause
+from gptlab.run_lock import release_all_run_folders
+from gptlab.signals import StopSignals, exit_status, signal_name
 
 if TYPE_CHECKING:
     import lightning as L
@@ -85,12 +87,33 @@ def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment described by ``cfg``; returns the final metrics (floats).
 
-    Every config value is checked first (:func:`~gptlab.cli.validation.validate_train_config`), and
-    a fresh run refuses a checkpoint folder that already holds checkpoints. Loggers are closed
+    Every config value is checked first (:func:`~gptlab.cli.validation.validate_train_config`), the
+    run folder is locked for this process (:mod:`gptlab.run_lock`: a second run into it is refused),
+    and a fresh run refuses a checkpoint folder that already holds checkpoints. Loggers are closed
     whatever happens (status ``failed`` on an exception, which is re-raised), so a failing sweep job
     leaves complete event files and no open writers behind; the run folder gets ``metrics.json``
     with the status (``ok``/``failed``/``interrupted``) and final metrics.
     """
+    from lightning.pytorch.utilities import rank_zero_only  # heavy imports wait until a run starts
+
+    from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
+    from gptlab.run_lock import lock_run_folder, release_run_folder
+
+    validate_train_config(cfg)
+    out = Path(cfg.paths.output_dir)
+    lock = None
+    if rank_zero_only.rank == 0:  # DDP processes start after rank 0 has checked (and may have saved)
+        # one run per folder; the lock is already this process's when the Hydra callback took it
+        lock = lock_run_folder(out, lambda: refuse_overwriting_checkpoints(checkpoint_folders(cfg),
+                                                                           cfg.get("ckpt_path")))
+    try:
+        return _train(cfg, out)
+    finally:
+        release_run_folder(lock)
+
+
+def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
+    """:func:`train` once the config is checked and the run folder ``out`` is this process's."""
     import lightning as L  # the heavy imports wait until a run starts: --help stays instant
     import torch
     from hydra.core.hydra_config import HydraConfig
@@ -102,14 +125,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from gptlab.cli.ddp import DDPJobScope
     from gptlab.cli.hparams import log_hparams, select_hparams
     from gptlab.cli.runs import announce_end, announce_start
-    from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
     from gptlab.results import write_result
     from gptlab.tokenizer import describe, get_tokenizer
 
-    validate_train_config(cfg)
-    if rank_zero_only.rank == 0:  # DDP processes start after rank 0 has checked (and may have saved)
-        refuse_overwriting_checkpoints(checkpoint_folders(cfg), cfg.get("ckpt_path"))
-    out = Path(cfg.paths.output_dir)
     started = announce_start(out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("float32_matmul_precision"):
@@ -161,8 +179,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             lg.finalize("failed")
         status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
         if rank_zero_only.rank == 0:  # DDP: the other ranks run in the same folder
-            write_result(out, status, metrics, cfg.get("optimized_metric"), time.perf_counter() - started,
-                         error=f"{type(e).__name__}: {e}")
+            try:
+                write_result(out, status, metrics, cfg.get("optimized_metric"), time.perf_counter() - started,
+                             error=f"{type(e).__name__}: {e}")
+            except OSError as w:  # a full or read-only disk must not hide the error that ended the run
+                log.error("could not write %s: %s", out / "metrics.json", storage_cause(w))
             log.info("run %s; folder: %s", status, out.resolve())
         raise
     for lg in loggers:
@@ -233,7 +254,10 @@ def run_job(cfg: DictConfig) -> float | None:
         out = Path(HydraConfig.get().runtime.output_dir)
         err = user_error(e) or (e if isinstance(e, (NonFiniteError, CheckpointWriteError)) else None)
         if multirun or not isinstance(err, InvalidInput):  # a refused single run leaves only its log
-            (out / "FAILED").write_text(traceback.format_exc())
+            try:
+                (out / "FAILED").write_text(traceback.format_exc())
+            except OSError as w:  # a full or read-only disk must not hide the error that ended the run
+                log.error("could not write %s: %s", out / "FAILED", storage_cause(w))
         if not multirun:
             if err is None or (full_tracebacks() and not isinstance(err, InvalidInput)):
                 raise
@@ -252,8 +276,27 @@ def run_job(cfg: DictConfig) -> float | None:
     return metrics[metric]
 
 
-main = entry_point("train", run_job, groups=GROUPS)
-"""Console entry: ``gptlab-train --help`` written from conf/train.yaml; everything else through Hydra."""
+_entry = entry_point("train", run_job, groups=GROUPS)
+
+
+def main() -> None:
+    """Console entry: ``gptlab-train --help`` written from conf/train.yaml; everything else through
+    Hydra. A run or sweep stopped by SIGTERM/SIGINT exits with 128 + the signal (:mod:`gptlab.signals`)."""
+    with StopSignals() as stop:
+        try:
+            _entry()
+        except BaseException:
+            if stop.received is None:
+                raise
+            from gptlab.cli.runs import report_stopped_sweep  # Hydra's: only once a sweep has run
+
+            # a stopped run is not a success: 128 + the signal, as shells report it (143: SIGTERM)
+            report_stopped_sweep(stop.received)
+            sys.stderr.write(f"gptlab-train: stopped by {signal_name(stop.received)} "
+                             f"(exit status {exit_status(stop.received)})\n")
+            raise SystemExit(exit_status(stop.received)) from None
+        finally:
+            release_all_run_folders()  # the lock files of a run that ended in an error too
 
 if __name__ == "__main__":
     main()

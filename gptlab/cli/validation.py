@@ -37,8 +37,10 @@ from gptlab.model.adapters import check_adapter_config
 from gptlab.model.config import GPTConfig
 from gptlab.model.generation import SAMPLING_RULES
 from gptlab.model.heads import POOLINGS
+from gptlab.optim import resume_changes
 from gptlab.tokenizer import TokenizerError, check_vocab_fits, get_tokenizer
 from gptlab.weights.checkpoint import checkpoint_file_problems, init_from_problems, tokenizer_problems
+from gptlab.weights.readers import safe_torch_load
 
 Check = Callable[[Any], "str | None"]
 """A check returns None for a valid value, else what would be allowed (``"an integer >= 1"``)."""
@@ -264,8 +266,24 @@ def validate_train_config(cfg: DictConfig) -> None:
     problems += [p.at() for p in init_from_problems("init_from", _value(cfg, "init_from"))]
     ckpt = _value(cfg, "ckpt_path")
     if ckpt is not None and _get(cfg, "train") is not False:
-        problems += [p.at() for p in checkpoint_file_problems("ckpt_path", ckpt, resumable=True)]
+        found = [p.at() for p in checkpoint_file_problems("ckpt_path", ckpt, resumable=True)]
+        problems += found or _resume_changes(cfg, ckpt)
     raise_problems(problems)
+
+
+def _resume_changes(cfg: DictConfig, ckpt: Any) -> list[str]:
+    """Optimizer and schedule values a resume from ``ckpt`` would ignore (:func:`gptlab.optim.resume_changes`)."""
+    opt, sched, on = (_get(cfg, k) for k in ("task.optimizer", "task.lr_schedule", "task.weight_decay_on"))
+    if not isinstance(opt, dict) or not isinstance(sched, dict):
+        return []
+    saved = safe_torch_load(Path(str(ckpt)).expanduser()).get("hyper_parameters") or {}
+    try:
+        changes = resume_changes(saved, opt, sched, on if isinstance(on, str) else "matrices")
+    except (ValueError, TypeError):  # values the task's own rules already report
+        return []
+    return [f"ckpt_path={ckpt!s}: a resume keeps the checkpoint's optimizer state and would ignore or only "
+            f"half-apply {change}; resume with the checkpoint's value, or start from its weights with "
+            f"init_from={ckpt!s}" for change in changes]
 
 
 def refuse_overwriting_checkpoints(folders: Sequence[str | Path], ckpt_path: str | None) -> None:
@@ -278,9 +296,29 @@ def refuse_overwriting_checkpoints(folders: Sequence[str | Path], ckpt_path: str
         found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         if found and not (resume is not None and resume.parent == folder.resolve()):
             shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            resumable = _resumable(folder, found)
+            if resumable:
+                what = f"Resume with ckpt_path={folder / resumable}"
+            else:  # e.g. only best-*.ckpt: weights without the optimizer state
+                what = (f"None of them holds the training state a resume needs (weights only); start from their "
+                        f"weights with init_from={folder / found[-1]}")
             raise ConfigError(f"{folder} already holds checkpoints ({shown}); a fresh run there would overwrite "
-                              f"them. Resume with ckpt_path={folder / 'last.ckpt'}, or run in another folder "
-                              "(hydra.run.dir=...)")
+                              f"them. {what}, or run in another folder (hydra.run.dir=...)")
+
+
+def _resumable(folder: Path, names: Sequence[str]) -> str | None:
+    """The checkpoint of ``names`` (in ``folder``) to resume from: ``last.ckpt`` if there, else the
+    newest file that holds the optimizer and loop state; None when none does."""
+    if "last.ckpt" in names:
+        return "last.ckpt"
+    for name in sorted(names, key=lambda n: (folder / n).stat().st_mtime, reverse=True):
+        try:
+            ckpt = safe_torch_load(folder / name)
+        except Exception:  # noqa: BLE001 - an unreadable file is no candidate; the message still names it
+            continue
+        if isinstance(ckpt, dict) and "optimizer_states" in ckpt and "loops" in ckpt:
+            return name
+    return None
 
 
 def validate_generate_config(cfg: DictConfig) -> None:

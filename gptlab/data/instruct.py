@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 from gptlab.checks import boolean, integer
 from gptlab.data.prompt_styles import (PROMPT_STYLES, PromptStyle, extract_response, format_input, format_prompt,
                                        get_prompt_style, left_pad)
-from gptlab.data.records import DataFileError, RecordDataModule, read_json_records
+from gptlab.data.records import (DEFAULT_MAX_RECORD_BYTES, SPLIT_NAMES, DataFileError, RecordDataModule,
+                                 read_json_records, starts_beyond)
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_INSTRUCTION_DATA = ASSETS / "instruction-data.json"
@@ -39,11 +40,14 @@ class InstructionDataError(DataFileError):
 
 
 # ----------------------------------------------------------------------------- loading
-def load_instruction_data(path: str | Path | None = None) -> list[dict[str, str]]:
+def load_instruction_data(path: str | Path | None = None,
+                          max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[dict[str, str]]:
     """Entries of an Alpaca-format JSON (or JSON-lines ``.jsonl``) file (default: the book's 1,100
     entries shipped in ``gptlab/assets``). Raises :class:`InstructionDataError` naming the file, and
-    the entry index or the line/column of a JSON syntax error (or the byte that is not UTF-8)."""
-    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "instruction data", InstructionDataError)
+    the entry index or the line/column of a JSON syntax error (or the byte that is not UTF-8, or an
+    entry longer than ``max_record_bytes``)."""
+    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "instruction data", InstructionDataError,
+                                max_record_bytes)
     for i, entry in enumerate(records.entries):
         validate_entry(entry, i, records.path, where=records.where(i))
     return records.entries
@@ -179,14 +183,34 @@ class InstructionDataModule(RecordDataModule):
                                    allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
 
     def load_entries(self) -> list[dict[str, str]]:
-        return load_instruction_data(self.path)
+        return load_instruction_data(self.path, self.max_record_bytes)
 
     def make_dataset(self, entries: list[dict[str, str]]) -> InstructionDataset:
         return InstructionDataset(entries, self.tokenizer, self.prompt_style)
 
     def after_split(self, note: str = "") -> None:
-        super().after_split(", loss on responses only (mask_prompt=true)" if self.collate_kwargs["mask_prompt"] else
-                         ", loss on prompts AND responses (mask_prompt=false, as in the book)")
+        mask = self.collate_kwargs["mask_prompt"]
+        super().after_split(", loss on responses only (mask_prompt=true)" if mask else
+                            ", loss on prompts AND responses (mask_prompt=false, as in the book)")
+        if mask:
+            self.check_learnable()
+
+    def check_learnable(self) -> None:
+        """With masked prompts, an entry whose prompt alone is longer than ``allowed_max_length``
+        has every label masked (its loss is 0/0 = NaN, and the non-finite guard would blame the
+        learning rate): refused when every training entry is such, one warning with the counts
+        when some are (:meth:`~gptlab.data.records.RecordDataModule.report_unlearnable`)."""
+        limit = self.collate_kwargs["allowed_max_length"]
+        splits = dict(zip(SPLIT_NAMES, (self.train_set, self.val_set, self.test_set)))
+        useless = {name: sum(starts_beyond([len(p) for p in ds.prompt_ids], limit)) for name, ds in splits.items()}
+        longest = max((len(p) for ds in splits.values() for p in ds.prompt_ids), default=0)
+        self.report_unlearnable(
+            useless,
+            f"their prompts (up to {longest} tokens) are longer than data.allowed_max_length={limit} tokens "
+            "(model.context_length by default), so with data.mask_prompt=true every label is masked and the "
+            "loss is 0/0 = NaN",
+            "raise data.allowed_max_length (at most model.context_length), shorten the prompts, or set "
+            "data.mask_prompt=false", InstructionDataError)
 
     def collate_fn(self, stage: str) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
         """Training and validation batches: :func:`instruction_collate`; test batches add what

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from gptlab.checks import boolean, integer
 from gptlab.data.instruct import InstructionTestCollate, instruction_collate
 from gptlab.data.prompt_styles import get_prompt_style
-from gptlab.data.records import DataFileError, RecordDataModule, read_json_records
+from gptlab.data.records import (DEFAULT_MAX_RECORD_BYTES, DataFileError, RecordDataModule, read_json_records,
+                                 starts_beyond)
 from gptlab.tokenizer import ASSETS, EOT_ID, get_tokenizer
 
 DEFAULT_PREFERENCE_DATA = ASSETS / "instruction-data-with-preference.json"
@@ -77,10 +77,13 @@ def normalize_pair(entry: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def load_preference_data(path: str | Path | None = None) -> list[dict[str, Any]]:
+def load_preference_data(path: str | Path | None = None,
+                         max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[dict[str, Any]]:
     """Normalised entries (see :func:`normalize_pair`) of a preference file (default: the book's
-    1,100 pairs). Errors name the file and the entry index (JSON lines: and the line)."""
-    records = read_json_records(path or DEFAULT_PREFERENCE_DATA, "preference data", PreferenceDataError)
+    1,100 pairs). Errors name the file and the entry index (JSON lines: and the line); an entry
+    longer than ``max_record_bytes`` is refused."""
+    records = read_json_records(path or DEFAULT_PREFERENCE_DATA, "preference data", PreferenceDataError,
+                                max_record_bytes)
     entries = [normalize_pair(e, records.where(i)) for i, e in enumerate(records.entries)]
     with_margin = [i for i, e in enumerate(entries) if "margin" in e]
     if with_margin and len(with_margin) != len(entries):
@@ -119,6 +122,12 @@ class PreferenceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def visible(self, side: str, i: int, limit: int | None = None) -> list[int]:
+        """The ids of pair ``i``'s ``side`` (``chosen``/``rejected``) that a batch truncated to
+        ``limit`` positions shows the model (inputs and targets), the end-of-text target included."""
+        ids = self.prompt_ids[i] + self.response_ids[side][i] + [EOT_ID]
+        return ids if limit is None else ids[: limit + 1]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.prompt_ids[i]
@@ -199,20 +208,46 @@ class PreferenceDataModule(RecordDataModule):
                                    allowed_max_length=allowed_max_length, mask_prompt=mask_prompt, score_eos=score_eos)
 
     def load_entries(self) -> list[dict[str, Any]]:
-        return load_preference_data(self.path)
+        return load_preference_data(self.path, self.max_record_bytes)
 
     def make_dataset(self, entries: list[dict[str, Any]]) -> PreferenceDataset:
         return PreferenceDataset(entries, self.tokenizer, self.prompt_style, self.score_response_header)
 
     def after_split(self, note: str = "") -> None:
         super().after_split(note)
+        self.check_learnable()
+
+    def check_learnable(self) -> None:
+        """Pairs that cannot teach a preference: a scored part that starts beyond
+        ``allowed_max_length`` (both responses are cut away entirely), or a chosen response equal to
+        the rejected one (within what the truncated batch keeps): refused when every training pair
+        is such, one warning with the counts when some are
+        (:meth:`~gptlab.data.records.RecordDataModule.report_unlearnable`)."""
         limit = self.collate_kwargs["allowed_max_length"]
-        if limit is not None:
-            # the first scored label sits at position prompt_length - 1
-            cut = sum(p - 1 >= limit for ds in (self.train_set, self.val_set, self.test_set) for p in ds.scored_from)
-            if cut:
-                rank_zero_warn(f"{cut} preference pairs have prompts of {limit}+ tokens: allowed_max_length={limit} "
-                               "cuts their responses away entirely, so they add nothing to the loss")
+        useless, cut, same, same_shown = {}, 0, 0, 0
+        for name in SPLITS:
+            ds = self.dataset(name)
+            over = starts_beyond(ds.scored_from, limit)
+            equal = [ds.response_ids["chosen"][i] == ds.response_ids["rejected"][i] for i in range(len(ds))]
+            shown = [ds.visible("chosen", i, limit) == ds.visible("rejected", i, limit) for i in range(len(ds))]
+            bad = [(o, not o and e, not o and not e and v) for o, e, v in zip(over, equal, shown)]
+            cut, same, same_shown = (cut + sum(b[0] for b in bad), same + sum(b[1] for b in bad),
+                                     same_shown + sum(b[2] for b in bad))
+            useless[name] = sum(any(b) for b in bad)
+        reasons, fixes = [], []
+        if cut:
+            reasons.append(f"{cut} have prompts longer than data.allowed_max_length={limit} tokens "
+                           "(model.context_length by default), which cuts both responses away")
+        if same:
+            reasons.append(f"{same} have identical chosen and rejected responses")
+        if same_shown:
+            reasons.append(f"{same_shown} have responses that differ only after the first {limit} tokens a batch keeps")
+        if cut or same_shown:
+            fixes.append("raise data.allowed_max_length (at most model.context_length)"
+                         + (" or shorten the prompts" if cut else ""))
+        if same:
+            fixes.append("give each pair two different responses")
+        self.report_unlearnable(useless, "; ".join(reasons), "; ".join(fixes), PreferenceDataError)
 
     def dataset(self, split: str) -> PreferenceDataset:
         """The ``train`` / ``val`` / ``test`` dataset (after :meth:`setup`)."""

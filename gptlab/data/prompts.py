@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from gptlab.data.instruct import DEFAULT_INSTRUCTION_DATA
 from gptlab.data.prompt_styles import get_prompt_style, left_pad
-from gptlab.data.records import DataFileError, RecordDataModule, read_json_records
+from gptlab.data.records import DEFAULT_MAX_RECORD_BYTES, DataFileError, RecordDataModule, read_json_records
 from gptlab.tokenizer import EOT_ID, get_tokenizer
 
 
@@ -53,10 +53,12 @@ def normalize_prompt(entry: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def load_prompts(path: str | Path | None = None) -> list[dict[str, Any]]:
+def load_prompts(path: str | Path | None = None,
+                 max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[dict[str, Any]]:
     """Normalised entries (:func:`normalize_prompt`) of a prompt file (default: the book's 1,100
-    instruction entries). Errors name the file and the entry (JSON lines: and the line)."""
-    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "prompt data", PromptDataError)
+    instruction entries). Errors name the file and the entry (JSON lines: and the line); an entry
+    longer than ``max_record_bytes`` is refused."""
+    records = read_json_records(path or DEFAULT_INSTRUCTION_DATA, "prompt data", PromptDataError, max_record_bytes)
     return [normalize_prompt(e, records.where(i)) for i, e in enumerate(records.entries)]
 
 
@@ -116,7 +118,7 @@ class PromptDataModule(RecordDataModule):
         super().__init__(batch_size=batch_size, **kwargs)
 
     def load_entries(self) -> list[dict[str, Any]]:
-        return load_prompts(self.path)
+        return load_prompts(self.path, self.max_record_bytes)
 
     def make_dataset(self, entries: list[dict[str, Any]]) -> PromptDataset:
         return PromptDataset(entries, self.tokenizer, self.prompt_style)

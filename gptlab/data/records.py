@@ -2,10 +2,20 @@
 on, and :class:`RecordDataModule`, the base of the data modules built on such files (instruction,
 preference and prompt data): load, shuffle, split, wrap.
 
-``.jsonl`` / ``.ndjson`` files hold one JSON value per line (blank lines are skipped); any other
-file is one JSON list. Every failure names the file, and where it can the line (and column) or
-the entry index: a missing file, bytes that are not UTF-8, a JSON syntax error, a file that is
-not a list, an empty file.
+``.jsonl`` / ``.ndjson`` files hold one JSON value per line (blank lines are skipped), read one line
+at a time; any other file is one JSON list. Every failure names the file, and where it can the line
+(and column) or the entry index: a missing file, bytes that are not UTF-8, a JSON syntax error, a
+file that is not a list, an empty file, an entry larger than ``max_record_bytes``.
+
+Why a bound on an entry's size: no training example needs more than a context (1,024 GPT-2 tokens
+are about 4 KB of English text), while one oversized entry is tokenized, padded and batched whole:
+a single 50 MB line took 5.2 GB of memory in ``gptlab-train``. A JSON-lines file is read line by line
+and an oversized line is refused after reading at most ``max_record_bytes`` of it.
+
+Data that cannot train is refused before training, naming the file
+(:meth:`RecordDataModule.report_unlearnable`): an entry whose scored part starts beyond the batch
+length (:func:`starts_beyond`) has every label masked, so its loss is 0/0 = NaN; when every training
+entry is such the run is refused, when some are one warning gives the counts per split.
 """
 
 from __future__ import annotations
@@ -14,9 +24,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
 from gptlab.checks import Problem, boolean, choice, integer, number, ratios_fit
@@ -26,6 +36,11 @@ from gptlab.errors import InvalidInput
 from gptlab.tokenizer import get_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+DEFAULT_MAX_RECORD_BYTES = 1_000_000
+"""Largest entry a data file may hold, in bytes of its JSON text (``data.max_record_bytes``): 250
+contexts of 1,024 tokens."""
+SPLIT_NAMES = ("train", "val", "test")
+_CHUNK = 1 << 20
 
 
 class DataFileError(InvalidInput):
@@ -55,29 +70,21 @@ def read_text_utf8(path: Path, error: type[Exception] = DataFileError) -> str:
         raise error(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from None
 
 
-def read_json_records(path: str | Path, what: str = "data", error: type[Exception] = DataFileError) -> Records:
+def read_json_records(path: str | Path, what: str = "data", error: type[Exception] = DataFileError,
+                      max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> Records:
     """The entries of a JSON list file or a JSON-lines file (by suffix, see :data:`JSONL_SUFFIXES`).
 
     ``what`` names the data in messages (``"preference data file not found: ..."``); ``error`` is
-    the exception class raised for malformed files (a :class:`DataFileError` subclass).
+    the exception class raised for malformed files (a :class:`DataFileError` subclass);
+    ``max_record_bytes`` (None = no limit) refuses an entry whose JSON text is longer, naming the
+    file and the line (JSON lines) or the entry index (a JSON list).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    text = read_text_utf8(path, error)
     if path.suffix.lower() in JSONL_SUFFIXES:
-        entries, lines = [], []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise error(f"{path}: invalid JSON at line {lineno}, column {e.colno}: {e.msg}") from None
-            lines.append(lineno)
-        if not entries:
-            raise error(f"{path}: the file holds no entries")
-        return Records(path, entries, lines)
+        return _read_json_lines(path, error, max_record_bytes)
+    text = read_text_utf8(path, error)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -87,7 +94,68 @@ def read_json_records(path: str | Path, what: str = "data", error: type[Exceptio
                     f"(or name the file .jsonl for one entry per line)")
     if not data:
         raise error(f"{path}: the file holds no entries")
+    if max_record_bytes is not None:
+        for i, entry in enumerate(data):
+            size = len(json.dumps(entry, ensure_ascii=False).encode())
+            if size > max_record_bytes:
+                raise error(f"{path}: entry {i} is {size:,} bytes of JSON, more than data.max_record_bytes="
+                            f"{max_record_bytes:,} ({_WHY_BOUND})")
     return Records(path, data)
+
+
+_WHY_BOUND = "a context of 1,024 tokens is about 4 KB of text; split or shorten it, or raise the limit"
+
+
+def _read_json_lines(path: Path, error: type[Exception], max_bytes: int | None) -> Records:
+    """One entry per non-blank line, read one line at a time; a line longer than ``max_bytes`` is
+    refused after reading ``max_bytes`` of it (its length is counted in fixed-size chunks)."""
+    entries, lines, offset = [], [], 0
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(-1 if max_bytes is None else max_bytes + 3)  # + room for "\r\n"
+            if not raw:
+                break
+            lineno += 1
+            body = raw.rstrip(b"\r\n")
+            if max_bytes is not None and len(body) > max_bytes:
+                size = len(body) + (0 if raw.endswith(b"\n") else _rest_of_line(f))
+                raise error(f"{path}: line {lineno} is {size:,} bytes long, more than data.max_record_bytes="
+                            f"{max_bytes:,} ({_WHY_BOUND})")
+            try:
+                text = body.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}: not UTF-8 text (byte {offset + e.start}, line {lineno}: {e.reason}); "
+                            "save the file as UTF-8") from None
+            offset += len(raw)
+            if not text.strip():
+                continue
+            try:
+                entries.append(json.loads(text))
+            except json.JSONDecodeError as e:
+                raise error(f"{path}: invalid JSON at line {lineno}, column {e.colno}: {e.msg}") from None
+            lines.append(lineno)
+    if not entries:
+        raise error(f"{path}: the file holds no entries")
+    return Records(path, entries, lines)
+
+
+def _rest_of_line(f: BinaryIO) -> int:
+    """Bytes up to the end of the current line (its ending excluded), read in fixed-size chunks."""
+    n = 0
+    while chunk := f.readline(_CHUNK):
+        n += len(chunk.rstrip(b"\r\n"))
+        if chunk.endswith(b"\n"):
+            break
+    return n
+
+
+def starts_beyond(first_scored: Sequence[int], limit: int | None) -> list[bool]:
+    """For each entry whose first scored token sits at index ``first_scored[i]`` (its prompt length,
+    when the prompt is masked): whether batches truncated to ``limit`` positions keep none of its
+    labels (the first scored label sits at position ``first_scored[i] - 1``). None = no truncation:
+    all False."""
+    return [False] * len(first_scored) if limit is None else [n > limit for n in first_scored]
 
 
 def split_entries(entries: Sequence[Any], train_ratio: float = 0.85, test_ratio: float = 0.10,
@@ -124,6 +192,8 @@ class RecordDataModule(GPTDataModule):
         max_entries: keep only the first N entries (after the optional shuffle); for quick runs.
         max_prompt_length: generation prompts keep only their last N tokens (None = whole prompt).
         pad_id: the padding token id (None = the tokenizer's ``<|endoftext|>``: :attr:`pad_id`).
+        max_record_bytes: refuse an entry whose JSON is longer than this many bytes (None = no limit;
+            see the module docstring).
         batch_size, val_batch_size, num_workers, shuffle, drop_last, pin_memory: DataLoader settings
             (:class:`~gptlab.data.base.GPTDataModule`).
     """
@@ -131,7 +201,7 @@ class RecordDataModule(GPTDataModule):
     RULES = {"prompt_style": choice(*PROMPT_STYLES, name="prompt style"), "train_ratio": number(gt=0, le=1),
              "test_ratio": number(ge=0, lt=1), "shuffle_before_split": boolean(), "split_seed": integer(),
              "max_entries": integer(ge=1, optional=True), "max_prompt_length": integer(ge=1, optional=True),
-             "pad_id": integer(ge=0, optional=True)}
+             "pad_id": integer(ge=0, optional=True), "max_record_bytes": integer(ge=1, optional=True)}
 
     @classmethod
     def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
@@ -142,7 +212,8 @@ class RecordDataModule(GPTDataModule):
                  split_seed: int = 123, max_entries: int | None = None, max_prompt_length: int | None = None,
                  pad_id: int | None = None, batch_size: int = 8,
                  global_batch_size: int | None = None, val_batch_size: int | None = None, num_workers: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True):
+                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = True,
+                 max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)  # the subclass's arguments too
         self.check_hparams()
@@ -177,6 +248,10 @@ class RecordDataModule(GPTDataModule):
         return self.hparams.max_prompt_length
 
     @property
+    def max_record_bytes(self) -> int | None:
+        return self.hparams.get("max_record_bytes", DEFAULT_MAX_RECORD_BYTES)
+
+    @property
     def prompt_style(self) -> str:
         return self.hparams.prompt_style
 
@@ -201,6 +276,23 @@ class RecordDataModule(GPTDataModule):
         rank_zero_info(f"{self.what} {self.path or self.default_path}: {sizes} {self.unit}, "
                        f"prompt style {self.prompt_style!r}{note}")
 
+    def report_unlearnable(self, useless: Mapping[str, int], why: str, fix: str,
+                           error: type[Exception] = DataFileError) -> None:
+        """Refuse data whose training split has nothing to learn from (``error``, naming the file);
+        warn once, with the counts per split, when only some entries are useless. ``useless``: the
+        count per split (``train``, ``val``, ``test``); ``why`` says what makes them useless, ``fix``
+        what to change."""
+        n = sum(useless.values())
+        if not n:
+            return
+        totals = dict(zip(SPLIT_NAMES, (len(self.train_set), len(self.val_set), len(self.test_set))))
+        counts = ", ".join(f"{useless.get(s, 0)} of {totals[s]} {s}" for s in SPLIT_NAMES if totals[s])
+        path = self.path or self.default_path
+        if totals["train"] and useless.get("train") == totals["train"]:
+            raise error(f"{path}: none of the {totals['train']} training {self.unit} can be learned from "
+                        f"({counts}): {why}; {fix}")
+        rank_zero_warn(f"{path}: {n} {self.unit} teach nothing ({counts}): {why}; {fix}")
+
     @property
     def test_entries(self) -> list[Any]:
         """The raw entries of the test split."""
@@ -208,5 +300,5 @@ class RecordDataModule(GPTDataModule):
         return self.test_set.entries
 
 
-__all__ = ["JSONL_SUFFIXES", "DataFileError", "Records", "read_text_utf8", "read_json_records", "split_entries",
-           "RecordDataModule"]
+__all__ = ["JSONL_SUFFIXES", "DEFAULT_MAX_RECORD_BYTES", "SPLIT_NAMES", "DataFileError", "Records", "read_text_utf8",
+           "read_json_records", "starts_beyond", "split_entries", "RecordDataModule"]

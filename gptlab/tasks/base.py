@@ -25,30 +25,10 @@ from gptlab.model.config import GPTConfig
 from gptlab.model.gpt import GPT
 from gptlab.model.lora import save_adapter
 from gptlab.optim import (LR_SCHEDULE_RULES, OPTIMIZER_RULES, WEIGHT_DECAY_ON, build_lr_scheduler, build_optimizer,
-                          lr_schedule_config, optimizer_config, parameter_groups)
+                          fold_legacy_keys, lr_schedule_config, optimizer_config, parameter_groups,
+                          refuse_resume_changes, resume_changes)
 from gptlab.tokenizer import check_same_tokenizer, get_tokenizer, tokenizer_from_record, tokenizer_record
 from gptlab.weights.checkpoint import TOKENIZER_KEY, load_backbone
-
-# hyperparameters of checkpoints written before the optimizer became a node -> their new place
-_LEGACY_OPTIMIZER_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "eps": "eps",
-                          "fused_adamw": "fused"}
-_LEGACY_SCHEDULE_KEYS = {"lr_schedule": "name", "warmup_steps": "warmup_steps", "min_lr": "min_lr"}
-
-
-def _fold_legacy_keys(kwargs: dict[str, Any], optimizer: Mapping[str, Any] | None,
-                      lr_schedule: Mapping[str, Any] | str | None) -> tuple[dict[str, Any] | None, Any]:
-    """Move the flat optimizer keys of older checkpoints' hyperparameters (``lr``, ``betas``,
-    ``lr_schedule="cosine"``, ...) out of ``kwargs`` into the ``optimizer`` / ``lr_schedule`` nodes."""
-    legacy_opt = {new: kwargs.pop(old) for old, new in _LEGACY_OPTIMIZER_KEYS.items() if old in kwargs}
-    legacy_sched = {new: kwargs.pop(old) for old, new in _LEGACY_SCHEDULE_KEYS.items() if old in kwargs}
-    if isinstance(lr_schedule, str):  # lr_schedule="cosine" was the schedule's name
-        legacy_sched["name"], lr_schedule = lr_schedule, None
-    if legacy_opt:
-        optimizer = {**dict(optimizer or {}), **legacy_opt}
-    if legacy_sched:
-        lr_schedule = {**dict(lr_schedule or {}), **legacy_sched}
-    return optimizer, lr_schedule
-
 
 class GPTTask(ConfigRules, L.LightningModule):
     """Base LightningModule around the shared :class:`GPT` backbone.
@@ -104,7 +84,7 @@ class GPTTask(ConfigRules, L.LightningModule):
                  lr_schedule: Mapping[str, Any] | None = None, weight_decay_on: str = "matrices",
                  grad_clip: float | None = 1.0, compile: bool = False, tokenizer: Any = None, **kwargs: Any):
         super().__init__()
-        optimizer, lr_schedule = _fold_legacy_keys(kwargs, optimizer, lr_schedule)
+        optimizer, lr_schedule = fold_legacy_keys(kwargs, optimizer, lr_schedule)
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unknown argument(s) {sorted(kwargs)}")
         # validated now, built in configure_optimizers; stored complete, as plain containers
@@ -269,6 +249,10 @@ class GPTTask(ConfigRules, L.LightningModule):
             checkpoint["gptlab_schedule_steps"] = int(self.trainer.estimated_stepping_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:  # a resume (not a test)
+            hp = self.hparams
+            refuse_resume_changes(resume_changes(checkpoint.get("hyper_parameters") or {}, hp.optimizer,
+                                                 hp.lr_schedule, hp.weight_decay_on), self.trainer.ckpt_path)
         progress = checkpoint.get("gptlab_progress") or {}
         self.tokens_seen = int(progress.get("tokens_seen", 0))
         self.examples_seen = int(progress.get("examples_seen", 0))
