@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -101,19 +102,20 @@ def compose_task(name: str, extra: list[str] = ()) -> Any:
         return compose("train", overrides=[*COMMON, *TASKS[name], *extra])
 
 
-def run(name: str, devices: int, folder: Path, extra: list[str] = ()) -> dict[str, Any]:
+def run(name: str, devices: int, folder: Path, extra: list[str] = (), global_batch: int = GLOBAL_BATCH,
+        **trainer_kwargs: Any) -> dict[str, Any]:
     """Fit ``name`` for :data:`STEPS` steps on ``devices`` processes, validate, test; what rank 0
     logged (``steps``: ``train/loss_step`` per step, ``metrics``: the last value of every key,
-    ``texts``), the ranks that logged, and the run folder."""
+    ``history``: every value of every key, ``texts``), the ranks that logged, and the run folder."""
     folder.mkdir(parents=True)
-    cfg = compose_task(name, [f"data.global_batch_size={GLOBAL_BATCH}", *extra])
+    cfg = compose_task(name, [f"data.global_batch_size={global_batch}", *extra])
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, tokenizer=get_tokenizer(), _convert_="all")
     task = build_task(cfg)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
                         max_steps=STEPS, val_check_interval=STEPS, num_sanity_val_steps=0, log_every_n_steps=1,
                         logger=RecordingLogger(folder), enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=folder)
+                        enable_model_summary=False, default_root_dir=folder, **trainer_kwargs)
     with warnings.catch_warnings():
         # inherited by the forked processes: a metric logged per epoch without sync_dist fails the run
         warnings.filterwarnings("error", message=".*sync_dist.*")
@@ -122,11 +124,14 @@ def run(name: str, devices: int, folder: Path, extra: list[str] = ()) -> dict[st
     records = [json.loads(line) for line in (folder / "rank0.jsonl").read_text().splitlines()]
     steps = [r["metrics"]["train/loss_step"] for r in records if "train/loss_step" in r.get("metrics", {})]
     metrics: dict[str, float] = {}
+    history: dict[str, list[float]] = {}
     for r in records:
         metrics.update(r.get("metrics", {}))
+        for k, v in r.get("metrics", {}).items():
+            history.setdefault(k, []).append(v)
     texts = [r for r in records if "text" in r]
     ranks = sorted(int(p.stem[4:]) for p in folder.glob("rank*.jsonl"))
-    return {"steps": steps, "metrics": metrics, "texts": texts, "ranks": ranks, "folder": folder,
+    return {"steps": steps, "metrics": metrics, "history": history, "texts": texts, "ranks": ranks, "folder": folder,
             "datamodule": datamodule}
 
 
@@ -207,6 +212,27 @@ def test_ppo_under_ddp_logs_every_ranks_samples_and_answers(runs):
     assert [r["instruction"] for r in written] == [e["instruction"] for e in datamodule.test_set.entries]
     # every file but rank 0's logger record was written once: by rank 0
     assert not list(two["folder"].glob("*rank1*.json"))
+
+
+def sample_rows(result: dict[str, Any], iteration: int) -> list[tuple[str, str, int]]:
+    """(prompt, response, rank) of every row of the PPO sample table of ``iteration``."""
+    table = next(t["value"] for t in result["texts"] if t["text"] == "samples" and t["step"] == iteration)
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in table.splitlines()[2:]]
+    return [(c[0], c[1], int(c[4])) for c in cells]
+
+
+@pytest.mark.slow
+def test_each_rank_samples_its_own_rollouts_also_for_the_same_prompts(tmp_path):
+    torch.set_num_threads(1)
+    # no distributed sampler: the ranks' shuffling samplers are seeded alike (from the global RNG, as
+    # on one process), so both ranks read the same prompts in the same order (2 per iteration)
+    two = run("ppo", 2, tmp_path / "two", ["data.shuffle=true"], use_distributed_sampler=False)
+    for iteration in range(STEPS):
+        rows = sample_rows(two, iteration)
+        rank0, rank1 = ([(p, r) for p, r, k in rows if k == rank] for rank in (0, 1))
+        assert len(rank0) == len(rank1) == 2
+        assert [p for p, _ in rank0] == [p for p, _ in rank1]  # the same prompts ...
+        assert all(a != b for (_, a), (_, b) in zip(rank0, rank1)), rows  # ... answered differently on each rank
 
 
 @pytest.mark.slow

@@ -51,8 +51,8 @@ from gptlab.alignment.losses import clipped_policy_loss, clipped_value_loss
 from gptlab.alignment.masked import masked_mean, masked_whiten
 from gptlab.alignment.reference import eval_mode, switch_off_dropout
 from gptlab.alignment.rollout import (GENERATION_CACHES, Completions, PhaseTimer, PolicyOutput, Rollout, chunked,
-                                      completion_id_lists, prompt_id_lists, response_forward, sample_completions,
-                                      stopped_rows)
+                                      completion_id_lists, prompt_id_lists, response_forward, rollout_generator,
+                                      sample_completions, stopped_rows)
 from gptlab.checks import boolean, choice, integer, number
 from gptlab.data.prompt_styles import extract_response
 from gptlab.rewards import call_reward
@@ -206,12 +206,14 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
             self._warned_crop = True
         return prompt_ids[:, -keep:], prompt_mask[:, -keep:]
 
-    def sample(self, batch: Mapping[str, Any], temperature: float) -> Completions:
-        """Sampled completions of a batch of prompts (cropped to fit the context)."""
+    def sample(self, batch: Mapping[str, Any], temperature: float, generator: torch.Generator | None = None
+               ) -> Completions:
+        """Sampled completions of a batch of prompts (cropped to fit the context), drawn from
+        ``generator`` (None: the global RNG)."""
         hp = self.hparams
         prompt_ids, prompt_mask = self.crop_prompts(batch["prompt_ids"], batch["prompt_attention_mask"])
         return sample_completions(self.model, prompt_ids, prompt_mask, hp.max_new_tokens, temperature, hp.top_k,
-                                  hp.top_p, hp.stop_token_id, hp.generation_cache)
+                                  hp.top_p, hp.stop_token_id, hp.generation_cache, generator=generator)
 
     def score(self, batch: Mapping[str, Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
               responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -242,7 +244,9 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         """Steps 1-5 of an iteration (module docstring); returns the rollout and its timings (s)."""
         hp = self.hparams
         timer = PhaseTimer(self.device)
-        sampled = self.sample(batch, hp.temperature)
+        # this rank's own stream for this iteration: under DDP the ranks sample differently
+        generator = rollout_generator(self.global_step // self.steps_per_iteration, self.global_rank, self.device)
+        sampled = self.sample(batch, hp.temperature, generator)
         timer.lap("generation_s")
         sequences, positions, responses, mask = sampled.sequences, sampled.positions, sampled.tokens, sampled.mask
         scores, prompts, completions = self.score(batch, sampled.prompt_ids, sampled.prompt_mask, responses, mask)
