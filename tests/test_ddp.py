@@ -236,6 +236,26 @@ def test_each_rank_samples_its_own_rollouts_also_for_the_same_prompts(tmp_path):
 
 
 @pytest.mark.slow
+def test_ppo_values_reference_and_adaptive_kl_on_two_processes_follow_one_process(tmp_path):
+    torch.set_num_threads(1)
+    # top_k=1: the rollouts are the greedy answers, the same on 1 and 2 processes; advantage
+    # whitening off (it is per rank, as TRL's); an adaptive β that moves a lot every iteration; a score
+    # for every response (none stops: -1 each), so the value head and the policy learn
+    extra = ["task.top_k=1", "task.whiten_advantages=false", "task.kl_target=0.001", "task.kl_horizon=10",
+             "task.missing_eos_penalty=1.0"]
+    one, two = (run("ppo", d, tmp_path / str(d), extra) for d in (1, 2))
+    # objective/kl: the policy against the reference; val/*: the value head; loss/total: both, and
+    # the averaged gradients; objective/kl_coef: β, the same on every rank
+    keys = ["objective/kl_coef", "objective/kl", "objective/scores", "val/value_loss", "loss/policy", "loss/total"]
+    for key in keys:
+        assert len(one["history"][key]) == len(two["history"][key]) == STEPS
+        assert all(_close(a, b) for a, b in zip(one["history"][key], two["history"][key])), \
+            (key, one["history"][key], two["history"][key])
+    assert one["history"]["objective/kl"][-1] > 0  # the policy moved away from the reference
+    assert len(set(one["history"]["objective/kl_coef"])) == STEPS  # β adapted every iteration
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pretrain", "classify", "instruct"])
 def test_a_global_batch_size_keeps_the_effective_batch_over_devices(runs, name):
     # data.global_batch_size=4 on 1 and on 2 processes: 4 examples per optimizer step either way
