@@ -289,3 +289,63 @@ def test_console_shows_the_effective_batch_and_refuses_one_that_does_not_split(r
                                "trainer.accumulate_grad_batches=4")
     assert code == 2
     assert "data.global_batch_size=6 is not a multiple of devices x nodes x accumulate_grad_batches = 1 x 4 = 4" in err
+
+
+# ----------------------------------------------------------------------------- resuming across world sizes
+DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+RESUME_STEPS = 4
+# 4 steps, a kept step checkpoint every 2: the run to resume from and the uninterrupted reference at once
+CHECKPOINTED = [f"trainer.max_steps={RESUME_STEPS}", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2",
+                "trainer.enable_progress_bar=false", "callbacks.step_checkpoint.every_n_train_steps=2",
+                "callbacks.step_checkpoint.keep_every=true", f"data.global_batch_size={GLOBAL_BATCH}",
+                "trainer.precision=32-true"]
+
+
+def train_cli(folder: Path, name: str, *overrides: str) -> Path:
+    """``gptlab-train`` of task ``name`` (:data:`TASKS`) into ``folder`` in a subprocess; returns ``folder``."""
+    from conftest import run_cli
+
+    args = ["gptlab.cli.train", *COMMON, *TASKS[name], *CHECKPOINTED, f"hydra.run.dir={folder}", *overrides]
+    res = run_cli(args, cwd=folder.parent, env={"GPTLAB_OUTPUTS": str(folder.parent), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return folder
+
+
+def logged(folder: Path, tag: str) -> dict[int, float]:
+    """``tag`` per step, as TensorBoard holds it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return {e.step: e.value for e in EventAccumulator(str(folder / "tensorboard")).Reload().Scalars(tag)}
+
+
+def check_resumed(reference: Path, resumed: Path, tag: str) -> None:
+    """``resumed`` went on from step 2 to the end, logging the steps that the uninterrupted
+    ``reference`` logged after step 2 and no earlier one.
+
+    Not (yet) checked: that it logs the same values. It does not (seen: pretrain 10.759 vs 10.805
+    at step 2); the suspected cause, unconfirmed, is the training loader's saved position, which is
+    rank 0's position in its own share of the data and means other windows on another world size."""
+    from gptlab.weights import safe_torch_load
+
+    assert int(safe_torch_load(resumed / "checkpoints" / "last.ckpt")["global_step"]) == RESUME_STEPS
+    mine, theirs = logged(resumed, tag), logged(reference, tag)
+    assert sorted(mine) == sorted(step for step in theirs if step >= 2), (mine, theirs)  # continued, not restarted
+    assert all(math.isfinite(v) for v in mine.values())
+
+
+@pytest.mark.slow
+def test_a_ddp_checkpoint_resumes_on_one_process(tmp_path):
+    ddp = train_cli(tmp_path / "ddp", "pretrain", *DDP_CPU)
+    ckpt = ddp / "checkpoints" / "step000002.ckpt"
+    one = train_cli(tmp_path / "one", "pretrain", f"ckpt_path={ckpt}")
+    check_resumed(ddp, one, "train/loss_step")
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_under_ddp(tmp_path):
+    # PPO with greedy rollouts and per-rank whitening off: 2 processes go on as 1 process would
+    deterministic = ["task.top_k=1", "task.whiten_advantages=false", "task.missing_eos_penalty=1.0"]
+    one = train_cli(tmp_path / "one", "ppo", *deterministic)
+    ckpt = one / "checkpoints" / "step000002.ckpt"
+    ddp = train_cli(tmp_path / "ddp", "ppo", *deterministic, *DDP_CPU, f"ckpt_path={ckpt}")
+    check_resumed(one, ddp, "loss/total")
