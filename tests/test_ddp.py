@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -101,19 +102,20 @@ def compose_task(name: str, extra: list[str] = ()) -> Any:
         return compose("train", overrides=[*COMMON, *TASKS[name], *extra])
 
 
-def run(name: str, devices: int, folder: Path, extra: list[str] = ()) -> dict[str, Any]:
+def run(name: str, devices: int, folder: Path, extra: list[str] = (), global_batch: int = GLOBAL_BATCH,
+        **trainer_kwargs: Any) -> dict[str, Any]:
     """Fit ``name`` for :data:`STEPS` steps on ``devices`` processes, validate, test; what rank 0
     logged (``steps``: ``train/loss_step`` per step, ``metrics``: the last value of every key,
-    ``texts``), the ranks that logged, and the run folder."""
+    ``history``: every value of every key, ``texts``), the ranks that logged, and the run folder."""
     folder.mkdir(parents=True)
-    cfg = compose_task(name, [f"data.global_batch_size={GLOBAL_BATCH}", *extra])
+    cfg = compose_task(name, [f"data.global_batch_size={global_batch}", *extra])
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data, tokenizer=get_tokenizer(), _convert_="all")
     task = build_task(cfg)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
                         max_steps=STEPS, val_check_interval=STEPS, num_sanity_val_steps=0, log_every_n_steps=1,
                         logger=RecordingLogger(folder), enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=folder)
+                        enable_model_summary=False, default_root_dir=folder, **trainer_kwargs)
     with warnings.catch_warnings():
         # inherited by the forked processes: a metric logged per epoch without sync_dist fails the run
         warnings.filterwarnings("error", message=".*sync_dist.*")
@@ -122,11 +124,14 @@ def run(name: str, devices: int, folder: Path, extra: list[str] = ()) -> dict[st
     records = [json.loads(line) for line in (folder / "rank0.jsonl").read_text().splitlines()]
     steps = [r["metrics"]["train/loss_step"] for r in records if "train/loss_step" in r.get("metrics", {})]
     metrics: dict[str, float] = {}
+    history: dict[str, list[float]] = {}
     for r in records:
         metrics.update(r.get("metrics", {}))
+        for k, v in r.get("metrics", {}).items():
+            history.setdefault(k, []).append(v)
     texts = [r for r in records if "text" in r]
     ranks = sorted(int(p.stem[4:]) for p in folder.glob("rank*.jsonl"))
-    return {"steps": steps, "metrics": metrics, "texts": texts, "ranks": ranks, "folder": folder,
+    return {"steps": steps, "metrics": metrics, "history": history, "texts": texts, "ranks": ranks, "folder": folder,
             "datamodule": datamodule}
 
 
@@ -209,6 +214,47 @@ def test_ppo_under_ddp_logs_every_ranks_samples_and_answers(runs):
     assert not list(two["folder"].glob("*rank1*.json"))
 
 
+def sample_rows(result: dict[str, Any], iteration: int) -> list[tuple[str, str, int]]:
+    """(prompt, response, rank) of every row of the PPO sample table of ``iteration``."""
+    table = next(t["value"] for t in result["texts"] if t["text"] == "samples" and t["step"] == iteration)
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in table.splitlines()[2:]]
+    return [(c[0], c[1], int(c[4])) for c in cells]
+
+
+@pytest.mark.slow
+def test_each_rank_samples_its_own_rollouts_also_for_the_same_prompts(tmp_path):
+    torch.set_num_threads(1)
+    # no distributed sampler: the ranks' shuffling samplers are seeded alike (from the global RNG, as
+    # on one process), so both ranks read the same prompts in the same order (2 per iteration)
+    two = run("ppo", 2, tmp_path / "two", ["data.shuffle=true"], use_distributed_sampler=False)
+    for iteration in range(STEPS):
+        rows = sample_rows(two, iteration)
+        rank0, rank1 = ([(p, r) for p, r, k in rows if k == rank] for rank in (0, 1))
+        assert len(rank0) == len(rank1) == 2
+        assert [p for p, _ in rank0] == [p for p, _ in rank1]  # the same prompts ...
+        assert all(a != b for (_, a), (_, b) in zip(rank0, rank1)), rows  # ... answered differently on each rank
+
+
+@pytest.mark.slow
+def test_ppo_values_reference_and_adaptive_kl_on_two_processes_follow_one_process(tmp_path):
+    torch.set_num_threads(1)
+    # top_k=1: the rollouts are the greedy answers, the same on 1 and 2 processes; advantage
+    # whitening off (it is per rank, as TRL's); an adaptive β that moves a lot every iteration; a score
+    # for every response (none stops: -1 each), so the value head and the policy learn
+    extra = ["task.top_k=1", "task.whiten_advantages=false", "task.kl_target=0.001", "task.kl_horizon=10",
+             "task.missing_eos_penalty=1.0"]
+    one, two = (run("ppo", d, tmp_path / str(d), extra) for d in (1, 2))
+    # objective/kl: the policy against the reference; val/*: the value head; loss/total: both, and
+    # the averaged gradients; objective/kl_coef: β, the same on every rank
+    keys = ["objective/kl_coef", "objective/kl", "objective/scores", "val/value_loss", "loss/policy", "loss/total"]
+    for key in keys:
+        assert len(one["history"][key]) == len(two["history"][key]) == STEPS
+        assert all(_close(a, b) for a, b in zip(one["history"][key], two["history"][key])), \
+            (key, one["history"][key], two["history"][key])
+    assert one["history"]["objective/kl"][-1] > 0  # the policy moved away from the reference
+    assert len(set(one["history"]["objective/kl_coef"])) == STEPS  # β adapted every iteration
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["pretrain", "classify", "instruct"])
 def test_a_global_batch_size_keeps_the_effective_batch_over_devices(runs, name):
@@ -243,3 +289,63 @@ def test_console_shows_the_effective_batch_and_refuses_one_that_does_not_split(r
                                "trainer.accumulate_grad_batches=4")
     assert code == 2
     assert "data.global_batch_size=6 is not a multiple of devices x nodes x accumulate_grad_batches = 1 x 4 = 4" in err
+
+
+# ----------------------------------------------------------------------------- resuming across world sizes
+DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+RESUME_STEPS = 4
+# 4 steps, a kept step checkpoint every 2: the run to resume from and the uninterrupted reference at once
+CHECKPOINTED = [f"trainer.max_steps={RESUME_STEPS}", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2",
+                "trainer.enable_progress_bar=false", "callbacks.step_checkpoint.every_n_train_steps=2",
+                "callbacks.step_checkpoint.keep_every=true", f"data.global_batch_size={GLOBAL_BATCH}",
+                "trainer.precision=32-true"]
+
+
+def train_cli(folder: Path, name: str, *overrides: str) -> Path:
+    """``gptlab-train`` of task ``name`` (:data:`TASKS`) into ``folder`` in a subprocess; returns ``folder``."""
+    from conftest import run_cli
+
+    args = ["gptlab.cli.train", *COMMON, *TASKS[name], *CHECKPOINTED, f"hydra.run.dir={folder}", *overrides]
+    res = run_cli(args, cwd=folder.parent, env={"GPTLAB_OUTPUTS": str(folder.parent), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return folder
+
+
+def logged(folder: Path, tag: str) -> dict[int, float]:
+    """``tag`` per step, as TensorBoard holds it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return {e.step: e.value for e in EventAccumulator(str(folder / "tensorboard")).Reload().Scalars(tag)}
+
+
+def check_resumed(reference: Path, resumed: Path, tag: str) -> None:
+    """``resumed`` went on from step 2 to the end, logging the steps that the uninterrupted
+    ``reference`` logged after step 2 and no earlier one.
+
+    Not (yet) checked: that it logs the same values. It does not (seen: pretrain 10.759 vs 10.805
+    at step 2); the suspected cause, unconfirmed, is the training loader's saved position, which is
+    rank 0's position in its own share of the data and means other windows on another world size."""
+    from gptlab.weights import safe_torch_load
+
+    assert int(safe_torch_load(resumed / "checkpoints" / "last.ckpt")["global_step"]) == RESUME_STEPS
+    mine, theirs = logged(resumed, tag), logged(reference, tag)
+    assert sorted(mine) == sorted(step for step in theirs if step >= 2), (mine, theirs)  # continued, not restarted
+    assert all(math.isfinite(v) for v in mine.values())
+
+
+@pytest.mark.slow
+def test_a_ddp_checkpoint_resumes_on_one_process(tmp_path):
+    ddp = train_cli(tmp_path / "ddp", "pretrain", *DDP_CPU)
+    ckpt = ddp / "checkpoints" / "step000002.ckpt"
+    one = train_cli(tmp_path / "one", "pretrain", f"ckpt_path={ckpt}")
+    check_resumed(ddp, one, "train/loss_step")
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_under_ddp(tmp_path):
+    # PPO with greedy rollouts and per-rank whitening off: 2 processes go on as 1 process would
+    deterministic = ["task.top_k=1", "task.whiten_advantages=false", "task.missing_eos_penalty=1.0"]
+    one = train_cli(tmp_path / "one", "ppo", *deterministic)
+    ckpt = one / "checkpoints" / "step000002.ckpt"
+    ddp = train_cli(tmp_path / "ddp", "ppo", *deterministic, *DDP_CPU, f"ckpt_path={ckpt}")
+    check_resumed(one, ddp, "loss/total")

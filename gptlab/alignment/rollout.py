@@ -10,12 +10,18 @@ everything that matters), so SDPA takes its fused causal kernels; the hidden sta
 completion token j of row n sits at ``positions[n, j] = prompt_length[n] − 1 + j``, and only those
 R hidden states per row go through the (large) output head.
 
+Randomness. Each rollout draws its tokens from its own generator (:func:`rollout_generator`),
+seeded from the run's seed, the process's global rank and the iteration: under DDP every rank
+samples its own completions (also to the same prompt), a run samples the same completions however
+often it was resumed, and rank 0 samples what a one-process run of the same seed samples.
+
 Masks. ``mask`` (N, R) marks the real completion tokens: up to and including the first stop token;
 ``stopped`` (N,) the rows that produced one (the others were cut at ``max_new_tokens``: truncated).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -34,6 +40,27 @@ step on a GPU). All three sample the same tokens for the same seed."""
 
 
 # ----------------------------------------------------------------------------- sampling
+def rollout_seed(seed: int, rank: int, iteration: int) -> int:
+    """The seed (a 63-bit int) of the rollout of ``iteration`` on global ``rank`` of a run seeded
+    with ``seed``: a hash of the three, so no two (rank, iteration) pairs share a stream (TRL gives
+    each process ``seed + 100003 · rank`` instead, once per run; a hash per iteration also makes a
+    resumed run sample what the uninterrupted one sampled, with no generator state to save)."""
+    digest = hashlib.blake2b(f"{seed}:{rank}:{iteration}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def rollout_generator(iteration: int, rank: int, device: torch.device | str, seed: int | None = None
+                      ) -> torch.Generator:
+    """A generator on ``device`` seeded with :func:`rollout_seed` for sampling one iteration's
+    rollout on global ``rank`` (pass it to :func:`sample_completions`). ``seed`` None: the run's
+    seed, ``torch.initial_seed()`` (what ``L.seed_everything`` set on every rank; Lightning derives
+    its dataloader workers' seeds from it too)."""
+    seed = torch.initial_seed() if seed is None else seed
+    generator = torch.Generator(device=device)
+    generator.manual_seed(rollout_seed(seed, rank, iteration))
+    return generator
+
+
 def response_mask(tokens: torch.Tensor, stop_id: int | None) -> torch.Tensor:
     """(N, R) bool: the real tokens of sampled completions, i.e. up to and including the first
     ``stop_id``; everything after it is padding. Without a stop token every position is real.
@@ -57,15 +84,17 @@ def stopped_rows(tokens: torch.Tensor, stop_id: int | None) -> torch.Tensor:
 @torch.no_grad()
 def sample_responses(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
                      temperature: float, top_k: int | None = None, top_p: float | None = None,
-                     stop_id: int | None = None, cache: str = "dynamic") -> torch.Tensor:
+                     stop_id: int | None = None, cache: str = "dynamic", generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
     """Completions (B, R ≤ ``max_new_tokens``) to left-padded prompts (B, P), sampled with batched
-    KV-cache generation; rows that stopped early are filled with ``stop_id``. A normal tensor
-    (not an inference-mode one), so a training forward can use it."""
+    KV-cache generation from ``generator`` (None: the global RNG); rows that stopped early are
+    filled with ``stop_id``. A normal tensor (not an inference-mode one), so a training forward can
+    use it."""
     if cache not in GENERATION_CACHES:
         raise ValueError(f"unknown generation_cache {cache!r}; valid choices: {list(GENERATION_CACHES)}")
     out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=stop_id, attention_mask=prompt_mask, static_cache=cache != "dynamic",
-                   compile=cache == "compiled")
+                   eos_id=stop_id, attention_mask=prompt_mask, generator=generator,
+                   static_cache=cache != "dynamic", compile=cache == "compiled")
     return out[:, prompt_ids.size(1):].clone()  # clone: generate runs in inference mode
 
 
@@ -130,14 +159,17 @@ def prompt_id_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list
 
 def sample_completions(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
                        temperature: float, top_k: int | None = None, top_p: float | None = None,
-                       stop_id: int | None = None, cache: str = "dynamic", num_generations: int = 1) -> Completions:
+                       stop_id: int | None = None, cache: str = "dynamic", num_generations: int = 1,
+                       generator: torch.Generator | None = None) -> Completions:
     """``num_generations`` sampled completions to every left-padded prompt (B, P): one batched
-    KV-cache generation over the B·G rows, then the masks and the packed layout (module docstring)."""
+    KV-cache generation over the B·G rows drawing from ``generator`` (an iteration's
+    :func:`rollout_generator`; None: the global RNG), then the masks and the packed layout (module
+    docstring)."""
     if num_generations > 1:
         prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     tokens = sample_responses(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, stop_id,
-                              cache)
+                              cache, generator)
     sequences, positions = pack_sequences(prompt_ids, prompt_mask, tokens)
     return Completions(prompt_ids, prompt_mask, tokens, response_mask(tokens, stop_id), stopped_rows(tokens, stop_id),
                        sequences, positions)
@@ -228,6 +260,6 @@ class PhaseTimer:
         return time.perf_counter() - start
 
 
-__all__ = ["GENERATION_CACHES", "response_mask", "stopped_rows", "sample_responses", "pack_sequences", "Completions",
+__all__ = ["GENERATION_CACHES", "rollout_seed", "rollout_generator", "response_mask", "stopped_rows", "sample_responses", "pack_sequences", "Completions",
            "completion_id_lists", "prompt_id_lists", "sample_completions", "PolicyOutput", "response_forward",
            "chunked", "Rollout", "PhaseTimer"]

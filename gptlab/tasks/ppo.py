@@ -26,6 +26,22 @@ and a zero-initialised head sends none at all until it has learned something. TR
 use a second model initialised from the reward model, which starts with better value estimates but
 doubles the weights trained.
 
+**Under DDP** (``trainer=ddp``) every rank runs whole iterations on its own share of the prompts
+(the distributed sampler's): it samples with its own generator
+(:func:`gptlab.alignment.rollout.rollout_generator`: run seed, global rank and iteration; rank 0
+samples what a one-process run of the same seed would), scores its responses, and computes the
+KL, the rewards and the advantages of its own rollout. Reward whitening (``whiten_rewards``) and
+advantage whitening (``whiten_advantages``) use the mean and variance of the rank's own response
+tokens, not of the global batch: TRL's choice (its ``masked_whiten`` reads the local rollout, no
+gather), and one that needs no communication before the update; with whitening on, a 2-process
+run therefore differs slightly from a 1-process run of the same global batch (each half is centred
+and scaled on its own). What must be global is: the gradients (DDP averages them over the ranks
+at every minibatch step, so the policy and the value head stay one model); the reference (a
+frozen copy built from the same starting weights on every rank, or the policy with its adapters
+off); and the adaptive β, which follows the mean KL over all ranks (TRL's older ``PPOTrainer``
+updated its controller with the gathered KL too), so every rank uses the same β. Logged metrics
+are means over the ranks (``sync_dist``).
+
 Metrics, per iteration, with TRL's names: ``objective/kl`` (Σ_t KL_t per response, mean),
 ``objective/entropy`` (Σ_t −log π), ``objective/non_score_reward`` (−β Σ_t KL_t),
 ``objective/scores``, ``objective/rlhf_reward`` (score + non-score reward), ``objective/kl_coef``
@@ -51,8 +67,8 @@ from gptlab.alignment.losses import clipped_policy_loss, clipped_value_loss
 from gptlab.alignment.masked import masked_mean, masked_whiten
 from gptlab.alignment.reference import eval_mode, switch_off_dropout
 from gptlab.alignment.rollout import (GENERATION_CACHES, Completions, PhaseTimer, PolicyOutput, Rollout, chunked,
-                                      completion_id_lists, prompt_id_lists, response_forward, sample_completions,
-                                      stopped_rows)
+                                      completion_id_lists, prompt_id_lists, response_forward, rollout_generator,
+                                      sample_completions, stopped_rows)
 from gptlab.checks import boolean, choice, integer, number
 from gptlab.data.prompt_styles import extract_response
 from gptlab.rewards import call_reward
@@ -206,12 +222,14 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
             self._warned_crop = True
         return prompt_ids[:, -keep:], prompt_mask[:, -keep:]
 
-    def sample(self, batch: Mapping[str, Any], temperature: float) -> Completions:
-        """Sampled completions of a batch of prompts (cropped to fit the context)."""
+    def sample(self, batch: Mapping[str, Any], temperature: float, generator: torch.Generator | None = None
+               ) -> Completions:
+        """Sampled completions of a batch of prompts (cropped to fit the context), drawn from
+        ``generator`` (None: the global RNG)."""
         hp = self.hparams
         prompt_ids, prompt_mask = self.crop_prompts(batch["prompt_ids"], batch["prompt_attention_mask"])
         return sample_completions(self.model, prompt_ids, prompt_mask, hp.max_new_tokens, temperature, hp.top_k,
-                                  hp.top_p, hp.stop_token_id, hp.generation_cache)
+                                  hp.top_p, hp.stop_token_id, hp.generation_cache, generator=generator)
 
     def score(self, batch: Mapping[str, Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
               responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -242,7 +260,9 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         """Steps 1-5 of an iteration (module docstring); returns the rollout and its timings (s)."""
         hp = self.hparams
         timer = PhaseTimer(self.device)
-        sampled = self.sample(batch, hp.temperature)
+        # this rank's own stream for this iteration (module docstring, "Under DDP")
+        generator = rollout_generator(self.global_step // self.steps_per_iteration, self.global_rank, self.device)
+        sampled = self.sample(batch, hp.temperature, generator)
         timer.lap("generation_s")
         sequences, positions, responses, mask = sampled.sequences, sampled.positions, sampled.tokens, sampled.mask
         scores, prompts, completions = self.score(batch, sampled.prompt_ids, sampled.prompt_mask, responses, mask)
@@ -315,7 +335,9 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
             scheduler.step()  # once per iteration: the LR schedule spans trainer.estimated_stepping_batches iterations
         timings["update_s"] = PhaseTimer.elapsed(self.device, start)
         metrics = self.rollout_metrics(rollout)
-        self._kl.update(float(metrics["objective/kl"]), len(rollout))
+        # β follows the mean KL of every rank's rollouts: one β for all ranks, as on one process
+        global_kl = self.trainer.strategy.reduce(metrics["objective/kl"].detach(), reduce_op="mean")
+        self._kl.update(float(global_kl), len(rollout) * self.trainer.world_size)
         metrics.update(update)
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         B = len(rollout)
