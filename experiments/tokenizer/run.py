@@ -33,6 +33,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import load_average  # noqa: E402  (experiments/machine.py: the facts every benchmark reports)
+
 from gptlab.data.pretrain import build_token_file, read_text
 from gptlab.tokenizer import get_tokenizer, tokenizer_info
 from gptlab.tokenizer_training import train_bpe
@@ -41,10 +44,6 @@ HERE = Path(__file__).resolve().parent
 NOTEBOOK = "ch02/05_bpe-from-scratch/bpe-from-scratch.ipynb"
 HELD_OUT = "frankenstein.txt"
 BATCH, CONTEXT = 8, 128  # gpt2-mini's context; the preset's batch size
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def spread(values: list[float]) -> dict[str, float]:
