@@ -101,6 +101,11 @@ CASES = [
     ("train", ["ckpt_path={files}/truncated.ckpt"], "{files}/truncated.ckpt is not a complete checkpoint"),
     ("train", ["ckpt_path={files}/weights.ckpt"], "holds weights only"),
     ("train", ["init_from={files}/corrupt.ckpt"], "{files}/corrupt.ckpt is corrupted"),
+    ("train", ["experiment=ch08_ppo_scratch", "sft_checkpoint={files}/good.ckpt"],
+     "task.reward.ckpt_path=None, task.reward.init_from=None: expected the reward model: a task=reward_model "
+     "checkpoint (reward_checkpoint=<path>"),
+    ("train", ["experiment=ch08_ppo", "sft_checkpoint={files}/good.ckpt", "reward_checkpoint={files}/missing.ckpt"],
+     "task.reward.ckpt_path='{files}/missing.ckpt': expected a checkpoint file that exists"),
     ("train", ["hydra.run.dir={files}/old_run"], "{files}/old_run/checkpoints already holds checkpoints (last.ckpt)"),
     ("train", ["task=instruct", "data=instruct", "data.path={files}/broken.json"], "{files}/broken.json: invalid JSON at line 2"),
     ("train", ["task=classify", "data=spam", "data.path={files}/broken.tsv"], "{files}/broken.tsv:2: expected 'label<TAB>text'"),
@@ -217,6 +222,31 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_written(tool, args, expec
 def test_the_table_covers_every_tool_with_at_least_40_cases():
     tools = [c.values[0] if hasattr(c, "values") else c[0] for c in CASES]
     assert len(CASES) >= 40 and set(tools) == set(TOOLS)
+
+
+BOOK_PIPELINE_PRESETS = ["ch07_dpo", "ch07_dpo_scratch", "ch08_reward_model", "ch08_reward_model_scratch", "ch08_ppo",
+                         "ch08_ppo_scratch"]
+
+
+@pytest.mark.parametrize("preset", BOOK_PIPELINE_PRESETS)
+def test_a_preset_without_its_sft_checkpoint_is_one_line_and_creates_nothing(preset, tmp_path, monkeypatch, run_entry):
+    """The first command of each preference/RLHF page, without sft_checkpoint=: one line naming the
+    key and what it is for, exit status 2, no run folder (init_from: ${sft_checkpoint} once made
+    OmegaConf's missing-key scan raise, after Hydra had created the run folder)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_entry(train.main, "gptlab-train", f"experiment={preset}")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("gptlab-train: missing value for sft_checkpoint=... (the ch07") and "Traceback" not in err
+    assert written_files(tmp_path) == set() and not (tmp_path / "outputs").exists()
+
+
+def test_a_ppo_preset_without_its_reward_checkpoint_creates_nothing(files, tmp_path, monkeypatch, run_entry):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_entry(train.main, "gptlab-train", "experiment=ch08_ppo_scratch",
+                               f"sft_checkpoint={files}/good.ckpt")
+    assert code == 2 and "reward_checkpoint=<path>" in err and "Traceback" not in err
+    assert written_files(tmp_path) == set()
 
 
 REFUSED_COMMAND_LINES = [("train", ["trainer.max_step=5"]), ("train", ["model=gpt9"]), ("train", ["a=["]),

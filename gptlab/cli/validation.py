@@ -232,7 +232,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     problems = apply_rules(cfg, TRAIN_RULES) + _model(cfg) + _adapter(cfg)
     task_extra = {"model": _value(cfg, "model"), "adapter": _value(cfg, "adapter"),
                   "init_from": _value(cfg, "init_from"), "compile": _value(cfg, "compile") or False}
-    problems += owner_problems(cfg, "task", task_extra) + owner_problems(cfg, "data")
+    problems += owner_problems(cfg, "task", task_extra) + owner_problems(cfg, "task.reward") + owner_problems(cfg, "data")
     callbacks = OmegaConf.select(cfg, "callbacks", default=None)
     for name in callbacks.keys() if isinstance(callbacks, DictConfig) else ():
         problems += owner_problems(cfg, f"callbacks.{name}")
