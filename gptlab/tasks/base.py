@@ -217,7 +217,7 @@ class GPTTask(ConfigRules, L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = build_optimizer(hp.optimizer, self.parameter_groups())
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        total = self.schedule_steps() if self._trainer is not None else 1
         scheduler = build_lr_scheduler(optimizer, hp.lr_schedule, hp.optimizer["lr"], total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -243,7 +243,7 @@ class GPTTask(ConfigRules, L.LightningModule):
         checkpoint["gptlab_progress"] = {"tokens_seen": self.tokens_seen, "examples_seen": self.examples_seen}
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             # the length the LR schedule was laid out for: a resume must not change it (see below)
-            checkpoint["gptlab_schedule_steps"] = int(self.trainer.estimated_stepping_batches)
+            checkpoint["gptlab_schedule_steps"] = self.schedule_steps()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         progress = checkpoint.get("gptlab_progress") or {}
@@ -255,6 +255,11 @@ class GPTTask(ConfigRules, L.LightningModule):
     def on_train_start(self) -> None:
         self.check_resumed_schedule()  # strategies that restore the checkpoint after on_fit_start (FSDP)
 
+    def schedule_steps(self) -> int:
+        """The optimizer steps the LR schedule is laid out over: the run's (Lightning's estimate, one
+        step per batch). A task that takes several optimizer steps per batch (PPO) says its own."""
+        return int(self.trainer.estimated_stepping_batches)
+
     def check_resumed_schedule(self) -> None:
         """Refuse a resume whose LR schedule would not continue the checkpoint's: a warmup fraction or
         a decaying schedule is laid out over the run's total steps, so changing them (max_steps,
@@ -263,7 +268,7 @@ class GPTTask(ConfigRules, L.LightningModule):
         if saved is None:
             return
         self._resumed_schedule_steps = None
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.schedule_steps()
         schedule = self.hparams.lr_schedule
         name, warmup = schedule["name"], schedule.get("warmup_steps") or 0
         if total == saved or (name == "constant" and not 0 < warmup < 1):
