@@ -255,3 +255,26 @@ def test_offline_downloads_fail_at_once_naming_every_file(tmp_path, monkeypatch)
     for name in ("config.json", "model.safetensors"):
         assert f"openai-community/gpt2/resolve/main/{name}" in msg
         assert str(tmp_path / "hf" / "openai-community--gpt2" / name) in msg
+
+
+def test_the_end_of_run_line_names_only_what_the_run_wrote(tmp_path, caplog):
+    """debug=fdr writes no checkpoint and logger=none no event file: the line does not claim them."""
+    import logging
+    import time
+
+    from gptlab.cli.runs import announce_end
+
+    (tmp_path / "checkpoints").mkdir()  # made, left empty
+    (tmp_path / "train.log").write_text("")
+    (tmp_path / "metrics.json").write_text("{}")
+    with caplog.at_level(logging.INFO, logger="gptlab"):
+        announce_end(tmp_path, "finished", {"val/loss": 1.0}, time.perf_counter())
+    line = caplog.messages[-1]
+    assert line == f"results in {tmp_path.resolve()} (train.log, metrics.json)"
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out").write_bytes(b"x")
+    with caplog.at_level(logging.INFO, logger="gptlab"):
+        announce_end(tmp_path, "finished", {}, time.perf_counter())
+    assert caplog.messages[-1].startswith(f"results in {tmp_path.resolve()} (checkpoints/, tensorboard/, train.log, "
+                                          "metrics.json); view: tensorboard --logdir")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 
 import lightning as L
 import pytest
@@ -17,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from gptlab.cli.train import train
+from gptlab.cli.train import ignore_known_warnings, train
 from gptlab.data.instruct import left_pad
 from gptlab.data.prompts import PromptDataError, PromptDataModule, load_prompts
 from gptlab.inference import WrongModelKind, load_model
@@ -437,6 +438,14 @@ def test_training_is_deterministic_on_cpu(tmp_path):
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
 
+def test_the_parameter_counts_include_the_value_head():
+    task = policy()
+    head = sum(p.numel() for p in task.value_head.parameters())
+    assert task.total_parameter_count() == task.model.num_params() + head == task.trainable_parameter_count()
+    lora = policy(adapter=LORA)
+    assert lora.total_parameter_count() == lora.model.num_params() + head > lora.trainable_parameter_count()
+
+
 def test_lora_ppo_trains_only_the_adapters_and_the_value_head(tmp_path):
     task = policy(adapter=LORA)
     before = {k: v.clone() for k, v in task.state_dict().items()}
@@ -599,7 +608,15 @@ def test_the_ppo_config_trains_and_writes_scored_test_answers(tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    metrics = train(cfg)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ignore_known_warnings()  # what gptlab-train sets up
+        metrics = train(cfg)
+    assert not [w for w in seen if "validation_step" in str(w.message)]  # PPO has no validation stage: no note
     assert math.isfinite(metrics["objective/scores"]) and "test/scores" in metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    total, trainable = (events.Scalars(f"params/{k}")[0].value for k in ("total", "trainable"))
+    assert trainable == total > 0  # the value head counts in both (it once made trainable > total)
     answers = json.loads((tmp_path / "responses.json").read_text())
     assert len(answers) == 4 and all("model_response" in a and isinstance(a["reward"], float) for a in answers)

@@ -57,7 +57,15 @@ def route_logs() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
     logging.captureWarnings(True)
+    ignore_known_warnings()
+
+
+def ignore_known_warnings() -> None:
+    """Warnings about nothing a user of ``gptlab-train`` can change: a deprecation inside Lightning, and
+    Lightning's note that a data module with a val split meets a task without a validation stage (PPO
+    learns from its own rollouts; the prompts' val split serves other tools)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
 
 
 def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
@@ -124,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     log.info("task: %s", cfg.task._target_)
     task = build_task(cfg)
-    n_total = task.model.num_params()
+    n_total = task.total_parameter_count()
     n_train = task.trainable_parameter_count()
     log.info("parameters: %s total, %s trainable (%.2f%%)", f"{n_total:,}", f"{n_train:,}",
              100 * n_train / max(1, n_total))

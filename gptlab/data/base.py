@@ -21,6 +21,14 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+
+def ignore_torchdata_deprecation() -> None:
+    """torchdata 0.11 calls ``torch.set_vital``, deprecated in torch 2.13, each time a loader is made:
+    by gptlab, and again where Lightning remakes it with a DistributedSampler (``trainer=ddp``), once
+    per loader and process. That warning alone, from torchdata alone, is left out of this process's
+    warnings (it says nothing a user can act on); installed once, by the first loader made."""
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning, module=r"torchdata\.")
+
 from gptlab.checks import ConfigRules, boolean, integer, raise_problems
 
 STAGES = ("train", "val", "test")
@@ -72,13 +80,12 @@ class GPTDataModule(ConfigRules, L.LightningDataModule):
             raise ValueError(f"{type(self).__name__}: this split is empty (check the data's split ratios)")
         hp = self.hparams
         workers = int(hp.get("num_workers") or 0)
-        with warnings.catch_warnings():  # torchdata 0.11 calls a torch function deprecated in 2.13
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
-            return StatefulDataLoader(
-                dataset, batch_size=batch_size, shuffle=train and bool(hp.get("shuffle", True)),
-                drop_last=train and bool(hp.get("drop_last", False)), num_workers=workers,
-                persistent_workers=workers > 0, collate_fn=collate_fn,
-                pin_memory=bool(hp.get("pin_memory", False)) and torch.cuda.is_available())
+        ignore_torchdata_deprecation()  # before Lightning may remake the loader (trainer=ddp)
+        return StatefulDataLoader(
+            dataset, batch_size=batch_size, shuffle=train and bool(hp.get("shuffle", True)),
+            drop_last=train and bool(hp.get("drop_last", False)), num_workers=workers,
+            persistent_workers=workers > 0, collate_fn=collate_fn,
+            pin_memory=bool(hp.get("pin_memory", False)) and torch.cuda.is_available())
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, self.batch_size, True, self.collate_fn("train"))

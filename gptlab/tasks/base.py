@@ -135,7 +135,7 @@ class GPTTask(ConfigRules, L.LightningModule):
         """Apply the ``adapter`` config group (``adapter=lora``, ``adapter=qlora``) to the backbone, after
         :meth:`configure_backbone`: the same for every task, no task-specific code."""
         label = apply_adapter(self.model, adapter)
-        n_train, n_total = self.trainable_parameter_count(), self.model.num_params()
+        n_train, n_total = self.trainable_parameter_count(), self.total_parameter_count()
         rank_zero_info(f"{label} (rank {adapter.get('rank')}): {n_train:,} trainable parameters "
                        f"({100 * n_train / max(1, n_total):.2f}% of {n_total:,})")
 
@@ -280,7 +280,13 @@ class GPTTask(ConfigRules, L.LightningModule):
             f".hydra/config.yaml), or train with task.lr_schedule.name=constant and warmup_steps in steps")
 
     def trainable_parameter_count(self) -> int:
+        """Parameters the optimizer trains (a tied matrix counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters() if p.requires_grad}.values())
+
+    def total_parameter_count(self) -> int:
+        """Every parameter of the task's modules: the backbone and what the task adds beside it (PPO's
+        value head), a tied matrix counted once; not a frozen reference copy (not a submodule)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
 
 class LanguageModelTask(GPTTask):
