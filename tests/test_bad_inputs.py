@@ -16,6 +16,7 @@ import torch
 
 from faults import corrupt_tensor_bytes
 from gptlab.config_tree import CONFIG_DIR
+from gptlab.model.config import GPTConfig
 from gptlab.cli import chat, classify, evaluate, export, generate, judge, respond, reward, serve, train
 
 TOOLS = {"train": (train.main, "gptlab-train"), "generate": (generate.main, "gptlab-generate"),
@@ -23,6 +24,7 @@ TOOLS = {"train": (train.main, "gptlab-train"), "generate": (generate.main, "gpt
          "eval": (evaluate.main, "gptlab-eval"), "export": (export.main, "gptlab-export"),
          "judge": (judge.main, "gptlab-judge"), "respond": (respond.main, "gptlab-respond"),
          "reward": (reward.main, "gptlab-reward"), "serve": (serve.main, "gptlab-serve")}
+MINI_LAYERS = GPTConfig.from_name("gpt2-mini").n_layers
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
 
 CASES = [
@@ -106,6 +108,14 @@ CASES = [
      "checkpoint (reward_checkpoint=<path>"),
     ("train", ["experiment=ch08_ppo", "sft_checkpoint={files}/good.ckpt", "reward_checkpoint={files}/missing.ckpt"],
      "task.reward.ckpt_path='{files}/missing.ckpt': expected a checkpoint file that exists"),
+    # --- a resume the checkpoint cannot continue into, and a starting file that is not safe or not gptlab's
+    ("train", ["ckpt_path={files}/resumable.ckpt", f"model.n_layers={MINI_LAYERS + 1}"],
+     f"model.n_layers={MINI_LAYERS + 1}: expected {MINI_LAYERS}, the checkpoint's"),
+    ("train", ["ckpt_path={files}/resumable.ckpt", "data=text", "data.path={files}/texts.txt", "data.num_workers=2"],
+     "data.num_workers=2: expected 0, the checkpoint's"),
+    ("train", ["init_from={files}/code.ckpt"], "init_from='{files}/code.ckpt': "),
+    ("train", ["init_from={files}/code.pt"], "init_from='{files}/code.pt': "),
+    ("train", ["init_from={files}/foreign.ckpt"], "no 'gptlab_task' entry"),
     ("train", ["hydra.run.dir={files}/old_run"], "{files}/old_run/checkpoints already holds checkpoints (last.ckpt)"),
     ("train", ["task=instruct", "data=instruct", "data.path={files}/broken.json"], "{files}/broken.json: invalid JSON at line 2"),
     ("train", ["task=classify", "data=spam", "data.path={files}/broken.tsv"], "{files}/broken.tsv:2: expected 'label<TAB>text'"),
@@ -174,6 +184,14 @@ CASES = [
 ]
 
 
+class _RunsCode:
+    """Pickled as a call of ``os.getcwd``: loading the file with plain pickle would call it."""
+
+    def __reduce__(self):
+        import os
+        return (os.getcwd, ())
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     """Checkpoints good and damaged, a run folder with checkpoints, and malformed data files."""
@@ -188,6 +206,12 @@ def files(tmp_path_factory) -> Path:
     shutil.copy(good, d / "weights.ckpt")  # no optimizer state: not resumable
     (d / "old_run" / "checkpoints").mkdir(parents=True)
     shutil.copy(good, d / "old_run" / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": {}, "gptlab_task": "pretrain", "optimizer_states": [], "loops": {},
+                "hyper_parameters": {"model": GPTConfig.from_name("gpt2-mini").to_dict()},
+                "datamodule_hyper_parameters": {"num_workers": 0}}, d / "resumable.ckpt")
+    torch.save({"state_dict": {}, "epoch": 0}, d / "foreign.ckpt")  # another program's Lightning checkpoint
+    torch.save({"state_dict": {}, "gptlab_task": "pretrain", "x": _RunsCode()}, d / "code.ckpt")
+    torch.save({"w": _RunsCode()}, d / "code.pt")
     (d / "broken.json").write_text('[\n  {"instruction": "x", "input": "", "output": "y",}\n]\n')
     (d / "broken.tsv").write_text("ham\thello\nthis line has no tab\n")
     (d / "texts.txt").write_text("one\ntwo\n")
@@ -247,6 +271,18 @@ def test_a_ppo_preset_without_its_reward_checkpoint_creates_nothing(files, tmp_p
                                f"sft_checkpoint={files}/good.ckpt")
     assert code == 2 and "reward_checkpoint=<path>" in err and "Traceback" not in err
     assert written_files(tmp_path) == set()
+
+
+@pytest.mark.parametrize("args", [["ckpt_path={files}/resumable.ckpt", "model.n_layers=9"],
+                                  ["ckpt_path={files}/resumable.ckpt", "data.num_workers=2"],
+                                  ["init_from={files}/code.ckpt"]], ids=["shape", "workers", "code"])
+def test_a_resume_that_cannot_work_or_a_file_that_names_code_is_refused_before_the_run_folder(args, files, tmp_path,
+                                                                                               monkeypatch, run_entry):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    code, out, err = run_entry(train.main, "gptlab-train", *[a.format(files=files) for a in args],
+                               f"hydra.run.dir={run}")
+    assert code == 2 and "Traceback" not in err and not run.exists(), err
 
 
 REFUSED_COMMAND_LINES = [("train", ["trainer.max_step=5"]), ("train", ["model=gpt9"]), ("train", ["a=["]),

@@ -14,7 +14,7 @@ at every epoch, which a resume resets: the resumed epoch used to repeat some win
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
@@ -29,7 +29,7 @@ def ignore_torchdata_deprecation() -> None:
     warnings (it says nothing a user can act on); installed once, by the first loader made."""
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning, module=r"torchdata\.")
 
-from gptlab.checks import ConfigRules, boolean, integer, raise_problems
+from gptlab.checks import ConfigRules, Problem, boolean, integer, raise_problems
 
 STAGES = ("train", "val", "test")
 
@@ -55,6 +55,18 @@ class GPTDataModule(ConfigRules, L.LightningDataModule):
     train_set: Dataset | None = None
     val_set: Dataset | None = None
     test_set: Dataset | None = None
+
+    @classmethod
+    def resume_problems(cls, saved: Mapping[str, Any], node: Mapping[str, Any]) -> list[Problem]:
+        """What in a ``data`` node keeps the training loader's saved position (``saved``: the data
+        module's hyperparameters in the checkpoint being resumed) from being restored: another number
+        of worker processes (the position is saved per worker)."""
+        before, now = int(saved.get("num_workers") or 0), node.get("num_workers")
+        if now is None or int(now) == before:
+            return []
+        return [Problem(f"{{node}}num_workers={now!r}: expected {before}, the checkpoint's (the loader's position "
+                        f"is saved per worker process and restores only into {before} of them)",
+                        f"num_workers={now!r} differs from the checkpoint's {before}")]
 
     def check_hparams(self) -> None:
         """Raise a :class:`~gptlab.errors.ConfigError` naming every argument out of its rule."""
