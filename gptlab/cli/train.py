@@ -195,16 +195,30 @@ def fit_and_test(cfg: DictConfig, trainer: L.Trainer, task: L.LightningModule,
     callback metrics after both."""
     if cfg.get("train", True):
         if cfg.get("validate_before_fit") and not cfg.get("ckpt_path"):
-            trainer.validate(task, datamodule=datamodule)  # logged at step 0: the book's first evaluation
+            trainer.validate(task, datamodule=datamodule, verbose=False)  # at step -1: before the first update
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if needs_final_validation(trainer, task):
+            # a run that max_steps ended before its first validation: the final weights are measured,
+            # so the run (and a sweep's optimized_metric) has val/* metrics
+            trainer.validate(task, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k != "step"}
     if cfg.get("test"):
         # the best checkpoint by path: "best" makes Lightning warn about every ModelCheckpoint it sees
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt = best if cfg.get("train", True) and best else None
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k != "step"})
     return metrics
+
+
+def needs_final_validation(trainer: L.Trainer, task: L.LightningModule) -> bool:
+    """Whether fitting ended without a single validation although the task validates (it has a
+    ``validation_step``) and validation batches are allowed (``limit_val_batches`` is not 0)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    validated = any(k.startswith("val/") for k in trainer.callback_metrics)
+    allowed = trainer.limit_val_batches != 0 and not trainer.fast_dev_run
+    return not validated and allowed and trainer.global_step > 0 and is_overridden("validation_step", task)
 
 
 def run_job(cfg: DictConfig) -> float | None:

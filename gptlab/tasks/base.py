@@ -48,6 +48,13 @@ def _fold_legacy_keys(kwargs: dict[str, Any], optimizer: Mapping[str, Any] | Non
     return optimizer, lr_schedule
 
 
+def validation_step_number(updates_done: int) -> int:
+    """The step a validation after ``updates_done`` optimizer updates is shown at, on the console and
+    in every logger: the 0-based index of the last update (the book's ``global_step``; Lightning's
+    step of that update's training metrics), -1 before the first."""
+    return updates_done - 1
+
+
 class GPTTask(ConfigRules, L.LightningModule):
     """Base LightningModule around the shared :class:`GPT` backbone.
 
@@ -251,6 +258,13 @@ class GPTTask(ConfigRules, L.LightningModule):
         self.examples_seen = int(progress.get("examples_seen", 0))
         self._resumed_schedule_steps = checkpoint.get("gptlab_schedule_steps")
         self._resumed_step = checkpoint.get("global_step")
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # every validation point on the training curves' axis: Lightning logs the k-th update's training
+        # metrics at step k - 1 (the book's global_step), a validation inside fit after k updates at k - 1
+        # too, but a standalone one (validate_before_fit, the final one) at k; "step" sets it to k - 1
+        # for all of them (-1: before the first update)
+        self.log("step", float(validation_step_number(self.global_step)), on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_start(self) -> None:
         self.check_resumed_schedule()  # strategies that restore the checkpoint after on_fit_start (FSDP)
