@@ -266,6 +266,11 @@ class GPTTask(ConfigRules, L.LightningModule):
         # for all of them (-1: before the first update)
         self.log("step", float(validation_step_number(self.global_step)), on_step=False, on_epoch=True, batch_size=1)
 
+    def on_validation_end(self) -> None:
+        # after the loggers and the best-checkpoint callback used it: a checkpoint saved later by step
+        # (StepCheckpoint's step<N>) must not read this validation's step from the callback metrics
+        self.trainer.callback_metrics.pop("step", None)
+
     def on_train_start(self) -> None:
         self.check_resumed_schedule()  # strategies that restore the checkpoint after on_fit_start (FSDP)
 
