@@ -464,8 +464,8 @@ class LogMetrics(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         shown = self._pick(trainer, ("val/", "train/loss_step", "train/loss"))
-        if shown:
-            log.info("epoch %d, step %d: %s", trainer.current_epoch, trainer.global_step, shown)
+        if shown:  # the step TensorBoard, the CSV and gptlab-compare --curves put these values at
+            log.info("epoch %d, step %d: %s", trainer.current_epoch, trainer.global_step - 1, shown)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from gptlab.inference import load_model, right_pad
+from gptlab.checks import ConfigRules, Problem, existing_file, integer
+from gptlab.inference import PRECISION_RULE, load_model, right_pad
 from gptlab.model.heads import reward_scores
 from gptlab.tokenizer import get_tokenizer
+from gptlab.weights.checkpoint import checkpoint_file_problems, init_from_problems
 
 
 class RewardFunction(Protocol):
@@ -94,7 +96,7 @@ class RegexCountReward:
         return [self.weight * c for c in counts]
 
 
-class RewardModel:
+class RewardModel(ConfigRules):
     """A trained reward model (``task=reward_model``) as a reward function: each response is scored
     at the last token of ``prompt ids + response ids`` (no end-of-text), exactly as the reward model
     was trained on preference pairs. Loaded by the one inference loader
@@ -112,13 +114,26 @@ class RewardModel:
     ``prompt_style`` is checked against the prompts' style by the task.
     """
 
+    RULES = {"adapter_path": existing_file(), "precision": PRECISION_RULE, "batch_size": integer(ge=1, optional=True),
+             "max_length": integer(ge=1, optional=True)}
+    MISSING = ("a task=reward_model checkpoint (reward_checkpoint=<path> with experiment=ch08_ppo / ch08_ppo_scratch, "
+               "else task.reward.ckpt_path=<path>), or init_from=<its base> with adapter_path=<its adapter file>")
+
+    @classmethod
+    def check_relations(cls, node: Mapping[str, Any]) -> list[Problem]:
+        """The reward model's source: a checkpoint or base weights that can be read, before anything is loaded."""
+        ckpt, init = node.get("ckpt_path"), node.get("init_from")
+        if ckpt is None and init is None:
+            return [Problem(f"{{node}}ckpt_path=None, {{node}}init_from=None: expected the reward model: {cls.MISSING}",
+                            f"the reward model needs {cls.MISSING}")]
+        found = checkpoint_file_problems("ckpt_path", ckpt) + init_from_problems("init_from", init)
+        return super().check_relations(node) + found
+
     def __init__(self, ckpt_path: str | Path | None = None, init_from: str | Path | None = None,
                  adapter_path: str | Path | None = None, precision: str = "32", batch_size: int | None = None,
                  max_length: int | None = None):
         if ckpt_path is None and init_from is None:
-            raise ValueError("the reward model needs ckpt_path=<a task=reward_model checkpoint> "
-                             "(task.reward.ckpt_path=..., or reward_checkpoint=... with experiment=ch08_ppo / "
-                             "ch08_ppo_scratch), or init_from=<its base> with adapter_path=<its adapter file>")
+            raise ValueError(f"the reward model needs {self.MISSING}")
         self.loaded = load_model(ckpt_path=ckpt_path, init_from=init_from, adapter_path=adapter_path,
                                  expect="reward", precision=precision)
         self.model = self.loaded.model.eval()

@@ -17,6 +17,7 @@ import torch
 
 from faults import SAFETENSORS_LIES, corrupt_tensor_bytes, write_weight_files
 from gptlab.config_tree import CONFIG_DIR
+from gptlab.model.config import GPTConfig
 from gptlab.cli import chat, classify, evaluate, export, generate, judge, respond, reward, serve, tokenizer, train
 
 TOOLS = {"train": (train.main, "gptlab-train"), "generate": (generate.main, "gptlab-generate"),
@@ -25,6 +26,7 @@ TOOLS = {"train": (train.main, "gptlab-train"), "generate": (generate.main, "gpt
          "judge": (judge.main, "gptlab-judge"), "respond": (respond.main, "gptlab-respond"),
          "reward": (reward.main, "gptlab-reward"), "serve": (serve.main, "gptlab-serve"),
          "tokenizer": (tokenizer.main, "gptlab-tokenizer")}
+MINI_LAYERS = GPTConfig.from_name("gpt2-mini").n_layers
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
 
 CASES = [
@@ -104,6 +106,19 @@ CASES = [
     ("train", ["ckpt_path={files}/truncated.ckpt"], "{files}/truncated.ckpt is not a complete checkpoint"),
     ("train", ["ckpt_path={files}/weights.ckpt"], "holds weights only"),
     ("train", ["init_from={files}/corrupt.ckpt"], "{files}/corrupt.ckpt is corrupted"),
+    ("train", ["experiment=ch08_ppo_scratch", "sft_checkpoint={files}/good.ckpt"],
+     "task.reward.ckpt_path=None, task.reward.init_from=None: expected the reward model: a task=reward_model "
+     "checkpoint (reward_checkpoint=<path>"),
+    ("train", ["experiment=ch08_ppo", "sft_checkpoint={files}/good.ckpt", "reward_checkpoint={files}/missing.ckpt"],
+     "task.reward.ckpt_path='{files}/missing.ckpt': expected a checkpoint file that exists"),
+    # --- a resume the checkpoint cannot continue into, and a starting file that is not safe or not gptlab's
+    ("train", ["ckpt_path={files}/resumable.ckpt", f"model.n_layers={MINI_LAYERS + 1}"],
+     f"model.n_layers={MINI_LAYERS + 1}: expected {MINI_LAYERS}, the checkpoint's"),
+    ("train", ["ckpt_path={files}/resumable.ckpt", "data=text", "data.path={files}/texts.txt", "data.num_workers=2"],
+     "data.num_workers=2: expected 0, the checkpoint's"),
+    ("train", ["init_from={files}/code.ckpt"], "init_from='{files}/code.ckpt': "),
+    ("train", ["init_from={files}/code.pt"], "init_from='{files}/code.pt': "),
+    ("train", ["init_from={files}/foreign.ckpt"], "no 'gptlab_task' entry"),
     ("train", ["hydra.run.dir={files}/old_run"], "{files}/old_run/checkpoints already holds checkpoints (last.ckpt)"),
     ("train", ["hydra.run.dir={files}/best_only"],
      "{files}/best_only/checkpoints already holds checkpoints (best-epoch000-step000010.ckpt); a fresh run there would "
@@ -213,6 +228,14 @@ CASES = [
 ]
 
 
+class _RunsCode:
+    """Pickled as a call of ``os.getcwd``: loading the file with plain pickle would call it."""
+
+    def __reduce__(self):
+        import os
+        return (os.getcwd, ())
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     """Checkpoints good and damaged, weights files that lie, a run folder with checkpoints, and
@@ -228,6 +251,12 @@ def files(tmp_path_factory) -> Path:
     shutil.copy(good, d / "weights.ckpt")  # no optimizer state: not resumable
     (d / "old_run" / "checkpoints").mkdir(parents=True)
     shutil.copy(good, d / "old_run" / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": {}, "gptlab_task": "pretrain", "optimizer_states": [], "loops": {},
+                "hyper_parameters": {"model": GPTConfig.from_name("gpt2-mini").to_dict()},
+                "datamodule_hyper_parameters": {"num_workers": 0}}, d / "resumable.ckpt")
+    torch.save({"state_dict": {}, "epoch": 0}, d / "foreign.ckpt")  # another program's Lightning checkpoint
+    torch.save({"state_dict": {}, "gptlab_task": "pretrain", "x": _RunsCode()}, d / "code.ckpt")
+    torch.save({"w": _RunsCode()}, d / "code.pt")
     (d / "broken.json").write_text('[\n  {"instruction": "x", "input": "", "output": "y",}\n]\n')
     (d / "broken.tsv").write_text("ham\thello\nthis line has no tab\n")
     (d / "best_only" / "checkpoints").mkdir(parents=True)
@@ -270,6 +299,43 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_written(tool, args, expec
 def test_the_table_covers_every_tool_with_at_least_40_cases():
     tools = [c.values[0] if hasattr(c, "values") else c[0] for c in CASES]
     assert len(CASES) >= 40 and set(tools) == set(TOOLS)
+
+
+BOOK_PIPELINE_PRESETS = ["ch07_dpo", "ch07_dpo_scratch", "ch08_reward_model", "ch08_reward_model_scratch", "ch08_ppo",
+                         "ch08_ppo_scratch"]
+
+
+@pytest.mark.parametrize("preset", BOOK_PIPELINE_PRESETS)
+def test_a_preset_without_its_sft_checkpoint_is_one_line_and_creates_nothing(preset, tmp_path, monkeypatch, run_entry):
+    """The first command of each preference/RLHF page, without sft_checkpoint=: one line naming the
+    key and what it is for, exit status 2, no run folder (init_from: ${sft_checkpoint} once made
+    OmegaConf's missing-key scan raise, after Hydra had created the run folder)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_entry(train.main, "gptlab-train", f"experiment={preset}")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("gptlab-train: missing value for sft_checkpoint=... (the ch07") and "Traceback" not in err
+    assert written_files(tmp_path) == set() and not (tmp_path / "outputs").exists()
+
+
+def test_a_ppo_preset_without_its_reward_checkpoint_creates_nothing(files, tmp_path, monkeypatch, run_entry):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_entry(train.main, "gptlab-train", "experiment=ch08_ppo_scratch",
+                               f"sft_checkpoint={files}/good.ckpt")
+    assert code == 2 and "reward_checkpoint=<path>" in err and "Traceback" not in err
+    assert written_files(tmp_path) == set()
+
+
+@pytest.mark.parametrize("args", [["ckpt_path={files}/resumable.ckpt", "model.n_layers=9"],
+                                  ["ckpt_path={files}/resumable.ckpt", "data.num_workers=2"],
+                                  ["init_from={files}/code.ckpt"]], ids=["shape", "workers", "code"])
+def test_a_resume_that_cannot_work_or_a_file_that_names_code_is_refused_before_the_run_folder(args, files, tmp_path,
+                                                                                               monkeypatch, run_entry):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    code, out, err = run_entry(train.main, "gptlab-train", *[a.format(files=files) for a in args],
+                               f"hydra.run.dir={run}")
+    assert code == 2 and "Traceback" not in err and not run.exists(), err
 
 
 REFUSED_COMMAND_LINES = [("train", ["trainer.max_step=5"]), ("train", ["model=gpt9"]), ("train", ["a=["]),

@@ -146,7 +146,12 @@ def test_a_run_names_its_folder_and_logs_metrics_without_noise(finished_run):
     assert res.stdout.splitlines()[0] == f"run folder: {run}"
     assert f"results in {run}" in res.stdout and f"tensorboard --logdir {run}" in res.stdout
     log = (run / "train.log").read_text()
-    assert "epoch 0, step 2: " in log and "val/loss" in log  # the metrics of every validation
+    # the metrics of every validation (after updates 2 and 4), at the steps TensorBoard shows them at
+    assert "epoch 0, step 1: " in log and "epoch 0, step 3: " in log and "val/loss" in log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 3]
+    assert [e.step for e in events.Scalars("train/loss_step")] == [0, 1, 2, 3]
     assert "GPU available" in log  # Lightning's own lines reach the file too
     both = res.stdout + res.stderr
     for noise in ("Tip:", "LeafSpec", "Total FLOPs", 'ckpt_path="last"', "smaller than the logging interval"):
@@ -256,3 +261,52 @@ def test_offline_downloads_fail_at_once_naming_every_file(tmp_path, monkeypatch)
     for name in ("config.json", "model.safetensors"):
         assert f"openai-community/gpt2/resolve/main/{name}" in msg
         assert str(tmp_path / "hf" / "openai-community--gpt2" / name) in msg
+
+
+def test_the_end_of_run_line_names_only_what_the_run_wrote(tmp_path, caplog):
+    """debug=fdr writes no checkpoint and logger=none no event file: the line does not claim them."""
+    import logging
+    import time
+
+    from gptlab.cli.runs import announce_end
+
+    (tmp_path / "checkpoints").mkdir()  # made, left empty
+    (tmp_path / "train.log").write_text("")
+    (tmp_path / "metrics.json").write_text("{}")
+    with caplog.at_level(logging.INFO, logger="gptlab"):
+        announce_end(tmp_path, "finished", {"val/loss": 1.0}, time.perf_counter())
+    line = caplog.messages[-1]
+    assert line == f"results in {tmp_path.resolve()} (train.log, metrics.json)"
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out").write_bytes(b"x")
+    with caplog.at_level(logging.INFO, logger="gptlab"):
+        announce_end(tmp_path, "finished", {}, time.perf_counter())
+    assert caplog.messages[-1].startswith(f"results in {tmp_path.resolve()} (checkpoints/, tensorboard/, train.log, "
+                                          "metrics.json); view: tensorboard --logdir")
+
+
+def test_a_run_too_short_to_validate_is_validated_at_its_end_on_one_step_axis(tmp_path, caplog):
+    """3 updates and no validation interval reached: the final weights are validated (val/loss exists
+    for the sweep's optimized_metric), every point on the book's 0-based step axis: the pass before
+    the first update at -1, the k-th update's training loss and the validation after it at k - 1,
+    on the console as in the CSV."""
+    import csv
+    import logging
+
+    from gptlab.cli.train import train
+
+    overrides = ["model=gpt2-tiny", "data.batch_size=4", "data.max_length=32", "trainer.max_steps=3",
+                 "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "validate_before_fit=true",
+                 "logger=csv", "callbacks=none", "+callbacks.log_metrics._target_=gptlab.callbacks.LogMetrics",
+                 f"paths.output_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with caplog.at_level(logging.INFO, logger="gptlab"):
+        metrics = train(cfg)
+    assert metrics["val/loss"] > 0 and "step" not in metrics
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [-1, 2]
+    assert [int(r["step"]) for r in rows if r.get("train/loss_step")] == [0, 1, 2]
+    console = [m.split(":")[0].split(", ")[1] for m in caplog.messages if m.startswith("epoch ")]
+    assert console == ["step -1", "step 2"]

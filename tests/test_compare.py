@@ -112,3 +112,24 @@ def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "no runs" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_runs_that_never_validated_are_listed_unranked_and_the_sweep_table_says_why(tmp_path, capsys):
+    """Short runs (or limit_val_batches=0) log no val/loss: gptlab-compare shows them instead of
+    refusing the default metric, and the sweep's own table marks their empty cell."""
+    from gptlab.results import summary_table
+
+    for job, loss in (("0", 2.5), ("1", 2.1)):
+        run = tmp_path / job
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"task.optimizer.lr={job}e-3"]))
+        write_result(run, "ok", {"train/loss": loss}, "val/loss")
+    assert main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "no run logged val/loss" in err and "2 run(s)" in out and "unranked" in out
+    rows = table(out)
+    assert rows[0] == ["#", "run", "status", "task.optimizer.lr"] and [r[1] for r in rows[1:]] == ["0", "1"]
+    assert main([str(tmp_path), "--metric", "val/loss"]) == 2  # asked for by name: still refused, naming what exists
+    assert "no run has the metric 'val/loss'; metrics: train/loss" in capsys.readouterr().err
+    summary = table(summary_table(tmp_path, "val/loss"))
+    assert [r[-1] for r in summary[1:]] == ["ok, no val/loss", "ok, no val/loss"]

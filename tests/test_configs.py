@@ -126,3 +126,57 @@ def test_unknown_key_is_named():
 def test_unknown_group_choice_lists_the_options():
     with pytest.raises(ConfigCompositionException, match="gpt2-small"):
         compose("train", overrides=["model=gpt9"])
+
+
+BOOK_PIPELINE_PRESETS = [p for p in options("experiment") if p.startswith(("ch07_", "ch08_"))]
+
+
+def _free_choices(preset: str) -> list[tuple[str, str]]:
+    """The group options a user may swap under a ch07/ch08 preset: every model shape, and every
+    reward of a PPO preset (the preset's data and task are what it is about)."""
+    text = (Path(CONF_DIR) / "experiment" / f"{preset}.yaml").read_text()
+    pairs = [("model", o) for o in options("model")]
+    if "override /task: ppo" in text:
+        pairs += [("task/reward", o) for o in options("task/reward")]
+    return pairs
+
+
+def _constructor_keys(target: str) -> set[str] | None:
+    """The keyword arguments the class or function ``target`` takes (None: it takes any)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    params = inspect.signature(get_object(target)).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+@pytest.mark.parametrize("preset,group,option", [(p, g, o) for p in BOOK_PIPELINE_PRESETS for g, o in _free_choices(p)])
+def test_a_book_pipeline_preset_composes_with_every_option_of_the_groups_it_touches(preset, group, option, tmp_path):
+    """A preset sets only keys that every option of the group takes: experiment=ch08_ppo_scratch
+    task/reward=token_count once forced ``ckpt_path`` onto the token rule (an unexpected argument).
+    With a reward's own values given, the pre-flight passes and the rule is built."""
+    import torch
+
+    from gptlab.cli.validation import validate_train_config
+
+    ckpt = tmp_path / "sft.ckpt"
+    torch.save({"state_dict": {}, "gptlab_task": "instruct", "hyper_parameters": {}}, ckpt)
+    own_values = {"model": [f"reward_checkpoint={ckpt}"], "token_count": ["task.reward.token=' the'"],
+                  "regex": ["task.reward.pattern=please"]}
+    needs_sft = "sft_checkpoint:" in (Path(CONF_DIR) / "experiment" / f"{preset}.yaml").read_text()
+    cfg = compose("train", overrides=[f"experiment={preset}", f"{group}={option}", "paths.output_dir=/tmp/x",
+                                      *([f"sft_checkpoint={ckpt}"] if needs_sft else []),
+                                      *(own_values[option] if group == "task/reward" else [])])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every value given, every interpolation resolves
+    for node in [cfg.model, cfg.data] + ([cfg.task.reward] if "reward" in cfg.task else []):
+        if "_target_" in node:
+            takes = _constructor_keys(node._target_)
+            given = {k for k in node if not str(k).startswith("_")}
+            assert takes is None or given <= takes, f"{node._target_} does not take {sorted(given - takes)}"
+    if group == "task/reward":
+        validate_train_config(cfg)
+        if option != "model":
+            assert callable(instantiate(cfg.task.reward))

@@ -34,6 +34,23 @@ def test_every_data_module_keeps_its_arguments_and_makes_stateful_loaders(name):
     assert dm.train_dataloader().drop_last and not dm.val_dataloader().drop_last
 
 
+def test_a_loader_remade_for_distributed_training_raises_no_torchdata_deprecation():
+    """Lightning remakes each loader with a DistributedSampler under trainer=ddp; torchdata then calls
+    torch.set_vital (deprecated in torch 2.13) outside gptlab's code: that warning stays off the console."""
+    import warnings
+
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data.distributed import DistributedSampler
+
+    dm = MODULES["random"]()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    with warnings.catch_warnings(record=True) as seen:
+        remade = _update_dataloader(loader, DistributedSampler(loader.dataset, num_replicas=2, rank=0))
+    assert isinstance(remade, StatefulDataLoader)
+    assert not [w for w in seen if "set_vital" in str(w.message)], [str(w.message) for w in seen]
+
+
 def ids(batches) -> list[list[int]]:
     return [b["input_ids"][:, 0].tolist() for b in batches]
 

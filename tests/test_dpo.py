@@ -87,6 +87,16 @@ def test_bad_settings_are_refused_before_the_model_is_built(kwargs, match):
         DPOTask(model=TINY, **kwargs)
 
 
+def test_ipo_over_summed_log_probs_warns_and_over_means_does_not(recwarn):
+    """IPO's target margin 1/(2 beta) is set for per-token mean log-probs (TRL averages them for ipo)."""
+    with pytest.warns(UserWarning, match="loss_type=ipo with task.logp_reduction=sum.*logp_reduction=mean"):
+        DPOTask(model=TINY, loss_type="ipo")
+    recwarn.clear()
+    DPOTask(model=TINY, loss_type="ipo", logp_reduction="mean")
+    DPOTask(model=TINY, loss_type="sigmoid")
+    assert not [w for w in recwarn if "ipo" in str(w.message)]
+
+
 # ----------------------------------------------------------------------------- log-probs
 def test_sequence_logps_sum_and_mean_over_the_scored_tokens():
     logits = torch.randn(2, 5, 11)

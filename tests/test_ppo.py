@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -16,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from gptlab.cli.train import train
+from gptlab.cli.train import ignore_known_warnings, train
 from gptlab.data.instruct import left_pad
 from gptlab.data.prompts import PromptDataError, PromptDataModule, load_prompts
 from gptlab.inference import WrongModelKind, load_model
@@ -29,7 +30,7 @@ from gptlab.alignment.kl import KLController, kl_estimate
 from gptlab.alignment.losses import clipped_policy_loss, clipped_value_loss
 from gptlab.alignment.masked import masked_mean, masked_whiten
 from gptlab.alignment.reference import CHECKPOINT_KEY
-from gptlab.alignment.rollout import pack_sequences, response_forward, response_mask
+from gptlab.alignment.rollout import Completions, pack_sequences, response_forward, response_mask, stopped_rows
 
 from conftest import CONF_DIR
 
@@ -275,6 +276,128 @@ def test_kl_penalty_is_zero_while_the_policy_is_the_reference(adapter):
         assert task.reference_model is None  # no second copy
 
 
+# ----------------------------------------------------------------------------- temperature, stop token, padding
+STOP = 5
+"""The stop token of the padding tests."""
+
+
+def stop_early(task: PPOTask) -> PPOTask:
+    """Rollouts whose rows end at different lengths: row b's sampled tokens are cut by the stop
+    token at position b mod (R + 1) (never, for b mod (R + 1) = R), so most rows carry padding."""
+    sample = task.sample
+
+    def sample_with_stops(batch, temperature):
+        c = sample(batch, temperature)
+        tokens = c.tokens.clone()
+        for b in range(len(tokens)):
+            k = b % (tokens.size(1) + 1)
+            tokens[b, k:] = STOP
+        sequences, positions = pack_sequences(c.prompt_ids, c.prompt_mask, tokens)
+        return Completions(c.prompt_ids, c.prompt_mask, tokens, response_mask(tokens, STOP), stopped_rows(tokens, STOP),
+                           sequences, positions)
+
+    task.sample = sample_with_stops
+    return task
+
+
+def length_score(completion_ids, **kwargs):
+    """A score that differs between rows of different lengths (so advantages differ too)."""
+    return [float(len(ids) % 3) - 1.0 for ids in completion_ids]
+
+
+def padded_policy(**kw) -> PPOTask:
+    return stop_early(policy(reward=length_score, temperature=0.7, stop_token_id=STOP, **kw))
+
+
+@torch.no_grad()
+def logprobs_row_by_row(model, rollout, temperature: float) -> list[torch.Tensor]:
+    """log softmax(logits / T) of each row's real response tokens, each row run alone and unpadded."""
+    out = []
+    for b in range(len(rollout)):
+        p, n = int(rollout.positions[b, 0]) + 1, int(rollout.mask[b].sum())
+        logits = model(rollout.sequences[b, :p + n][None])[0, p - 1:p - 1 + n].float() / temperature
+        out.append(torch.log_softmax(logits, -1).gather(1, rollout.responses[b, :n, None]).squeeze(1))
+    return out
+
+
+def test_rollout_log_probs_are_those_of_the_sampling_temperature_on_real_tokens():
+    """At temperature 0.7 with a stop token, the stored log-probs of the policy (π_old) and of the
+    reference are log softmax(logits / 0.7) of each real response token (not those at T = 1)."""
+    task = padded_policy()
+    rollout, _ = task.make_rollout(next(iter(prompt_loader())))
+    lengths = rollout.mask.sum(1)
+    assert 0 < int(lengths.min()) < int(lengths.max()) == 8 and not bool(rollout.mask.all())
+    for b, expected in enumerate(logprobs_row_by_row(task.model.eval(), rollout, 0.7)):
+        n = len(expected)
+        assert torch.allclose(rollout.logprobs[b, :n], expected, atol=1e-5)
+        assert torch.allclose(rollout.ref_logprobs[b, :n], expected, atol=1e-5)
+    assert not torch.allclose(logprobs_row_by_row(task.model, rollout, 1.0)[-1], logprobs_row_by_row(
+        task.model, rollout, 0.7)[-1], atol=1e-3)  # the temperature makes a difference here
+
+
+def test_advantages_are_whitened_over_the_real_tokens_only():
+    task = padded_policy(whiten_advantages=True)
+    rollout, _ = task.make_rollout(next(iter(prompt_loader())))
+    adv, mask = rollout.advantages, rollout.mask
+    assert float(masked_mean(adv, mask)) == pytest.approx(0.0, abs=1e-5)
+    assert float(masked_mean((adv - masked_mean(adv, mask)) ** 2, mask) * mask.sum() / (mask.sum() - 1)) == \
+        pytest.approx(1.0, rel=1e-3)
+    assert bool((adv[~mask] == 0).all())
+
+
+def test_the_first_update_averages_its_losses_over_real_tokens_only(tmp_path):
+    """One optimizer step on a rollout with padding: the policy loss (ratio 1) is the masked mean of
+    -A, the value loss half the masked mean of (V - return)², the entropy the masked mean of the
+    per-token entropy at the sampling temperature; a mean over padding gives other numbers."""
+    task = padded_policy(whiten_advantages=False, ppo_epochs=1, num_mini_batches=1)
+    seen = {}
+    make_rollout = task.make_rollout
+
+    def recording(batch):
+        rollout, timings = make_rollout(batch)
+        out = response_forward(task.model.eval(), rollout.sequences, rollout.positions, rollout.responses,
+                               temperature=0.7, with_entropy=True)
+        seen.update(rollout=rollout, entropy=out.entropy)
+        return rollout, timings
+
+    task.make_rollout = recording
+    row = fit(task, 1, tmp_path).rows[0]
+    r, mask = seen["rollout"], seen["rollout"].mask
+    assert not bool(mask.all()) and float(masked_mean(r.advantages.abs(), mask)) > 0.01
+    assert row["loss/policy"] == pytest.approx(float(masked_mean(-r.advantages, mask)), rel=1e-4, abs=1e-6)
+    assert row["val/value_loss"] == pytest.approx(float(0.5 * masked_mean((r.values - r.returns) ** 2, mask)),
+                                                  rel=1e-4)
+    assert row["policy/entropy"] == pytest.approx(float(masked_mean(seen["entropy"], mask)), rel=1e-4)
+    assert row["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
+def test_the_lr_schedule_spans_the_runs_optimizer_steps_and_is_stepped_at_each(limit, tmp_path):
+    """2 iterations x 2 optimizer steps, linear decay 2e-3 -> 0: the LR after iteration 1 is 1e-3
+    and 0 after the last (the schedule was once stepped per iteration over a length in steps,
+    ending halfway)."""
+    task = policy(lr_schedule={"name": "linear", "warmup_steps": 0, "min_lr": 0.0})
+    lrs = []
+
+    class LearningRates(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    limits = {"max_steps": dict(max_epochs=-1, max_steps=4), "max_epochs": dict(max_epochs=1)}[limit]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[LearningRates()], default_root_dir=str(tmp_path),
+                        **limits)
+    trainer.fit(task, train_dataloaders=prompt_loader())  # 64 prompts, batches of 32: 2 iterations
+    assert task.schedule_steps() == 4 and lrs == pytest.approx([1e-3, 0.0], abs=1e-9)
+
+
+def test_top_k_or_top_p_rollouts_warn_that_ppo_uses_the_full_distribution():
+    with pytest.warns(UserWarning, match="top_k=5.*full policy at temperature 0.7.*TRL"):
+        policy(temperature=0.7, top_k=5)
+    with pytest.warns(UserWarning, match="top_p=0.9"):
+        policy(top_p=0.9)
+
+
 # ----------------------------------------------------------------------------- learning
 def test_ppo_raises_a_token_count_reward_in_30_iterations(tmp_path):
     history = fit(policy(kl_coef=0.05), 30, tmp_path)
@@ -309,6 +432,14 @@ def test_training_is_deterministic_on_cpu(tmp_path):
         runs.append((history.without_timings(), {k: v.clone() for k, v in task.state_dict().items()}))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_the_parameter_counts_include_the_value_head():
+    task = policy()
+    head = sum(p.numel() for p in task.value_head.parameters())
+    assert task.total_parameter_count() == task.model.num_params() + head == task.trainable_parameter_count()
+    lora = policy(adapter=LORA)
+    assert lora.total_parameter_count() == lora.model.num_params() + head > lora.trainable_parameter_count()
 
 
 def test_lora_ppo_trains_only_the_adapters_and_the_value_head(tmp_path):
@@ -473,7 +604,15 @@ def test_the_ppo_config_trains_and_writes_scored_test_answers(tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    metrics = train(cfg)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ignore_known_warnings()  # what gptlab-train sets up
+        metrics = train(cfg)
+    assert not [w for w in seen if "validation_step" in str(w.message)]  # PPO has no validation stage: no note
     assert math.isfinite(metrics["objective/scores"]) and "test/scores" in metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    total, trainable = (events.Scalars(f"params/{k}")[0].value for k in ("total", "trainable"))
+    assert trainable == total > 0  # the value head counts in both (it once made trainable > total)
     answers = json.loads((tmp_path / "responses.json").read_text())
     assert len(answers) == 4 and all("model_response" in a and isinstance(a["reward"], float) for a in answers)

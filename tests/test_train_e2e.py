@@ -36,7 +36,7 @@ def test_a_run_writes_config_tensorboard_and_checkpoints_and_learns(tmp_path):
     assert len(loss) >= 30
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 1.0  # clearly learning
     assert scalars(run, "val/loss") and scalars(run, "val/ppl")
-    assert scalars(run, "val/loss")[0][0] == 0  # validate_before_fit: a point before the first update
+    assert scalars(run, "val/loss")[0][0] == -1  # validate_before_fit: before the first update (step 0)
     seen = scalars(run, "train/tokens_seen")  # 4 windows of 32 tokens per step, logged after each
     assert [v for s, v in seen if s < 40] == [128 * (s + 1) for s in range(40)] and seen[-1][1] == 5120
     assert scalars(run, "lr-AdamW/decay") and scalars(run, "lr-AdamW/no_decay")

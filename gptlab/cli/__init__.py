@@ -119,7 +119,7 @@ def call_hydra(config: str, prog: str, job: Callable[[DictConfig], Any], argv: l
         started = True
         refusals.release()
         register_model_presets()  # again in the job: a launcher's worker process resolves configs it did not compose
-        require_values(cfg, config, prog)
+        require_values(cfg, config, prog, _runtime_choices())
         with user_errors(prog):
             return job(cfg)
 
@@ -134,6 +134,13 @@ def call_hydra(config: str, prog: str, job: Callable[[DictConfig], Any], argv: l
             for line in lines:
                 sys.stderr.write(f"{prog}: error: {line}\n")
             raise SystemExit(2) from None
+
+
+def _runtime_choices() -> dict[str, Any]:
+    """Hydra's record of the group options the running job was composed from (empty outside a job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
 class _RaisedRefusals:
@@ -222,19 +229,55 @@ def pop_text_argument(argv: list[str], key: str = "text") -> str | None:
 
 
 # --------------------------------------------------------------------------- inside the run
-def require_values(cfg: DictConfig, config_name: str, prog: str) -> None:
+def require_values(cfg: DictConfig, config_name: str, prog: str, choices: dict[str, Any] | None = None) -> None:
     """Exit with one line per mandatory key (``???`` in the config) left unset, naming the key and
-    what it is for."""
-    from omegaconf import OmegaConf
-
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    what it is for (the comment beside it in the tool's config or in the group option that set it:
+    ``choices`` maps groups to their chosen options, Hydra's ``runtime.choices``). A value that only
+    points at a missing one (``init_from: ${sft_checkpoint}``) is not reported twice."""
+    missing = unset_keys(cfg)
     if not missing:
         return
-    comments = {k: c for k, _, c in read_keys((Path(CONFIG_DIR) / f"{config_name}.yaml").read_text())}
+    comments = key_comments(config_name, choices or {})
     for key in missing:
         sys.stderr.write(f"{prog}: missing value for {key}=... ({comments.get(key) or 'required'}); "
                          f"see {prog} --help\n")
     raise SystemExit(2)
+
+
+def unset_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose own value is ``???`` (Hydra's hydra node aside), found without resolving
+    any interpolation: OmegaConf's ``missing_keys`` resolves them, and one that points at a ``???``
+    (``init_from: ${sft_checkpoint}``) raises instead of being reported."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    found: list[str] = []
+    keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg)) if isinstance(cfg, ListConfig) else ()
+    for key in keys:
+        if not prefix and key == "hydra":
+            continue
+        dotted = f"{prefix}{key}" if isinstance(key, str) else f"{prefix.rstrip('.')}[{key}]"
+        if OmegaConf.is_missing(cfg, key):
+            found.append(dotted)
+        elif not OmegaConf.is_interpolation(cfg, key) and isinstance(cfg._get_node(key), (DictConfig, ListConfig)):
+            found += unset_keys(cfg[key], f"{dotted}.")
+    return sorted(found)
+
+
+def key_comments(config_name: str, choices: dict[str, Any]) -> dict[str, str]:
+    """Dotted key -> its comment, from the tool's config file and the files of the chosen group options
+    (a ``# @package _global_`` file, like an experiment preset, speaks of top-level keys)."""
+    root = Path(CONFIG_DIR)
+    files = [("", root / f"{config_name}.yaml")]
+    files += [(group.replace("/", "."), root / group / f"{option}.yaml") for group, option in choices.items()
+              if isinstance(option, str) and not group.startswith("hydra")]
+    comments: dict[str, str] = {}
+    for package, path in files:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        prefix = "" if not package or "@package _global_" in text else f"{package}."
+        comments.update({f"{prefix}{k}": c for k, _, c in read_keys(text) if c})
+    return comments
 
 
 def _loaded_class(module: str, name: str) -> type | None:
@@ -378,5 +421,5 @@ def closest_key(key: str, every: Sequence[str]) -> str | None:
 
 
 __all__ = ["entry_point", "call_hydra", "CONFIG_DIR", "register_model_presets", "handle_help", "check_plugins", "PLUGINS", "pop_text_argument",
-           "require_values", "user_errors", "user_error", "USER_ERRORS", "WORK_FAILURES", "full_tracebacks",
+           "require_values", "unset_keys", "key_comments", "user_errors", "user_error", "USER_ERRORS", "WORK_FAILURES", "full_tracebacks",
            "explain_refusal", "unknown_keys", "closest_key", "closest_first"]

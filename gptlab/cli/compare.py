@@ -23,11 +23,16 @@ from gptlab.results import (check_names, find_runs, load_run, metric_columns, me
                             rank_runs, table_rows, to_csv, to_markdown, varying_keys)
 
 
+DEFAULT_METRIC = "val/loss"
+"""What runs are ranked by unless ``--metric`` says otherwise."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gptlab-compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, help="a sweep folder, or any folder containing runs")
-    ap.add_argument("--metric", default="val/loss", help="rank runs by this scalar (default: val/loss)")
+    ap.add_argument("--metric", default=None,
+                    help="rank runs by this scalar (default: val/loss; runs without it are listed unranked)")
     ap.add_argument("--mode", default="auto", choices=["auto", "min", "max"],
                     help="best = min or max of --metric; auto: max for acc/f1/..., min otherwise")
     ap.add_argument("--metrics", default=None,
@@ -50,21 +55,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     runs = [load_run(p, args.folder) for p in paths]
     chosen = args.metrics.split(",") if args.metrics else None
+    unranked = args.metric is None and not args.plot and not any(
+        DEFAULT_METRIC in r.metrics or DEFAULT_METRIC in r.curves for r in runs)
+    args.metric = args.metric or DEFAULT_METRIC
+    if unranked:  # runs that never validated are still shown (in folder order), not refused
+        print(f"gptlab-compare: no run logged {DEFAULT_METRIC} (no validation within their steps, or "
+              "limit_val_batches=0); the runs are listed unranked: rank them with --metric", file=sys.stderr)
     try:
-        check_names(runs, args.metric, args.x, chosen)
+        check_names(runs, None if unranked else args.metric, args.x, chosen)
     except ValueError as e:
         print(f"gptlab-compare: {e}", file=sys.stderr)
         return 2
     runs = rank_runs(runs, args.metric, args.mode)
     keys = varying_keys(runs)
-    metrics = metric_columns(runs, args.metric, chosen)
+    metrics = metric_columns(runs, args.metric, chosen)[1 if unranked else 0:]
     header, rows = table_rows(runs, keys, metrics)
     if args.csv:
         sys.stdout.write(to_csv(header, rows))
     else:
         fixed = {k: v for k, v in runs[0].overrides.items() if k not in keys} if len(runs) > 1 else {}
         best = metric_mode(args.metric, args.mode)
-        print(f"{len(runs)} run(s) in {args.folder}, best first by {args.metric} ({best})"
+        order = "unranked" if unranked else f"best first by {args.metric} ({best})"
+        print(f"{len(runs)} run(s) in {args.folder}, {order}"
               + (f"; same in all: {' '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""))
         print(to_markdown(header, rows))
     if args.plot:

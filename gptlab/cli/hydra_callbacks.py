@@ -1,8 +1,9 @@
 """Hydra callbacks of ``gptlab-train`` (set in ``conf/hydra/default.yaml``).
 
-* :class:`ValidateTrainConfig`: the config check, before Hydra creates the run folder, so a refused
-  run writes nothing at all; then the run folder's lock (:mod:`gptlab.run_lock`), taken before Hydra
-  writes ``.hydra/`` and ``train.log`` into it, so a second run into a folder in use touches nothing.
+* :class:`ValidateTrainConfig`: the values still to give (``???``) and the config check, before
+  Hydra creates the run folder, so a refused run writes nothing at all; then the run folder's lock
+  (:mod:`gptlab.run_lock`), taken before Hydra writes ``.hydra/`` and ``train.log`` into it, so a
+  second run into a folder in use touches nothing.
 (The sweep's summary and exit status: :class:`gptlab.cli.runs.SweepSummary`.)
 """
 
@@ -15,9 +16,10 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.cli import user_errors
+from gptlab.cli import require_values, user_errors
 from gptlab.cli.validation import refuse_overwriting_checkpoints, validate_train_config
 from gptlab.run_lock import RunLock, lock_run_folder, release_run_folder
+
 
 
 class ValidateTrainConfig(Callback):
@@ -28,6 +30,7 @@ class ValidateTrainConfig(Callback):
         self._lock: RunLock | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        require_values(config, "train", "gptlab-train", dict(OmegaConf.select(config, "hydra.runtime.choices") or {}))
         with user_errors("gptlab-train"):
             validate_train_config(config)
             run_dir = OmegaConf.select(config, "hydra.run.dir")

@@ -27,6 +27,7 @@ from gptlab.signals import raise_if_stopped, signal_name
 
 log = logging.getLogger("gptlab")
 
+
 def duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
@@ -48,8 +49,26 @@ def announce_end(folder: str | Path, status: str, metrics: Mapping[str, float], 
         shown = {optimized_metric: metrics[optimized_metric], **shown}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in shown.items()) or "no validation metrics"
     log.info("run %s after %s: %s", status, duration(time.perf_counter() - started), summary)
-    log.info("results in %s (checkpoints/, tensorboard/, train.log, metrics.json); "
-             "view: tensorboard --logdir %s", folder, folder)
+    present = written_results(folder)
+    view = f"; view: tensorboard --logdir {folder}" if "tensorboard/" in present else ""
+    log.info("results in %s (%s)%s", folder, ", ".join(present) or "nothing written", view)
+
+
+RESULT_ENTRIES = ("checkpoints", "tensorboard", "csv", "responses.json", "train.log", "metrics.json")
+"""What a run may leave in its folder, in the order the end-of-run line names them."""
+
+
+def written_results(folder: Path) -> list[str]:
+    """The entries of :data:`RESULT_ENTRIES` the run actually wrote (a folder only when it holds
+    something: ``debug=fdr`` writes no checkpoint), folders with a trailing ``/``."""
+    present = []
+    for name in RESULT_ENTRIES:
+        path = folder / name
+        if path.is_file():
+            present.append(name)
+        elif path.is_dir() and any(path.iterdir()):
+            present.append(f"{name}/")
+    return present
 
 
 class SweepSummary(Callback):
@@ -146,4 +165,4 @@ def report_stopped_sweep(signum: int) -> None:
         sweep.report_stop(signum)
 
 
-__all__ = ["announce_start", "announce_end", "SweepSummary", "duration", "planned_jobs", "report_stopped_sweep"]
+__all__ = ["announce_start", "announce_end", "written_results", "RESULT_ENTRIES", "SweepSummary", "duration", "planned_jobs", "report_stopped_sweep"]

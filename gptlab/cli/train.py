@@ -59,7 +59,15 @@ def route_logs() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
     logging.captureWarnings(True)
+    ignore_known_warnings()
+
+
+def ignore_known_warnings() -> None:
+    """Warnings about nothing a user of ``gptlab-train`` can change: a deprecation inside Lightning, and
+    Lightning's note that a data module with a val split meets a task without a validation stage (PPO
+    learns from its own rollouts; the prompts' val split serves other tools)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
 
 
 def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
@@ -143,7 +151,7 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
     datamodule.setup("fit")
     log.info("task: %s", cfg.task._target_)
     task = build_task(cfg, tokenizer=tokenizer)
-    n_total = task.model.num_params()
+    n_total = task.total_parameter_count()
     n_train = task.trainable_parameter_count()
     log.info("parameters: %s total, %s trainable (%.2f%%)", f"{n_total:,}", f"{n_train:,}",
              100 * n_train / max(1, n_total))
@@ -222,16 +230,30 @@ def fit_and_test(cfg: DictConfig, trainer: L.Trainer, task: L.LightningModule,
     callback metrics after both."""
     if cfg.get("train", True):
         if cfg.get("validate_before_fit") and not cfg.get("ckpt_path"):
-            trainer.validate(task, datamodule=datamodule)  # logged at step 0: the book's first evaluation
+            trainer.validate(task, datamodule=datamodule, verbose=False)  # at step -1: before the first update
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if needs_final_validation(trainer, task):
+            # a run that max_steps ended before its first validation: the final weights are measured,
+            # so the run (and a sweep's optimized_metric) has val/* metrics
+            trainer.validate(task, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k != "step"}
     if cfg.get("test"):
         # the best checkpoint by path: "best" makes Lightning warn about every ModelCheckpoint it sees
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt = best if cfg.get("train", True) and best else None
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k != "step"})
     return metrics
+
+
+def needs_final_validation(trainer: L.Trainer, task: L.LightningModule) -> bool:
+    """Whether fitting ended without a single validation although the task validates (it has a
+    ``validation_step``) and validation batches are allowed (``limit_val_batches`` is not 0)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    validated = any(k.startswith("val/") for k in trainer.callback_metrics)
+    allowed = trainer.limit_val_batches != 0 and not trainer.fast_dev_run
+    return not validated and allowed and trainer.global_step > 0 and is_overridden("validation_step", task)
 
 
 def run_job(cfg: DictConfig) -> float | None:

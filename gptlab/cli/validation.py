@@ -39,7 +39,9 @@ from gptlab.model.generation import SAMPLING_RULES
 from gptlab.model.heads import POOLINGS
 from gptlab.optim import resume_changes
 from gptlab.tokenizer import TokenizerError, check_vocab_fits, get_tokenizer
-from gptlab.weights.checkpoint import checkpoint_file_problems, init_from_problems, tokenizer_problems
+from gptlab.weights.checkpoint import (check_gptlab_checkpoint, checkpoint_file_problems, init_from_problems,
+                                     is_training_checkpoint, tokenizer_problems)
+from gptlab.weights.loading import TORCH_SUFFIXES
 from gptlab.weights.readers import safe_torch_load
 
 Check = Callable[[Any], "str | None"]
@@ -255,7 +257,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     problems = apply_rules(cfg, TRAIN_RULES) + _model(cfg) + _adapter(cfg) + _tokenizer(cfg)
     task_extra = {"model": _value(cfg, "model"), "adapter": _value(cfg, "adapter"),
                   "init_from": _value(cfg, "init_from"), "compile": _value(cfg, "compile") or False}
-    problems += owner_problems(cfg, "task", task_extra) + owner_problems(cfg, "data")
+    problems += owner_problems(cfg, "task", task_extra) + owner_problems(cfg, "task.reward") + owner_problems(cfg, "data")
     callbacks = OmegaConf.select(cfg, "callbacks", default=None)
     for name in callbacks.keys() if isinstance(callbacks, DictConfig) else ():
         problems += owner_problems(cfg, f"callbacks.{name}")
@@ -263,11 +265,13 @@ def validate_train_config(cfg: DictConfig) -> None:
     if _get(cfg, "trainer.max_steps") == -1 and _get(cfg, "trainer.max_epochs") in (-1, None):
         problems.append("trainer.max_steps=-1 with trainer.max_epochs=-1: expected a limit on one of them "
                         "(the LR schedule is laid out over the run's length)")
-    problems += [p.at() for p in init_from_problems("init_from", _value(cfg, "init_from"))]
+    init = _value(cfg, "init_from")
+    found = init_from_problems("init_from", init)
+    problems += [p.at() for p in found] or _starting_file_problems("init_from", init)
     ckpt = _value(cfg, "ckpt_path")
     if ckpt is not None and _get(cfg, "train") is not False:
         found = [p.at() for p in checkpoint_file_problems("ckpt_path", ckpt, resumable=True)]
-        problems += found or _resume_changes(cfg, ckpt)
+        problems += found or (_resume_changes(cfg, ckpt) + _resume_problems(cfg, ckpt))
     raise_problems(problems)
 
 
@@ -284,6 +288,48 @@ def _resume_changes(cfg: DictConfig, ckpt: Any) -> list[str]:
     return [f"ckpt_path={ckpt!s}: a resume keeps the checkpoint's optimizer state and would ignore or only "
             f"half-apply {change}; resume with the checkpoint's value, or start from its weights with "
             f"init_from={ckpt!s}" for change in changes]
+
+
+def _read_torch_file(key: str, path: Path) -> tuple[Any, list[str]]:
+    """``(contents, [])`` of a torch file read as the loaders read it (weights only, memory-mapped, a
+    training checkpoint only when gptlab wrote it), or ``(None, [the refusal])``."""
+    try:
+        obj = safe_torch_load(path)
+        if is_training_checkpoint(obj):
+            check_gptlab_checkpoint(obj, path)
+    except (ValueError, RuntimeError, EOFError, OSError) as e:  # unsafe, unreadable, not gptlab's
+        return None, [f"{key}={str(path)!r}: {e}"]
+    return obj, []
+
+
+def _starting_file_problems(key: str, value: Any) -> list[str]:
+    """A torch file given as ``init_from`` is read here, before the run folder exists: one that names
+    code (a pickled ``os.system``) or is another program's training checkpoint is refused up front."""
+    path = Path(str(value)).expanduser() if isinstance(value, str) else None
+    if path is None or not path.is_file() or path.suffix not in TORCH_SUFFIXES:
+        return []
+    return _read_torch_file(key, path)[1]
+
+
+def _resume_problems(cfg: DictConfig, ckpt: str) -> list[str]:
+    """What the checkpoint being resumed cannot continue into, each naming the checkpoint's value and
+    the config's: another model shape (:meth:`GPTConfig.resume_problems`; unless the shape comes from
+    ``init_from`` weights), another loader setup (the data module's ``resume_problems``)."""
+    saved, problems = _read_torch_file("ckpt_path", Path(ckpt).expanduser())
+    if saved is None:
+        return problems
+    model, node = (saved.get("hyper_parameters") or {}).get("model"), _node(cfg, "model")
+    if isinstance(model, Mapping) and node is not None and _value(cfg, "init_from") is None:
+        problems += _at(GPTConfig.resume_problems(model, node), "model")
+    data_saved, data = saved.get("datamodule_hyper_parameters"), _node(cfg, "data")
+    if isinstance(data_saved, Mapping) and data is not None and isinstance(data.get("_target_"), str):
+        try:
+            check = getattr(get_class(data["_target_"]), "resume_problems", None)
+        except Exception:  # noqa: BLE001 - owner_problems reports a _target_ that cannot be imported
+            check = None
+        if check is not None:
+            problems += _at(check(data_saved, data), "data")
+    return [f"{p} [ckpt_path={ckpt}]" for p in problems]
 
 
 def refuse_overwriting_checkpoints(folders: Sequence[str | Path], ckpt_path: str | None) -> None:

@@ -14,15 +14,24 @@ at every epoch, which a resume resets: the resumed epoch used to repeat some win
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gptlab.checks import ConfigRules, boolean, integer, raise_problems
+from gptlab.checks import ConfigRules, Problem, boolean, integer, raise_problems
 from gptlab.errors import ConfigError
+
+
+def ignore_torchdata_deprecation() -> None:
+    """torchdata 0.11 calls ``torch.set_vital``, deprecated in torch 2.13, each time a loader is made:
+    by gptlab, and again where Lightning remakes it with a DistributedSampler (``trainer=ddp``), once
+    per loader and process. That warning alone, from torchdata alone, is left out of this process's
+    warnings (it says nothing a user can act on); installed once, by the first loader made."""
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning, module=r"torchdata\.")
+
 
 STAGES = ("train", "val", "test")
 
@@ -51,6 +60,18 @@ class GPTDataModule(ConfigRules, L.LightningDataModule):
     train_set: Dataset | None = None
     val_set: Dataset | None = None
     test_set: Dataset | None = None
+
+    @classmethod
+    def resume_problems(cls, saved: Mapping[str, Any], node: Mapping[str, Any]) -> list[Problem]:
+        """What in a ``data`` node keeps the training loader's saved position (``saved``: the data
+        module's hyperparameters in the checkpoint being resumed) from being restored: another number
+        of worker processes (the position is saved per worker)."""
+        before, now = int(saved.get("num_workers") or 0), node.get("num_workers")
+        if now is None or int(now) == before:
+            return []
+        return [Problem(f"{{node}}num_workers={now!r}: expected {before}, the checkpoint's (the loader's position "
+                        f"is saved per worker process and restores only into {before} of them)",
+                        f"num_workers={now!r} differs from the checkpoint's {before}")]
 
     def check_hparams(self) -> None:
         """Raise a :class:`~gptlab.errors.ConfigError` naming every argument out of its rule."""
@@ -102,13 +123,12 @@ class GPTDataModule(ConfigRules, L.LightningDataModule):
             # Lightning's own distributed sampler always shuffles the training set: keep the
             # configured order, each rank taking every world_size-th example
             sampler = DistributedSampler(dataset, shuffle=False, **distributed)
-        with warnings.catch_warnings():  # torchdata 0.11 calls a torch function deprecated in 2.13
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
-            return StatefulDataLoader(
-                dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                drop_last=train and bool(hp.get("drop_last", False)), num_workers=workers,
-                persistent_workers=workers > 0, collate_fn=collate_fn,
-                pin_memory=bool(hp.get("pin_memory", False)) and torch.cuda.is_available())
+        ignore_torchdata_deprecation()  # before Lightning may remake the loader (trainer=ddp)
+        return StatefulDataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+            drop_last=train and bool(hp.get("drop_last", False)), num_workers=workers,
+            persistent_workers=workers > 0, collate_fn=collate_fn,
+            pin_memory=bool(hp.get("pin_memory", False)) and torch.cuda.is_available())
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, self.batch_size, True, self.collate_fn("train"))

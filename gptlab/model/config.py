@@ -77,6 +77,23 @@ class GPTConfig:
                                     f"emb_dim={emb} must be divisible by n_heads={heads}"))
         return problems
 
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
+                                                "mlp_ratio", "pad_vocab_multiple", "qkv_bias", "tie_weights")
+    """The fields that make the model's weights what they are: a resumed run keeps them."""
+
+    @classmethod
+    def resume_problems(cls, saved: Mapping[str, Any], node: Mapping[str, Any]) -> list[Problem]:
+        """The fields of a ``model`` node (a preset ``name`` filling the rest) that differ from the
+        config ``saved`` in the checkpoint being resumed, among :data:`RESUME_FIXED`, each naming
+        both values. Builds and loads nothing."""
+        saved = {**_preset_fields(saved.get("name")), **saved}
+        given = {**_preset_fields(node.get("name")), **node}
+        return [Problem(f"{{node}}{k}={given[k]!r}: expected {saved[k]!r}, the checkpoint's (a resumed run "
+                        "continues the same model; to change its shape, start a new run from these weights "
+                        "with init_from=<checkpoint>)",
+                        f"{k}={given[k]!r} differs from the checkpoint's {saved[k]!r}")
+                for k in cls.RESUME_FIXED if k in saved and k in given and given[k] != saved[k]]
+
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads

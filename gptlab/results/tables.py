@@ -67,11 +67,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def check_names(runs: list[Run], metric: str, x: str | None, metrics: Sequence[str] | None) -> None:
+def check_names(runs: list[Run], metric: str | None, x: str | None, metrics: Sequence[str] | None) -> None:
     """ValueError for a ``--metric``/``--metrics`` no run has, or an ``--x`` no run's config has,
-    listing the names that exist."""
+    listing the names that exist (``metric`` None: not checked)."""
     have = sorted({t for r in runs for t in (*r.metrics, *r.curves)})
-    for name in [metric, *(metrics or [])]:
+    for name in [m for m in (metric, *(metrics or [])) if m is not None]:
         if name not in have:
             raise ValueError(f"no run has the metric {name!r}; metrics: {', '.join(have) or '(none)'}")
     if x is not None:
@@ -103,6 +103,14 @@ def to_csv(header: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
+def _status(run: Run, metric: str) -> str:
+    """A run's status, saying so when it finished without ``metric`` (``limit_val_batches=0``, a
+    task that does not log it): its empty cell is no result, not a failure."""
+    if run.status == "ok" and run.metrics.get(metric) is None:
+        return f"ok, no {metric}"
+    return run.status
+
+
 def summary_table(folder: Path, metric: str, max_rows: int = 50) -> str:
     """Markdown table of the jobs under ``folder``: overrides, ``metric``, status; best first (what a
     sweep prints when it ends)."""
@@ -112,7 +120,7 @@ def summary_table(folder: Path, metric: str, max_rows: int = 50) -> str:
     ranked = rank_runs(runs, metric, "auto")
     keys = varying_keys(ranked)
     header = ["#", "job", *keys, metric, "status"]
-    rows = [[i + 1, r.name, *(r.overrides.get(k, "") for k in keys), r.metrics.get(metric), r.status]
+    rows = [[i + 1, r.name, *(r.overrides.get(k, "") for k in keys), r.metrics.get(metric), _status(r, metric)]
             for i, r in enumerate(ranked[:max_rows])]
     best = metric_mode(metric)
     title = f"{len(runs)} job(s), best first by {metric} ({best})"

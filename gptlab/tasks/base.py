@@ -30,6 +30,13 @@ from gptlab.optim import (LR_SCHEDULE_RULES, OPTIMIZER_RULES, WEIGHT_DECAY_ON, b
 from gptlab.tokenizer import check_same_tokenizer, get_tokenizer, tokenizer_from_record, tokenizer_record
 from gptlab.weights.checkpoint import TOKENIZER_KEY, load_backbone
 
+def validation_step_number(updates_done: int) -> int:
+    """The step a validation after ``updates_done`` optimizer updates is shown at, on the console and
+    in every logger: the 0-based index of the last update (the book's ``global_step``; Lightning's
+    step of that update's training metrics), -1 before the first."""
+    return updates_done - 1
+
+
 class GPTTask(ConfigRules, L.LightningModule):
     """Base LightningModule around the shared :class:`GPT` backbone.
 
@@ -126,7 +133,7 @@ class GPTTask(ConfigRules, L.LightningModule):
         """Apply the ``adapter`` config group (``adapter=lora``, ``adapter=qlora``) to the backbone, after
         :meth:`configure_backbone`: the same for every task, no task-specific code."""
         label = apply_adapter(self.model, adapter)
-        n_train, n_total = self.trainable_parameter_count(), self.model.num_params()
+        n_train, n_total = self.trainable_parameter_count(), self.total_parameter_count()
         rank_zero_info(f"{label} (rank {adapter.get('rank')}): {n_train:,} trainable parameters "
                        f"({100 * n_train / max(1, n_total):.2f}% of {n_total:,})")
 
@@ -219,7 +226,7 @@ class GPTTask(ConfigRules, L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = build_optimizer(hp.optimizer, self.parameter_groups())
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        total = self.schedule_steps() if self._trainer is not None else 1
         scheduler = build_lr_scheduler(optimizer, hp.lr_schedule, hp.optimizer["lr"], total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -246,7 +253,7 @@ class GPTTask(ConfigRules, L.LightningModule):
         checkpoint["gptlab_progress"] = {"tokens_seen": self.tokens_seen, "examples_seen": self.examples_seen}
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             # the length the LR schedule was laid out for: a resume must not change it (see below)
-            checkpoint["gptlab_schedule_steps"] = int(self.trainer.estimated_stepping_batches)
+            checkpoint["gptlab_schedule_steps"] = self.schedule_steps()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:  # a resume (not a test)
@@ -263,8 +270,25 @@ class GPTTask(ConfigRules, L.LightningModule):
             check_same_tokenizer(recorded, self._tokenizer, "the checkpoint", "the run's tokenizer")
         self._tokenizer = recorded
 
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # every validation point on the training curves' axis: Lightning logs the k-th update's training
+        # metrics at step k - 1 (the book's global_step), a validation inside fit after k updates at k - 1
+        # too, but a standalone one (validate_before_fit, the final one) at k; "step" sets it to k - 1
+        # for all of them (-1: before the first update)
+        self.log("step", float(validation_step_number(self.global_step)), on_step=False, on_epoch=True, batch_size=1)
+
+    def on_validation_end(self) -> None:
+        # after the loggers and the best-checkpoint callback used it: a checkpoint saved later by step
+        # (StepCheckpoint's step<N>) must not read this validation's step from the callback metrics
+        self.trainer.callback_metrics.pop("step", None)
+
     def on_train_start(self) -> None:
         self.check_resumed_schedule()  # strategies that restore the checkpoint after on_fit_start (FSDP)
+
+    def schedule_steps(self) -> int:
+        """The optimizer steps the LR schedule is laid out over: the run's (Lightning's estimate, one
+        step per batch). A task that takes several optimizer steps per batch (PPO) says its own."""
+        return int(self.trainer.estimated_stepping_batches)
 
     def check_resumed_schedule(self) -> None:
         """Refuse a resume whose LR schedule would not continue the checkpoint's: a warmup fraction or
@@ -274,7 +298,7 @@ class GPTTask(ConfigRules, L.LightningModule):
         if saved is None:
             return
         self._resumed_schedule_steps = None
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.schedule_steps()
         schedule = self.hparams.lr_schedule
         name, warmup = schedule["name"], schedule.get("warmup_steps") or 0
         if total == saved or (name == "constant" and not 0 < warmup < 1):
@@ -286,7 +310,13 @@ class GPTTask(ConfigRules, L.LightningModule):
             f".hydra/config.yaml), or train with task.lr_schedule.name=constant and warmup_steps in steps")
 
     def trainable_parameter_count(self) -> int:
+        """Parameters the optimizer trains (a tied matrix counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters() if p.requires_grad}.values())
+
+    def total_parameter_count(self) -> int:
+        """Every parameter of the task's modules: the backbone and what the task adds beside it (PPO's
+        value head), a tied matrix counted once; not a frozen reference copy (not a submodule)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
 
 class LanguageModelTask(GPTTask):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gptlab.alignment.logprobs import LOGP_REDUCTIONS, pair_logps
 from gptlab.alignment.losses import DPO_RULES, dpo_loss, dpo_relations
@@ -88,6 +88,10 @@ class DPOTask(ResponseGenerationMixin, ReferenceMixin, PairwiseTask):
                  top_k: int | None = None, top_p: float | None = None, responses_file: str = "responses.json",
                  log_examples: int = 3, **kwargs: Any):
         super().__init__(**kwargs)  # checks every argument (RULES) before the backbone is built
+        if loss_type == "ipo" and logp_reduction == "sum":
+            rank_zero_warn("task.loss_type=ipo with task.logp_reduction=sum: IPO's target margin 1/(2*beta) is set "
+                           "for per-token mean log-probs (TRL averages them for ipo); over summed log-probs the "
+                           "margin grows with response length. Set task.logp_reduction=mean to follow TRL")
         if disable_dropout:
             switch_off_dropout(self.model)
         self.init_reference(reference, logps_tag=logp_reduction)

@@ -54,6 +54,7 @@ Metrics, per iteration, with TRL's names: ``objective/kl`` (Σ_t KL_t per respon
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Mapping
 
@@ -88,8 +89,10 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
     Args:
         reward: the reward function (:mod:`gptlab.rewards`): built by Hydra from ``task.reward``
             (a ``_target_``); required to train, not stored in checkpoints.
-        max_new_tokens, temperature, top_k, top_p: rollout sampling (temperature > 0; top-k/top-p
-            sample from a narrower distribution than the π whose log-probs PPO uses, as in TRL).
+        max_new_tokens, temperature, top_k, top_p: rollout sampling (temperature > 0). Leave top_k /
+            top_p None (TRL's PPO fixes top_k 0 and top_p 1): they sample from a truncated
+            distribution while PPO's log-probs, ratio and KL are those of the full π at
+            ``temperature``; set, they are used with a warning.
         stop_token_id: a response ends at (and includes) this token; None = always ``max_new_tokens``.
         generation_cache: ``dynamic`` | ``static`` | ``compiled`` (:data:`GENERATION_CACHES`).
         kl_coef: β, the weight of the per-token KL penalty (the initial β when adaptive).
@@ -148,6 +151,12 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         # deep-copied by save_hyperparameters, which reads this frame's arguments)
         reward_fn, reward = reward, None
         super().__init__(**kwargs)  # checks every argument (RULES) before the backbone is built
+        if (top_k or 0) > 0 or (top_p is not None and top_p < 1):
+            rank_zero_warn(f"task.top_k={top_k}, task.top_p={top_p}: the rollouts are sampled from a truncated "
+                           "distribution, but PPO's stored log-probs, probability ratio and KL penalty are those of "
+                           f"the full policy at temperature {temperature}, so the update is computed for another "
+                           "distribution than the one that sampled (TRL's PPO fixes top_k=0, top_p=1.0); leave "
+                           "both null unless that is what you study")
         self.hparams.pop("reward", None)
         self._kl = KLController(kl_coef, kl_target, kl_horizon)
         if disable_dropout:
@@ -178,6 +187,18 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
     @property
     def steps_per_iteration(self) -> int:
         return self.hparams.ppo_epochs * self.hparams.num_mini_batches
+
+    def schedule_steps(self) -> int:
+        """The run's optimizer steps, the unit ``trainer.max_steps`` and the LR schedule count in:
+        iterations (prompt batches × epochs) × :attr:`steps_per_iteration`, at most ``max_steps``.
+        (Lightning's estimate mixes units under manual optimisation: batches, capped by max_steps.)"""
+        trainer = self.trainer
+        estimate = trainer.estimated_stepping_batches  # also loads the training data, so its length is known
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs
+        if epochs == -1 or math.isinf(batches):
+            return int(estimate)  # no epoch limit: max_steps alone (optimizer steps)
+        steps = int(batches) * max(epochs, 1) * self.steps_per_iteration
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -297,6 +318,7 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         """Step 6: ``ppo_epochs`` × ``num_mini_batches`` optimizer steps; the means of their stats."""
         hp = self.hparams
         optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
         stats: dict[str, list[torch.Tensor]] = {}
         n = len(rollout)
         for _ in range(hp.ppo_epochs):
@@ -319,6 +341,8 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
                 if hp.grad_clip:  # GPTTask's clipping: its norm is the one NonFiniteGuard then reuses
                     self.configure_gradient_clipping(optimizer, hp.grad_clip)
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()  # per optimizer step: the unit schedule_steps() sizes it in
                 for name, value in (("policy/approxkl", pg.approxkl), ("policy/clipfrac", pg.clipfrac),
                                     ("policy/entropy", entropy), ("loss/policy", pg_loss), ("val/value_loss", vf_loss),
                                     ("val/clipfrac", vf_clipfrac), ("val/ratio", pg.ratio), ("loss/total", loss)):
@@ -330,9 +354,6 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         rollout, timings = self.make_rollout(batch)
         start = time.perf_counter()
         update = self.ppo_update(rollout)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()  # once per iteration: the LR schedule spans trainer.estimated_stepping_batches iterations
         timings["update_s"] = PhaseTimer.elapsed(self.device, start)
         metrics = self.rollout_metrics(rollout)
         # β follows the mean KL of every rank's rollouts: one β for all ranks, as on one process
