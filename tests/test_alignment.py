@@ -127,7 +127,10 @@ def test_a_ppo_run_resumes_from_an_old_checkpoint_and_saves_the_new_layout(tmp_p
     torch.manual_seed(0)
     task = PPOTask(model=SMALL, reward=lambda completion_ids, **_: [float(len(c)) for c in completion_ids],
                    max_new_tokens=4, temperature=1.0, stop_token_id=None, ppo_epochs=1, log_samples_every_n=0,
-                   lr=1e-2, lr_schedule="constant", weight_decay=0.0)
+                   lr=1e-2, lr_schedule="constant", weight_decay=0.0,
+                   # the optimizer the old checkpoint was trained with (its betas were then PPO's default):
+                   # a resume must not change it (gptlab.optim.refuse_resume_changes)
+                   optimizer={"betas": [0.9, 0.95]})
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(task, train_dataloaders=prompts(), ckpt_path=str(LEGACY / "ppo_copy.ckpt"))
