@@ -30,7 +30,7 @@ from gptlab.alignment.kl import KLController, kl_estimate
 from gptlab.alignment.losses import clipped_policy_loss, clipped_value_loss
 from gptlab.alignment.masked import masked_mean, masked_whiten
 from gptlab.alignment.reference import CHECKPOINT_KEY
-from gptlab.alignment.rollout import pack_sequences, response_forward, response_mask
+from gptlab.alignment.rollout import Completions, pack_sequences, response_forward, response_mask, stopped_rows
 
 from conftest import CONF_DIR
 
@@ -258,7 +258,9 @@ def test_the_reward_sees_unpadded_prompts_and_responses_cut_before_the_stop_toke
     task = policy(reward=record, stop_token_id=5, missing_eos_penalty=0.5)
     prompt_ids, prompt_mask = left_pad([[3, 4, 9], [8]], 0)
     responses = torch.tensor([[6, 7, 5, 5], [6, 6, 6, 6]])  # row 2 never stops
-    scores, _, completions = task.score({}, prompt_ids, prompt_mask, responses, response_mask(responses, 5))
+    sampled = Completions(prompt_ids, prompt_mask, responses, response_mask(responses, 5), stopped_rows(responses, 5),
+                          *pack_sequences(prompt_ids, prompt_mask, responses))
+    scores, _, completions = task.score({}, sampled)
     assert seen["prompt_ids"] == [[3, 4, 9], [8]] and seen["completion_ids"] == [[6, 7], [6, 6, 6, 6]]
     assert completions == seen["completions"] and len(seen["prompts"]) == 2
     assert scores.tolist() == [1.0, 0.5]  # the missing-stop penalty
