@@ -33,7 +33,8 @@ TINY_RUN = ["model=gpt2-tiny", "data.max_length=32", "data.batch_size=8", "train
 TOOLS = {"train": ("gptlab-train", ["model", "data", "task", "adapter", "trainer"]),
          "generate": ("gptlab-generate", []), "chat": ("gptlab-chat", []), "classify": ("gptlab-classify", []),
          "eval": ("gptlab-eval", ["data"]), "export": ("gptlab-export", []), "judge": ("gptlab-judge", []),
-         "reward": ("gptlab-reward", []), "respond": ("gptlab-respond", ["data"]), "serve": ("gptlab-serve", [])}
+         "reward": ("gptlab-reward", []), "respond": ("gptlab-respond", ["data"]), "serve": ("gptlab-serve", []),
+         "solve": ("gptlab-solve", ["data"])}
 
 
 # --------------------------------------------------------------------------- --help

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gptlab.checks import (ABSENT, Predicate, Problem, boolean, check_node, choice, existing_file, existing_paths,
                            integer, is_int, is_number, number, show, strings, text)
+from gptlab.data.answers import GRADERS
 from gptlab.data.prompt_styles import PROMPT_STYLES
 from gptlab.errors import ConfigError
 from gptlab.inference import PRECISION_RULE, check_device
@@ -37,6 +38,7 @@ from gptlab.model.adapters import check_adapter_config
 from gptlab.model.config import GPTConfig
 from gptlab.model.generation import SAMPLING_RULES
 from gptlab.model.heads import POOLINGS
+from gptlab.solving import BEST_OF_N_SCORERS, SOLVE_METHODS
 from gptlab.weights.checkpoint import checkpoint_file_problems, init_from_problems
 
 Check = Callable[[Any], "str | None"]
@@ -124,6 +126,13 @@ REWARD_RULES: dict[str, Check] = {**SOURCE_RULES, "responses": text(optional=Tru
                                   "response_key": text(), "output": text(optional=True),
                                   "prompt_style": choice(*PROMPT_STYLES, optional=True), "batch_size": integer(ge=1),
                                   "max_length": integer(ge=1, optional=True)}
+SOLVE_RULES: dict[str, Check] = {**SOURCE_RULES, **SAMPLING_RULES, "split": choice("train", "test"),
+                                 "method": choice(*SOLVE_METHODS), "n": integer(ge=1),
+                                 "scorer": choice(*BEST_OF_N_SCORERS), "reward_checkpoint": existing_file(),
+                                 "grader": choice(*GRADERS, optional=True), "batch_size": integer(ge=1),
+                                 "max_problems": integer(ge=1, optional=True), "output": text(),
+                                 "summary": text(optional=True), "prompt_style": choice(*PROMPT_STYLES, optional=True),
+                                 "seed": integer(), "progress": boolean()}
 
 
 # ----------------------------------------------------------------------------- reading the config
@@ -313,3 +322,15 @@ def validate_respond_config(cfg: DictConfig) -> None:
 def validate_reward_config(cfg: DictConfig) -> None:
     """``gptlab-reward``: the reward model's source, the response files, the scoring settings."""
     raise_problems(apply_rules(cfg, REWARD_RULES) + _one_source(cfg))
+
+
+def validate_solve_config(cfg: DictConfig) -> None:
+    """``gptlab-solve``: the model's source, the method and its samples, the problems (by their class)."""
+    problems = apply_rules(cfg, SOLVE_RULES) + _one_source(cfg) + owner_problems(cfg, "data")
+    if _get(cfg, "method") == "best_of_n" and _get(cfg, "scorer") == "reward" and not _value(cfg, "reward_checkpoint"):
+        problems.append("scorer='reward' with reward_checkpoint=None: expected a reward model checkpoint "
+                        "(reward_checkpoint=<a task=reward_model checkpoint>), or scorer=logprob")
+    if _get(cfg, "method") != "greedy" and _get(cfg, "temperature") == 0:
+        problems.append(f"temperature=0 with method={_get(cfg, 'method')}: expected a temperature > 0 (n greedy "
+                        "samples are all the same answer); use method=greedy")
+    raise_problems(problems)
