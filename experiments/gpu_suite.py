@@ -69,12 +69,12 @@ class Benchmark:
 BENCHMARKS: list[Benchmark] = [
     Benchmark("throughput_b16", "Training throughput, gpt2-small, context 1024, batch 16 (gptlab vs book reference)",
               "experiments/throughput/run.py", ["--preset", "gpu", "--batch", "16"],
-              ["--preset", "smoke"], 65, "experiments/throughput/README.md"),
+              ["--preset", "smoke"], 50, "experiments/throughput/README.md"),
     Benchmark("throughput_b32", "Training throughput, gpt2-small, context 1024, batch 32 (gptlab vs book reference)",
               "experiments/throughput/run.py", ["--preset", "gpu", "--batch", "32"],
               ["--preset", "smoke", "--batch", "4"], 50, "experiments/throughput/README.md"),
     Benchmark("progress_bar", "Progress bar and logging on vs off the critical path (gptlab, gpt2-small, batch 16)",
-              "experiments/progress_bar/run.py", ["--preset", "gpu"], ["--preset", "smoke"], 60,
+              "experiments/progress_bar/run.py", ["--preset", "gpu"], ["--preset", "smoke"], 50,
               "experiments/progress_bar/README.md"),
     Benchmark("generation_b1", "Decoding speed, batch 1: dynamic / static / compiled (CUDA graph) KV cache vs recompute",
               "experiments/generation_speed/run.py",
@@ -108,7 +108,13 @@ BENCHMARKS: list[Benchmark] = [
     # without transformers/TRL on the machine the gptlab sides still run, the peer columns say why not
     Benchmark("peers", "gptlab vs a nanoGPT-style loop and TRL's RewardTrainer: training and reward-model steps (bf16)",
               "experiments/peers/run.py", ["--preset", "gpu", "--only", "train,reward"],
-              ["--quick", "--only", "fwdbwd", "--no-peers", "--reps", "1"], 60, "experiments/peers/README.md"),
+              ["--quick", "--only", "fwdbwd", "--no-peers", "--reps", "1"], 45, "experiments/peers/README.md"),
+    # without TRL on the machine the gptlab side still runs, the TRL row says why not
+    Benchmark("grpo_speed", "One GRPO step (generation + scoring + update), gptlab vs TRL's GRPOTrainer, gpt2-small, 8 prompts x 8",
+              "experiments/grpo_speed/run.py",
+              ["--device", "cuda", "--model", "gpt2-small", "--prompts", "8", "--G", "8", "--prompt-len", "64",
+               "--new-tokens", "128", "--warmup", "1", "--steps", "2"],
+              ["--smoke"], 40, "experiments/grpo_speed/README.md"),
 ]
 SMOKE_CAP_S = 120
 
