@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -39,7 +40,7 @@ from gptlab.tasks.grpo import GRPOTask
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import cpu_name  # noqa: E402  (experiments/machine.py, shared by the benchmark scripts)
 
-PROMPT_TOKEN = 257  # " a" would merge differently; one fixed GPT-2 id keeps every prompt exactly --prompt-len long
+PROMPT_TOKEN = 257  # " a": a prompt of n of them is n GPT-2 tokens on both sides (no merges across them)
 
 
 def length_reward(*, completion_ids: list[list[int]], **kwargs) -> list[float]:
@@ -107,7 +108,8 @@ class TrlSide:
         import datasets
         import transformers
         import trl
-        from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
         transformers.logging.set_verbosity_error()
         torch.manual_seed(0)
@@ -117,8 +119,10 @@ class TrlSide:
                                            attn_pdrop=0.0, tie_word_embeddings=c.tie_weights,
                                            attn_implementation="sdpa"))
         assets = Path(__file__).resolve().parents[2] / "gptlab" / "assets"
-        tok = GPT2TokenizerFast(vocab_file=str(assets / "encoder.json"), merges_file=str(assets / "vocab.bpe"))
-        tok.pad_token = tok.eos_token
+        # GPT-2's BPE from the files gptlab ships (offline), as a Hugging Face tokenizer
+        bpe = Tokenizer(models.BPE.from_file(str(assets / "encoder.json"), str(assets / "vocab.bpe")))
+        bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
         prompt = tok.decode([PROMPT_TOKEN] * args.prompt_len)
         steps = args.warmup + args.steps
         data = datasets.Dataset.from_dict({"prompt": [prompt] * (steps * args.prompts)})
@@ -209,6 +213,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default=None, help="default: bf16-mixed on CUDA, 32-true on CPU")
     ap.add_argument("--no-trl", action="store_true", help="the gptlab side only")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides (default: torch's)")
     ap.add_argument("--tmp", default="/tmp/grpo_speed")
     ap.add_argument("--smoke", action="store_true", help="CPU, gpt2-tiny, 2 prompts x 2 completions x 4 tokens")
     args = ap.parse_args()
@@ -216,9 +221,12 @@ def main() -> None:
         args.device, args.model, args.prompts, args.G, args.prompt_len, args.new_tokens = "cpu", "gpt2-tiny", 2, 2, 4, 4
         args.steps, args.warmup = 1, 1
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     why_not = "--no-trl" if args.no_trl else trl_missing()
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()} ({torch.get_num_threads()} threads)"
-    print(f"\n{args.model}, {device}, precision {args.precision}; {args.prompts} prompts x {args.G} completions, "
+    print(f"\n{args.model}, {device}, precision {args.precision}, load average {os.getloadavg()[0]:.1f} at the start; "
+          f"{args.prompts} prompts x {args.G} completions, "
           f"{args.prompt_len} prompt tokens, {args.new_tokens} new tokens each; {args.rounds} round(s) of "
           f"{args.warmup} warm-up + {args.steps} timed steps per side, interleaved:\n")
     timed: dict[str, list[dict[str, float]]] = {"gptlab": [], "TRL": []}
@@ -238,7 +246,8 @@ def main() -> None:
               f"{s['min']:.3f} / {s['median']:.3f} / {s['max']:.3f} | {args.prompts * args.G / s['median']:.1f} |")
     if timed["TRL"]:
         ratio = summary(timed["TRL"])["median"] / summary(timed["gptlab"])["median"]
-        print(f"\ngptlab speed / TRL speed (median step time ratio, same run): {ratio:.2f}x")
+        print(f"\ngptlab speed / TRL speed (median step time ratio, same run): {ratio:.2f}x; "
+              f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
