@@ -9,7 +9,8 @@ Both sides: random weights (speed does not depend on them), the same prompts of 
 ``--G`` completions each of exactly ``--new-tokens`` tokens (gptlab: no stop token; TRL: ``eos_token_id``
 dropped from generation so no completion ends early), a cheap rule reward (completion length), β = 0
 (no reference model, both defaults), one optimizer step per batch (``num_iterations`` 1), AdamW, no
-gradient accumulation, logits at temperature 1. The sides run interleaved (A, B, A, B, ...) after
+gradient accumulation, no activation checkpointing (TRL 1.16 turns it on by default; off here so both
+sides do the same work), logits at temperature 1. The sides run interleaved (A, B, A, B, ...) after
 ``--warmup`` steps each; the table gives min / median / max step time and the split.
 
 gptlab's phases are the task's own ``time/*`` metrics (one device sync each); TRL's are measured by
@@ -39,6 +40,7 @@ from gptlab.tasks.grpo import GRPOTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import cpu_name  # noqa: E402  (experiments/machine.py, shared by the benchmark scripts)
+from ppo_speed.run import IterationTimes  # noqa: E402  (the task's own time/* metrics per training batch)
 
 PROMPT_TOKEN = 257  # " a": a prompt of n of them is n GPT-2 tokens on both sides (no merges across them)
 
@@ -49,21 +51,6 @@ def length_reward(*, completion_ids: list[list[int]], **kwargs) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- gptlab
-class StepTimes(L.Callback):
-    def __init__(self):
-        self.rows: list[dict[str, float]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        row = {k[len("time/"):-2]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time/")}
-        row["step"] = time.perf_counter() - self._t0
-        self.rows.append(row)
-
-
 class GptlabSide:
     name = "gptlab"
 
@@ -75,7 +62,7 @@ class GptlabSide:
                              max_new_tokens=args.new_tokens, temperature=1.0, stop_token_id=None, beta=0.0,
                              loss_type="dapo", lr=1e-6, lr_schedule="constant", weight_decay=0.0, grad_clip=1.0,
                              log_samples_every_n=0)
-        self.timer = StepTimes()
+        self.timer = IterationTimes()
         steps = args.warmup + args.steps
         self.trainer = L.Trainer(accelerator=args.device, devices=1, precision=args.precision, max_epochs=1,
                                  limit_train_batches=steps, logger=False, enable_checkpointing=False,
@@ -92,7 +79,8 @@ class GptlabSide:
 
     def run_all(self) -> list[dict[str, float]]:
         self.trainer.fit(self.task, train_dataloaders=self.loader)
-        return self.timer.rows
+        return [{"generation": r["generation_s"], "scoring": r["scoring_s"], "update": r["update_s"],
+                 "step": r["iteration_s"]} for r in self.timer.rows]
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -133,7 +121,8 @@ class TrlSide:
             loss_type="dapo", learning_rate=1e-6, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
             num_iterations=1, gradient_accumulation_steps=1, max_steps=steps, logging_steps=1, save_strategy="no",
             report_to=[], use_cpu=args.device == "cpu", bf16=bf16, seed=0, dataloader_num_workers=0,
-            disable_tqdm=True, shuffle_dataset=False)
+            disable_tqdm=True, shuffle_dataset=False,
+            gradient_checkpointing=False)  # TRL 1.16 turns it on by default: recomputation gptlab does not do
         self.trainer = trl.GRPOTrainer(model=model, reward_funcs=[length_reward_trl], args=config, train_dataset=data,
                                        processing_class=tok)
         model.generation_config.eos_token_id = None  # every completion runs to max_completion_length, as gptlab's
@@ -146,28 +135,20 @@ class TrlSide:
         trainer, rows = self.trainer, self.rows
         current: dict[str, float] = {}
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        model = trainer.model
-        generate = model.generate
 
-        def timed_generate(*a, **kw):
-            kw.pop("eos_token_id", None)
-            t0 = time.perf_counter()
-            out = generate(*a, **kw)
-            sync()
-            current["generation"] = current.get("generation", 0.0) + time.perf_counter() - t0
-            return out
+        def timed(fn, key: str, drop_eos: bool = False):
+            def wrapper(*a, **kw):
+                if drop_eos:
+                    kw.pop("eos_token_id", None)
+                t0 = time.perf_counter()
+                out = fn(*a, **kw)
+                sync()
+                current[key] = current.get(key, 0.0) + time.perf_counter() - t0
+                return out
+            return wrapper
 
-        model.generate = timed_generate
-        score = trainer._generate_and_score_completions
-
-        def timed_score(*a, **kw):
-            t0 = time.perf_counter()
-            out = score(*a, **kw)
-            sync()
-            current["prepare"] = current.get("prepare", 0.0) + time.perf_counter() - t0
-            return out
-
-        trainer._generate_and_score_completions = timed_score
+        trainer.model.generate = timed(trainer.model.generate, "generation", drop_eos=True)
+        trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, "prepare")
 
         class Steps(transformers.TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
