@@ -8,22 +8,20 @@ from __future__ import annotations
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader
 
 from gptlab.cli.train import train
-from gptlab.data.prompt_styles import left_pad
 from gptlab.errors import ConfigError
 from gptlab.rewards import AnswerReward, FormatReward, RewardError, TokenCountReward
 from gptlab.tasks.grpo import GRPOTask
 from gptlab.tasks.registry import load_task
 
 from conftest import CONF_DIR
+from online_rl import History, fit_iterations, one_thread, prompt_loader  # noqa: F401 - one_thread: autouse
 
 V = 64
 TOKEN = 7
@@ -34,53 +32,14 @@ FAST = dict(num_generations=4, max_new_tokens=8, temperature=1.0, stop_token_id=
 """8 new tokens, no stop token (every completion is 8 long), 8 prompts x 4 completions per step."""
 
 
-def prompt_loader(n: int = 32, batch_size: int = 8, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(1, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n)]
-
-    def collate(items: list[int]) -> dict:
-        ids, mask = left_pad([prompts[i] for i in items], 0)
-        return {"prompt_ids": ids, "prompt_attention_mask": mask, "index": torch.tensor(items)}
-
-    return DataLoader(list(range(n)), batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=True)
-
-
-class History(L.Callback):
-    def __init__(self):
-        self.rows: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-
-    def mean(self, key: str, rows: slice) -> float:
-        values = [r[key] for r in self.rows[rows]]
-        return sum(values) / len(values)
-
-
 def fit(task: GRPOTask, steps: int, tmp_path, seed: int = 0, **trainer_kw) -> History:
-    history = History()
-    L.seed_everything(seed)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_steps=steps * task.steps_per_iteration,
-                        logger=trainer_kw.pop("logger", False), enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1, callbacks=[history],
-                        default_root_dir=str(tmp_path), **trainer_kw)
-    trainer.fit(task, train_dataloaders=prompt_loader())
-    assert len(history.rows) == steps
-    return history
+    """``steps`` GRPO steps (batches of 8 prompts) on CPU, seeded."""
+    return fit_iterations(task, steps, tmp_path, prompt_loader(32, 8, vocab=V), seed, **trainer_kw)
 
 
 def policy(seed: int = 0, rewards=None, **kw) -> GRPOTask:
     torch.manual_seed(seed)
     return GRPOTask(**{"model": TINY, "rewards": rewards or {"count": TokenCountReward(TOKEN)}, **FAST, **kw})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -115,7 +74,7 @@ def test_a_huge_beta_keeps_the_policy_at_the_reference(tmp_path):
     free, pinned = policy(beta=0.0), policy(beta=100.0)
     free_history, pinned_history = fit(free, 15, tmp_path), fit(pinned, 15, tmp_path)
     assert free.reference_model is None and pinned.reference_model is not None  # a reference only when beta > 0
-    batch = next(iter(prompt_loader(seed=1)))
+    batch = next(iter(prompt_loader(32, 8, seed=1, vocab=V)))
     free.init_reference("copy")
     free.reference.model = pinned.reference_model  # same seed: the same starting weights
     pinned_kl, free_kl = exact_kl(pinned, batch), exact_kl(free, batch)
