@@ -219,4 +219,5 @@ class RewardModel:
         return torch.cat(scores)
 
 
-__all__ = ["RewardFunction", "RewardError", "call_reward", "TokenCountReward", "RegexCountReward", "AnswerReward", "FormatReward", "RewardModel"]
+__all__ = ["RewardFunction", "RewardError", "call_reward", "TokenCountReward", "RegexCountReward", "AnswerReward",
+           "FormatReward", "RewardModel"]
