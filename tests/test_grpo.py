@@ -236,3 +236,20 @@ def test_the_pre_flight_names_a_bad_grpo_config(tmp_path):
         validate_train_config(cfg)
     assert "task.num_generations=1: expected an integer >= 2" in str(e.value)
     assert "task.reward_weights.anwser: unknown key" in str(e.value) and "did you mean answer?" in str(e.value)
+
+
+def test_ppo_rule_configs_plug_into_the_rewards_of_grpo(tmp_path):
+    """``+task/reward@task.rewards.<name>=regex``: the rule configs of task/reward/ become named GRPO rewards."""
+    from gptlab.cli.train import build_task
+    from gptlab.cli.validation import validate_train_config
+    from gptlab.rewards import RegexCountReward
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["task=grpo", "data=prompts", "model=gpt2-tiny", "~task.rewards.answer",
+                                          "~task.rewards.format", "~task.reward_weights",
+                                          "+task/reward@task.rewards.please=regex", "task.rewards.please.pattern=please",
+                                          f"paths.output_dir={tmp_path}"])
+    validate_train_config(cfg)
+    task = build_task(cfg)
+    assert list(task.reward_fns) == ["please"] and isinstance(task.reward_fns["please"], RegexCountReward)
