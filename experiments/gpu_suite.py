@@ -75,7 +75,7 @@ BENCHMARKS: list[Benchmark] = [
               ["--preset", "smoke"], 45, "experiments/throughput/README.md"),
     Benchmark("throughput_b32", "Training throughput, gpt2-small, context 1024, batch 32 (gptlab vs book reference)",
               "experiments/throughput/run.py", ["--preset", "gpu", "--batch", "32"],
-              ["--preset", "smoke", "--batch", "4"], 50, "experiments/throughput/README.md"),
+              ["--preset", "smoke", "--batch", "4"], 40, "experiments/throughput/README.md"),
     Benchmark("progress_bar", "Progress bar and logging on vs off the critical path (gptlab, gpt2-small, batch 16)",
               "experiments/progress_bar/run.py", ["--preset", "gpu"], ["--preset", "smoke"], 45,
               "experiments/progress_bar/README.md"),
@@ -97,10 +97,10 @@ BENCHMARKS: list[Benchmark] = [
               "experiments/ppo_speed/run.py",
               ["--device", "cuda", "--model", "gpt2-small", "--batch", "16", "--prompt-len", "64", "--new-tokens", "64",
                "--warmup", "1", "--iters", "2"],
-              ["--smoke"], 50, "experiments/ppo_speed/README.md"),
+              ["--smoke"], 40, "experiments/ppo_speed/README.md"),
     Benchmark("qlora_memory", "Full vs LoRA vs QLoRA (NF4 base): frozen-weight memory, step peak and step time, gpt2-medium",
               "experiments/qlora_memory/run.py", ["--device", "cuda", "--model", "gpt2-medium", "--steps", "10"],
-              ["--smoke"], 50, "experiments/qlora_memory/README.md", needs=["torchao"]),
+              ["--smoke"], 40, "experiments/qlora_memory/README.md", needs=["torchao"]),
     Benchmark("dpo_memory", "DPO reference modes (copy / adapters off / precomputed): peak memory and step time, gpt2-medium",
               "experiments/dpo_memory/run.py", ["--device", "cuda", "--model", "gpt2-medium", "--steps", "5"],
               ["--smoke"], 40, "experiments/dpo_memory/README.md"),
@@ -111,11 +111,17 @@ BENCHMARKS: list[Benchmark] = [
     # without transformers/TRL on the machine the gptlab sides still run, the peer columns say why not
     Benchmark("peers", "gptlab vs a nanoGPT-style loop and TRL's RewardTrainer: training and reward-model steps (bf16)",
               "experiments/peers/run.py", ["--preset", "gpu", "--only", "train,reward"],
-              ["--quick", "--only", "fwdbwd", "--no-peers", "--reps", "1"], 50, "experiments/peers/README.md"),
+              ["--quick", "--only", "fwdbwd", "--no-peers", "--reps", "1"], 40, "experiments/peers/README.md"),
     # the DDP and FSDP code paths on one device (FSDP refuses a CPU): losses vs trainer=gpu, checkpoint resumed
     Benchmark("fsdp_ddp", "trainer=ddp / trainer=fsdp (FullShard) on one GPU vs trainer=gpu: losses, checkpoint, resume",
               "experiments/strategies/run.py", ["--steps", "5"], ["--smoke", "--steps", "2"], 45,
               "experiments/strategies/README.md"),
+    # without TRL on the machine the gptlab side still runs, the TRL row says why not
+    Benchmark("grpo_speed", "One GRPO step (generation + scoring + update), gptlab vs TRL's GRPOTrainer, gpt2-small, 8 prompts x 8",
+              "experiments/grpo_speed/run.py",
+              ["--device", "cuda", "--model", "gpt2-small", "--prompts", "8", "--G", "8", "--prompt-len", "64",
+               "--new-tokens", "128", "--warmup", "1", "--steps", "2"],
+              ["--smoke"], 40, "experiments/grpo_speed/README.md"),
 ]
 SMOKE_CAP_S = 600
 """A smoke entry's cap: only a hang reaches it (the entries take seconds to a minute on 2 busy cores)."""

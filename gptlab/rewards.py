@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 
 from gptlab.checks import ConfigRules, Problem, existing_file, integer
+from gptlab.data.answers import extract_answer, get_grader
 from gptlab.inference import PRECISION_RULE, load_model, right_pad
 from gptlab.model.heads import reward_scores
 from gptlab.tokenizer import get_tokenizer
@@ -44,20 +45,61 @@ class RewardFunction(Protocol):
         ...
 
 
+class RewardError(ValueError):
+    """A reward function raised, or returned a wrong number of scores or a score that is not finite
+    (the message names the function and the sample)."""
+
+
+def _describe(name: str | None, fn: Callable[..., Any]) -> str:
+    what = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    label = f"{module}.{what}" if module else what
+    return f"reward function {name!r} ({label})" if name else f"reward function {label}"
+
+
+def _sample(i: int, prompts: list[str], completions: list[str]) -> str:
+    cut = lambda t: repr(t if len(t) <= 80 else t[:80] + "...")  # noqa: E731
+    return f"completion {i} (prompt {cut(prompts[i])}, completion {cut(completions[i])})"
+
+
 def call_reward(reward_fn: Callable[..., Any], *, prompts: list[str], completions: list[str],
                 prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                entries: list[dict[str, Any]]) -> torch.Tensor:
+                entries: list[dict[str, Any]], name: str | None = None) -> torch.Tensor:
     """``reward_fn``'s scores of a batch of completions as a (N,) float32 tensor (on the CPU unless the
-    function returned a tensor elsewhere). Raises ValueError when it returns another number of scores
-    than completions, or a score that is not finite."""
-    scores = reward_fn(prompts=prompts, completions=completions, prompt_ids=prompt_ids,
-                       completion_ids=completion_ids, entries=entries)
-    scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+    function returned a tensor elsewhere).
+
+    Raises :class:`RewardError` naming the function (``name`` and its class or function) when it
+    returns another number of scores than completions, or a score that is NaN or infinite (naming
+    the first such sample), or raises (then it is called on one completion at a time to name the
+    first sample it fails on). Nothing is trained on a batch whose rewards failed."""
+    kwargs = dict(prompts=prompts, completions=completions, prompt_ids=prompt_ids, completion_ids=completion_ids,
+                  entries=entries)
+    try:
+        scores = reward_fn(**kwargs)
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+    except Exception as e:  # noqa: BLE001 - the user's code: name it and the sample, keep the cause
+        raise RewardError(f"{_describe(name, reward_fn)} raised {type(e).__name__}: {e}"
+                          f"{_failing_sample(reward_fn, kwargs)}") from e
     if scores.numel() != len(completions):
-        raise ValueError(f"the reward function returned {scores.numel()} scores for {len(completions)} responses")
-    if not torch.isfinite(scores).all():
-        raise ValueError(f"the reward function returned non-finite scores: {scores.tolist()}")
+        raise RewardError(f"{_describe(name, reward_fn)} returned {scores.numel()} scores for {len(completions)} "
+                          "completions (one score per completion)")
+    bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise RewardError(f"{_describe(name, reward_fn)} returned {float(scores[i])} for {_sample(i, prompts, completions)}"
+                          f"{f' and {len(bad) - 1} more non-finite scores' if len(bad) > 1 else ''}; rewards must "
+                          "be finite numbers")
     return scores
+
+
+def _failing_sample(reward_fn: Callable[..., Any], kwargs: dict[str, list[Any]]) -> str:
+    """``" on completion i (...)"`` for the first completion the function fails on alone, else ``""``."""
+    for i in range(len(kwargs["completions"])):
+        try:
+            reward_fn(**{k: v[i:i + 1] for k, v in kwargs.items()})
+        except Exception:  # noqa: BLE001
+            return " on " + _sample(i, kwargs["prompts"], kwargs["completions"])
+    return ""
 
 
 class TokenCountReward:
@@ -94,6 +136,33 @@ class RegexCountReward:
         if self.max_count is not None:
             counts = [min(c, self.max_count) for c in counts]
         return [self.weight * c for c in counts]
+
+
+class AnswerReward:
+    """1 when the completion's final answer (:func:`gptlab.data.answers.extract_answer`: the last
+    ``\\boxed{...}`` or ``Answer:`` line) matches the entry's reference ``answer`` by ``grader``
+    (``numeric`` | ``exact``), else 0; a completion without an answer scores 0. The verifiable reward
+    of ``data=problems``."""
+
+    def __init__(self, grader: str = "numeric"):
+        self.grade = get_grader(grader)
+
+    def __call__(self, *, completions: list[str], entries: list[dict[str, Any]], **kwargs: Any) -> list[float]:
+        scores = []
+        for i, (text, entry) in enumerate(zip(completions, entries)):
+            if "answer" not in entry:
+                raise ValueError(f"entry of completion {i} has no 'answer' (keys: {sorted(entry)}); AnswerReward "
+                                 "needs problems with answers (data=problems)")
+            scores.append(float(self.grade(extract_answer(text), str(entry["answer"]))))
+        return scores
+
+
+class FormatReward:
+    """1 when the completion states a final answer the graders can read (a ``\\boxed{...}`` or an
+    ``Answer:`` line), else 0: the format reward of reasoning-from-scratch ch. 7 and TRL's examples."""
+
+    def __call__(self, *, completions: list[str], **kwargs: Any) -> list[float]:
+        return [float(extract_answer(text) is not None) for text in completions]
 
 
 class RewardModel(ConfigRules):
@@ -166,4 +235,5 @@ class RewardModel(ConfigRules):
         return torch.cat(scores)
 
 
-__all__ = ["RewardFunction", "call_reward", "TokenCountReward", "RegexCountReward", "RewardModel"]
+__all__ = ["RewardFunction", "RewardError", "call_reward", "TokenCountReward", "RegexCountReward", "AnswerReward",
+           "FormatReward", "RewardModel"]

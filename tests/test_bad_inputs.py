@@ -59,6 +59,9 @@ CASES = [
     ("train", ["adapter=lora", "adapter.targets=[qq]"], "adapter.targets=['qq']"),
     ("train", ["adapter=lora", "adapter.scaling=sqrt"], "adapter.scaling='sqrt'"),
     ("train", ["trainer.max_steps=0"], "trainer.max_steps=0"),
+    ("train", ["task=grpo", "data=problems", "data.path={files}/noanswer.jsonl", "model=gpt2-tiny"],
+     "noanswer.jsonl: entry 1 (line 2) has no 'answer'"),
+    ("train", ["task=grpo", "data=problems", "task.num_generations=1"], "task.num_generations=1: expected an integer >= 2"),
     ("train", ["trainer.max_steps=-1", "trainer.max_epochs=-1"], "trainer.max_steps=-1 with trainer.max_epochs=-1"),
     ("train", ["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0"),
     ("train", ["trainer.precision=17"], "trainer.precision=17"),
@@ -266,6 +269,7 @@ def files(tmp_path_factory) -> Path:
     (d / "long_prompts.json").write_text(json.dumps([{"instruction": "word " * 40, "input": "", "output": "y"}] * 10))
     (d / "same_pairs.json").write_text(json.dumps([{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}] * 10))
     (d / "texts.txt").write_text("one\ntwo\n")
+    (d / "noanswer.jsonl").write_text('{"prompt": "1 + 1?", "answer": 2}\n{"prompt": "2 + 2?"}\n')
     (d / "responses.json").write_text('[{"instruction": "x", "input": "", "output": "y", "model_response": "y"}]')
     write_weight_files(d)  # tiny.safetensors, lie_*.safetensors, nan.ckpt, inf_book.pth, *adapter*.safetensors
     return d

@@ -34,7 +34,8 @@ TOOLS = {"train": ("gptlab-train", ["model", "data", "task", "adapter", "trainer
          "generate": ("gptlab-generate", []), "chat": ("gptlab-chat", []), "classify": ("gptlab-classify", []),
          "eval": ("gptlab-eval", ["data"]), "export": ("gptlab-export", []), "judge": ("gptlab-judge", []),
          "reward": ("gptlab-reward", []), "respond": ("gptlab-respond", ["data"]), "serve": ("gptlab-serve", []),
-         "tokenizer": ("gptlab-tokenizer", [])}
+         "tokenizer": ("gptlab-tokenizer", []),
+         "solve": ("gptlab-solve", ["data"])}
 
 
 # --------------------------------------------------------------------------- --help

@@ -1,5 +1,5 @@
 """The package's layer picture holds: ``cli/`` -> ``judge``, ``serving/`` -> ``tasks/`` -> ``inference``,
-``alignment/``, ``rewards``, ``evaluation``, ``streaming`` -> ``weights/``, ``data/``, ``checkpoint_io`` -> ``model/``,
+``alignment/``, ``rewards``, ``evaluation``, ``streaming``, ``solving`` -> ``weights/``, ``data/``, ``checkpoint_io`` -> ``model/``,
 ``tokenizer``, ``callbacks``, ``optim``, ``checks``, ``errors``, ``lightning_internals``, ``config_tree``, ``results``.
 No import runs upward, no modules import each other in a loop, ``model/`` and ``alignment/`` are pure torch (no
 Lightning; ``alignment/`` takes nothing from ``tasks/``, ``data/`` or ``cli/``). An import inside a function (how the
@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gptlab"
 LAYERS = {"model": 0, "tokenizer": 0, "tokenizer_training": 0, "callbacks": 0, "errors": 0, "checks": 0, "optim": 0, "lightning_internals": 0,
           "config_tree": 0, "results": 0, "run_lock": 0, "signals": 0, "loggers": 0,
           "weights": 1, "data": 1, "checkpoint_io": 1,
-          "inference": 2, "alignment": 2, "rewards": 2, "evaluation": 2, "streaming": 2,
+          "inference": 2, "alignment": 2, "rewards": 2, "evaluation": 2, "streaming": 2, "solving": 2,
           "tasks": 3, "judge": 4, "serving": 4, "cli": 5}
 """First name below ``gptlab.`` -> floor; a module imports only from its floor or below."""
 

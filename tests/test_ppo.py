@@ -33,6 +33,8 @@ from gptlab.alignment.reference import CHECKPOINT_KEY
 from gptlab.alignment.rollout import Completions, pack_sequences, response_forward, response_mask, stopped_rows
 
 from conftest import CONF_DIR
+from online_rl import History, fit_iterations, one_thread  # noqa: F401 - one_thread: an autouse fixture
+from online_rl import prompt_loader as shared_prompt_loader
 
 V = 64
 """Vocabulary of the tiny test models: a random policy then emits any one token with p ≈ 1/64."""
@@ -47,45 +49,12 @@ FAST = dict(max_new_tokens=8, temperature=1.0, stop_token_id=None, ppo_epochs=2,
 
 def prompt_loader(n: int = 64, batch_size: int = 32, seed: int = 0) -> DataLoader:
     """``n`` random prompts of 2-5 tokens, left-padded batches as data=prompts makes them."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(1, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n)]
-
-    def collate(items: list[int]) -> dict:
-        ids, mask = left_pad([prompts[i] for i in items], 0)
-        return {"prompt_ids": ids, "prompt_attention_mask": mask, "index": torch.tensor(items)}
-
-    return DataLoader(list(range(n)), batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=True)
-
-
-class History(L.Callback):
-    """Every iteration's logged metrics, as floats."""
-
-    def __init__(self):
-        self.rows: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-
-    def without_timings(self) -> list[dict[str, float]]:
-        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in self.rows]
-
-    def mean(self, key: str, rows: slice) -> float:
-        values = [r[key] for r in self.rows[rows]]
-        return sum(values) / len(values)
+    return shared_prompt_loader(n, batch_size, seed, V)
 
 
 def fit(task: PPOTask, iterations: int, tmp_path, seed: int = 0, **trainer_kw) -> History:
     """``iterations`` PPO iterations (batches of 32 prompts) on CPU, seeded."""
-    history = History()
-    L.seed_everything(seed)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_steps=iterations * task.steps_per_iteration,
-                        logger=trainer_kw.pop("logger", False), enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1, callbacks=[history],
-                        default_root_dir=str(tmp_path), **trainer_kw)
-    trainer.fit(task, train_dataloaders=prompt_loader())
-    assert len(history.rows) == iterations
-    return history
+    return fit_iterations(task, iterations, tmp_path, prompt_loader(), seed, **trainer_kw)
 
 
 def policy(seed: int = 0, **kw) -> PPOTask:
@@ -104,15 +73,6 @@ def exact_kl(task: PPOTask, batch: dict) -> float:
         logits.append(torch.log_softmax(model.logits(at).float() / task.hparams.temperature, dim=-1))
     kl = (logits[0].exp() * (logits[0] - logits[1])).sum(-1)
     return float(masked_mean(kl, rollout.mask))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and a shared machine's other cores stay free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -258,7 +218,9 @@ def test_the_reward_sees_unpadded_prompts_and_responses_cut_before_the_stop_toke
     task = policy(reward=record, stop_token_id=5, missing_eos_penalty=0.5)
     prompt_ids, prompt_mask = left_pad([[3, 4, 9], [8]], 0)
     responses = torch.tensor([[6, 7, 5, 5], [6, 6, 6, 6]])  # row 2 never stops
-    scores, _, completions = task.score({}, prompt_ids, prompt_mask, responses, response_mask(responses, 5))
+    sampled = Completions(prompt_ids, prompt_mask, responses, response_mask(responses, 5), stopped_rows(responses, 5),
+                          *pack_sequences(prompt_ids, prompt_mask, responses))
+    scores, _, completions = task.score({}, sampled)
     assert seen["prompt_ids"] == [[3, 4, 9], [8]] and seen["completion_ids"] == [[6, 7], [6, 6, 6, 6]]
     assert completions == seen["completions"] and len(seen["prompts"]) == 2
     assert scores.tolist() == [1.0, 0.5]  # the missing-stop penalty
@@ -286,8 +248,8 @@ def stop_early(task: PPOTask) -> PPOTask:
     token at position b mod (R + 1) (never, for b mod (R + 1) = R), so most rows carry padding."""
     sample = task.sample
 
-    def sample_with_stops(batch, temperature):
-        c = sample(batch, temperature)
+    def sample_with_stops(batch, temperature, *args, **kwargs):
+        c = sample(batch, temperature, *args, **kwargs)
         tokens = c.tokens.clone()
         for b in range(len(tokens)):
             k = b % (tokens.size(1) + 1)

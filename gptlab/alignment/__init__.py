@@ -5,6 +5,8 @@ tensors (torch only: no Lightning, nothing from ``tasks/``, ``data/`` or ``cli/`
 * :mod:`~gptlab.alignment.reference`: the reference model (frozen copy / adapters off /
   precomputed) and its checkpoint state under one key;
 * :mod:`~gptlab.alignment.losses`: DPO, Bradley-Terry, PPO's clipped policy and value losses;
+* :mod:`~gptlab.alignment.grpo`: GRPO's group-relative advantages and its loss (GRPO, DAPO, Dr. GRPO,
+  GSPO aggregation and ratios);
 * :mod:`~gptlab.alignment.kl`, :mod:`~gptlab.alignment.advantages`, :mod:`~gptlab.alignment.masked`:
   KL estimates and the KL coefficient, per-token rewards and GAE, masked statistics and whitening;
 * :mod:`~gptlab.alignment.rollout`: completions sampled through ``generate()`` (G per prompt),

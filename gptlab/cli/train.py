@@ -81,6 +81,9 @@ def build_task(cfg: DictConfig, **extra: Any) -> L.LightningModule:
         # code chosen by the run's own config (task/reward=...), built here: the task node is not
         # instantiated recursively (its optimizer node stays a plain dict) and never stores it
         extra["reward"] = instantiate(reward)
+    rewards = cfg.task.get("rewards")
+    if isinstance(rewards, DictConfig) and "rewards" not in extra:  # GRPO: name -> reward function
+        extra["rewards"] = {name: instantiate(node) for name, node in rewards.items() if node is not None}
     return instantiate(
         cfg.task,
         _convert_="all",  # plain dicts/lists in hparams: checkpoints load with torch.load(weights_only=True)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gptlab.checks import (ABSENT, Predicate, Problem, boolean, check_node, choice, existing_file, existing_paths,
                            integer, is_int, is_number, number, show, strings, text)
+from gptlab.data.answers import GRADERS
 from gptlab.data.prompt_styles import PROMPT_STYLES
 from gptlab.errors import ConfigError
 from gptlab.inference import PRECISION_RULE, check_device
@@ -43,6 +44,7 @@ from gptlab.weights.checkpoint import (check_gptlab_checkpoint, checkpoint_file_
                                      is_training_checkpoint, tokenizer_problems)
 from gptlab.weights.loading import TORCH_SUFFIXES
 from gptlab.weights.readers import safe_torch_load
+from gptlab.solving import BEST_OF_N_SCORERS, SOLVE_METHODS
 
 Check = Callable[[Any], "str | None"]
 """A check returns None for a valid value, else what would be allowed (``"an integer >= 1"``)."""
@@ -132,6 +134,13 @@ REWARD_RULES: dict[str, Check] = {**SOURCE_RULES, "responses": text(optional=Tru
                                   "response_key": text(), "output": text(optional=True),
                                   "prompt_style": choice(*PROMPT_STYLES, optional=True), "batch_size": integer(ge=1),
                                   "max_length": integer(ge=1, optional=True)}
+SOLVE_RULES: dict[str, Check] = {**SOURCE_RULES, **SAMPLING_RULES, "split": choice("train", "test"),
+                                 "method": choice(*SOLVE_METHODS), "n": integer(ge=1),
+                                 "scorer": choice(*BEST_OF_N_SCORERS), "reward_checkpoint": existing_file(),
+                                 "grader": choice(*GRADERS, optional=True), "batch_size": integer(ge=1),
+                                 "max_problems": integer(ge=1, optional=True), "output": text(),
+                                 "summary": text(optional=True), "prompt_style": choice(*PROMPT_STYLES, optional=True),
+                                 "seed": integer(), "progress": boolean()}
 
 
 # ----------------------------------------------------------------------------- reading the config
@@ -418,3 +427,15 @@ def validate_respond_config(cfg: DictConfig) -> None:
 def validate_reward_config(cfg: DictConfig) -> None:
     """``gptlab-reward``: the reward model's source, the response files, the scoring settings."""
     raise_problems(apply_rules(cfg, REWARD_RULES) + _one_source(cfg))
+
+
+def validate_solve_config(cfg: DictConfig) -> None:
+    """``gptlab-solve``: the model's source, the method and its samples, the problems (by their class)."""
+    problems = apply_rules(cfg, SOLVE_RULES) + _one_source(cfg) + owner_problems(cfg, "data")
+    if _get(cfg, "method") == "best_of_n" and _get(cfg, "scorer") == "reward" and not _value(cfg, "reward_checkpoint"):
+        problems.append("scorer='reward' with reward_checkpoint=None: expected a reward model checkpoint "
+                        "(reward_checkpoint=<a task=reward_model checkpoint>), or scorer=logprob")
+    if _get(cfg, "method") != "greedy" and _get(cfg, "temperature") == 0:
+        problems.append(f"temperature=0 with method={_get(cfg, 'method')}: expected a temperature > 0 (n greedy "
+                        "samples are all the same answer); use method=greedy")
+    raise_problems(problems)

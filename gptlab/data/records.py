@@ -273,7 +273,7 @@ class RecordDataModule(GPTDataModule):
         warnings and refusals."""
         sizes = " / ".join(f"{len(ds)} {name}" for name, ds in
                            (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)))
-        rank_zero_info(f"{self.what} {self.path or self.default_path}: {sizes} {self.unit}, "
+        rank_zero_info(f"{self.what} {self.path or self.default_path or '(generated)'}: {sizes} {self.unit}, "
                        f"prompt style {self.prompt_style!r}{note}")
 
     def report_unlearnable(self, useless: Mapping[str, int], why: str, fix: str,

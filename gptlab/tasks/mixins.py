@@ -1,22 +1,27 @@
 """Pieces of LightningModules that several tasks mix in: test-stage answers written to
-``responses.json`` (instruction tuning, DPO, PPO) and the reference model of DPO and PPO (and GRPO)
-with its checkpoint state. Mix them in before the task's base class."""
+``responses.json`` (instruction tuning, DPO, PPO), the reference model of DPO, PPO and GRPO with its
+checkpoint state, and what the online RL tasks (PPO, GRPO) share: reward functions kept out of
+checkpoints, prompts cropped to fit, completions sampled and decoded for the rewards, and the sample
+table. Mix them in before the task's base class."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gptlab.alignment.reference import CHECKPOINT_KEY, Reference
+from gptlab.alignment.rollout import Completions, sample_completions
 from gptlab.checks import Problem, boolean, choice, integer, problem, text
 from gptlab.data.prompt_styles import PROMPT_STYLES, format_input
 from gptlab.inference import generate_answers
 from gptlab.model.generation import SAMPLING_RULES
+from gptlab.rewards import call_reward
+from gptlab.tokenizer import get_tokenizer
 
 
 class ResponseGenerationMixin:
@@ -156,4 +161,105 @@ class ReferenceMixin:
         self.reference.load_state_dict(Reference.checkpoint_state(checkpoint), self.model)
 
 
-__all__ = ["ResponseGenerationMixin", "ReferenceMixin"]
+class OnlineRLMixin:
+    """What the online RL tasks (PPO, GRPO) share around their rollouts.
+
+    * Reward functions in :attr:`reward_fns` (name -> callable, built by Hydra from the run's config):
+      never submodules, never in a checkpoint, moved to the task's device when fitting or testing.
+    * :meth:`sample`: prompts cropped to ``context_length − max_new_tokens``, then
+      ``num_generations`` completions each through the batched KV-cache generation.
+    * :meth:`decoded`: the texts and ids a reward function reads (TRL's keyword convention, see
+      :mod:`gptlab.rewards`), one row per completion; :meth:`call_rewards` calls each function.
+    * :meth:`log_text_table`: a markdown table to every logger that takes text.
+
+    Reads the hparams ``max_new_tokens``, ``top_k``, ``top_p``, ``stop_token_id``, ``generation_cache``.
+    """
+
+    reward_fns: dict[str, Callable[..., Any]]
+    _warned_crop = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("reward_fn", "reward_fns"):  # a reward model must not become a submodule (nor be saved)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def move_rewards(self) -> None:
+        for fn in getattr(self, "reward_fns", {}).values():
+            if hasattr(fn, "to"):
+                fn.to(self.device)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.move_rewards()
+
+    def on_test_start(self) -> None:
+        self.move_rewards()
+
+    def crop_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the last ``context_length − max_new_tokens`` prompt positions, so prompt + completion fit."""
+        keep = self.model.config.context_length - self.hparams.max_new_tokens
+        if prompt_ids.size(1) <= keep:
+            return prompt_ids, prompt_mask
+        if not self._warned_crop:
+            rank_zero_warn(f"prompts of {prompt_ids.size(1)} tokens + max_new_tokens={self.hparams.max_new_tokens} "
+                           f"exceed context_length={self.model.config.context_length}: prompts keep their last "
+                           f"{keep} tokens (set data.max_prompt_length to choose)")
+            self._warned_crop = True
+        return prompt_ids[:, -keep:], prompt_mask[:, -keep:]
+
+    def sample(self, batch: Mapping[str, Any], temperature: float, num_generations: int = 1,
+               generator: torch.Generator | None = None) -> Completions:
+        """``num_generations`` sampled completions (temperature 0 = greedy) of every prompt of ``batch``,
+        G rows per prompt, drawn from ``generator`` (an iteration's
+        :func:`~gptlab.alignment.rollout.rollout_generator`: its own seed per rank; None: the global RNG)."""
+        hp = self.hparams
+        prompt_ids, prompt_mask = self.crop_prompts(batch["prompt_ids"], batch["prompt_attention_mask"])
+        return sample_completions(self.model, prompt_ids, prompt_mask, hp.max_new_tokens, temperature, hp.top_k,
+                                  hp.top_p, hp.stop_token_id, hp.generation_cache, num_generations,
+                                  generator=generator)
+
+    def decoded(self, batch: Mapping[str, Any], sampled: Completions, num_generations: int = 1) -> dict[str, list[Any]]:
+        """The reward functions' keyword arguments, one row per completion: ``prompts`` (the batch's
+        texts, repeated per completion), ``completions`` (decoded with the task's tokenizer, without
+        the stop token), ``prompt_ids``, ``completion_ids`` (unpadded) and ``entries`` (the data
+        entries, repeated)."""
+        tok = getattr(self, "tokenizer", None) or get_tokenizer()
+        completion_ids = sampled.completion_ids()
+        prompt_lists = sampled.prompt_id_lists()
+        repeat = lambda rows: [r for r in rows for _ in range(num_generations)]  # noqa: E731
+        prompts = repeat(batch["prompts"]) if batch.get("prompts") else [tok.decode(p) for p in prompt_lists]
+        entries = repeat(batch["entries"]) if batch.get("entries") else [{} for _ in completion_ids]
+        return {"prompts": prompts, "completions": [tok.decode(ids) for ids in completion_ids],
+                "prompt_ids": prompt_lists, "completion_ids": completion_ids, "entries": entries}
+
+    def call_rewards(self, texts: Mapping[str, list[Any]]) -> dict[str, torch.Tensor]:
+        """Every reward function's scores (N,) float32 on the task's device, by name
+        (:func:`gptlab.rewards.call_reward`: a failing function is named, with the sample)."""
+        return {name: call_reward(fn, name=name, **texts).to(self.device) for name, fn in self.reward_fns.items()}
+
+    def log_text_table(self, tag: str, header: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """A markdown table (``header``, ``rows`` of cells; text cells cut and escaped) to every logger
+        that takes text (TensorBoard: the TEXT tab), written by rank zero with every rank's rows (rank
+        0's first) and a ``rank`` column. Every rank calls it (the rows are gathered)."""
+        rows = self.gather_rows([(*row, self.global_rank) for row in rows])
+        header = (*header, "rank")
+        writers = [lg.experiment for lg in self.loggers if hasattr(getattr(lg, "experiment", None), "add_text")]
+        if not rows or not writers or not self.trainer.is_global_zero:
+            return
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header)))
+                 + "|"]
+        for row in rows:
+            lines.append("| " + " | ".join(table_cell(c) if isinstance(c, str) else str(c) if isinstance(c, int)
+                                           else f"{c:.3f}" for c in row) + " |")
+        for writer in writers:
+            writer.add_text(tag, "\n".join(lines), global_step=step)
+
+
+def table_cell(text: str, limit: int = 300) -> str:
+    """``text`` as one markdown table cell: pipes escaped, newlines shown as ↵, cut at ``limit``."""
+    text = text if len(text) <= limit else text[:limit] + " …"
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", " ↵ ")
+
+
+__all__ = ["ResponseGenerationMixin", "ReferenceMixin", "OnlineRLMixin", "table_cell"]

@@ -68,19 +68,17 @@ from gptlab.alignment.losses import clipped_policy_loss, clipped_value_loss
 from gptlab.alignment.masked import masked_mean, masked_whiten
 from gptlab.alignment.reference import eval_mode, switch_off_dropout
 from gptlab.alignment.rollout import (GENERATION_CACHES, Completions, PhaseTimer, PolicyOutput, Rollout, chunked,
-                                      completion_id_lists, prompt_id_lists, response_forward, rollout_generator,
-                                      sample_completions, stopped_rows)
+                                      response_forward, rollout_generator)
 from gptlab.checks import boolean, choice, integer, number
 from gptlab.data.prompt_styles import extract_response
-from gptlab.rewards import call_reward
 from gptlab.tasks.base import GPTTask
-from gptlab.tasks.mixins import ReferenceMixin, ResponseGenerationMixin
+from gptlab.tasks.mixins import OnlineRLMixin, ReferenceMixin, ResponseGenerationMixin
 from gptlab.tokenizer import EOT_ID, check_same_tokenizer
 
 REFERENCES = ("auto", "copy", "adapters_off")
 
 
-class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
+class PPOTask(OnlineRLMixin, ResponseGenerationMixin, ReferenceMixin, GPTTask):
     """PPO on batches of prompts (:class:`gptlab.data.prompts.PromptDataModule`: left-padded
     ``prompt_ids`` / ``prompt_attention_mask``, ``index``, ``entries``, ``prompts``).
 
@@ -170,14 +168,12 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         # fitting or testing starts
         self.reward_fn = reward_fn
         self.init_reference(reference)
-        self._warned_crop = False
         self.reset_responses()
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "reward_fn":  # a reward model must not become a submodule (nor go into checkpoints)
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    @property
+    def reward_fns(self) -> dict[str, Callable[..., Any]]:
+        """The one reward function, as :class:`~gptlab.tasks.mixins.OnlineRLMixin` reads them."""
+        return {"reward": self.reward_fn} if self.reward_fn is not None else {}
 
     @property
     def kl_coef(self) -> float:
@@ -219,56 +215,14 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
             check_same_tokenizer(reward_tokenizer, self.tokenizer, "the reward model", "the policy's tokenizer")
         self.build_reference()
 
-    def _move_reward(self) -> None:
-        if hasattr(self.reward_fn, "to"):
-            self.reward_fn.to(self.device)
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self._move_reward()
-
-    def on_test_start(self) -> None:
-        self._move_reward()
-
-    # ----------------------------------------------------------------- rollout
-    def crop_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep the last ``context_length − max_new_tokens`` prompt positions, so prompt + response fit."""
-        keep = self.model.config.context_length - self.hparams.max_new_tokens
-        if prompt_ids.size(1) <= keep:
-            return prompt_ids, prompt_mask
-        if not self._warned_crop:
-            rank_zero_warn(f"prompts of {prompt_ids.size(1)} tokens + max_new_tokens={self.hparams.max_new_tokens} "
-                           f"exceed context_length={self.model.config.context_length}: prompts keep their last "
-                           f"{keep} tokens (set data.max_prompt_length to choose)")
-            self._warned_crop = True
-        return prompt_ids[:, -keep:], prompt_mask[:, -keep:]
-
-    def sample(self, batch: Mapping[str, Any], temperature: float, generator: torch.Generator | None = None
-               ) -> Completions:
-        """Sampled completions of a batch of prompts (cropped to fit the context), drawn from
-        ``generator`` (None: the global RNG)."""
-        hp = self.hparams
-        prompt_ids, prompt_mask = self.crop_prompts(batch["prompt_ids"], batch["prompt_attention_mask"])
-        return sample_completions(self.model, prompt_ids, prompt_mask, hp.max_new_tokens, temperature, hp.top_k,
-                                  hp.top_p, hp.stop_token_id, hp.generation_cache, generator=generator)
-
-    def score(self, batch: Mapping[str, Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-              responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[str], list[str]]:
-        """The reward function's scores (B,) float32 on the policy's device, the prompts and the
-        decoded completions (without the stop token)."""
-        tok = self.tokenizer
-        stop = self.hparams.stop_token_id
-        stopped = stopped_rows(responses, stop)
-        completion_ids = completion_id_lists(responses, mask, stopped)
-        prompt_lists = prompt_id_lists(prompt_ids, prompt_mask)
-        completions = [tok.decode(ids) for ids in completion_ids]
-        prompts = list(batch.get("prompts") or [tok.decode(p) for p in prompt_lists])
-        entries = list(batch.get("entries") or [{} for _ in completion_ids])
-        scores = call_reward(self.reward_fn, prompts=prompts, completions=completions, prompt_ids=prompt_lists,
-                             completion_ids=completion_ids, entries=entries).to(self.device)
-        if self.hparams.missing_eos_penalty and stop is not None:
-            scores = scores - self.hparams.missing_eos_penalty * (~stopped).float()
-        return scores, prompts, completions
+    def score(self, batch: Mapping[str, Any], sampled: Completions) -> tuple[torch.Tensor, list[str], list[str]]:
+        """The reward function's scores (B,) float32 on the policy's device (less ``missing_eos_penalty``
+        for completions that never stopped), the prompts and the decoded completions (without the stop token)."""
+        texts = self.decoded(batch, sampled)
+        scores = self.call_rewards(texts)["reward"]
+        if self.hparams.missing_eos_penalty and self.hparams.stop_token_id is not None:
+            scores = scores - self.hparams.missing_eos_penalty * (~sampled.stopped).float().to(scores.device)
+        return scores, texts["prompts"], texts["completions"]
 
     def reference_forward(self, sequences: torch.Tensor, positions: torch.Tensor, responses: torch.Tensor
                           ) -> PolicyOutput:
@@ -283,10 +237,10 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         timer = PhaseTimer(self.device)
         # this rank's own stream for this iteration (module docstring, "Under DDP")
         generator = rollout_generator(self.global_step // self.steps_per_iteration, self.global_rank, self.device)
-        sampled = self.sample(batch, hp.temperature, generator)
+        sampled = self.sample(batch, hp.temperature, generator=generator)
         timer.lap("generation_s")
         sequences, positions, responses, mask = sampled.sequences, sampled.positions, sampled.tokens, sampled.mask
-        scores, prompts, completions = self.score(batch, sampled.prompt_ids, sampled.prompt_mask, responses, mask)
+        scores, prompts, completions = self.score(batch, sampled)
         chunk = _minibatch_size(len(responses), hp.num_mini_batches)
         with eval_mode(self.model):
             policy = chunked(self.policy_forward, len(responses), chunk, sequences, positions, responses)
@@ -384,22 +338,12 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
                 "val/num_eos_tokens": ended.sum().float()}
 
     def log_sample_table(self, rollout: Rollout, iteration: int) -> None:
-        """A markdown table of the first ``log_samples`` prompts, responses and scores of every rank's
-        rollout (rank 0's rows first) to every logger that takes text (TensorBoard: the TEXT tab, tag
-        ``samples``), written by rank 0. Every rank calls it (the rows are gathered)."""
-        n = self.hparams.log_samples
-        if not n or not self.loggers:
-            return
+        """A markdown table of the first ``log_samples`` prompts, responses and scores to every
+        logger that takes text (TensorBoard: the TEXT tab, tag ``samples``)."""
+        n = min(self.hparams.log_samples, len(rollout))
         kl = torch.where(rollout.mask, rollout.kl, 0.0).sum(dim=1).tolist()
-        mine = [f"| {_cell(rollout.prompts[i])} | {_cell(rollout.completions[i])} | "
-                f"{float(rollout.scores[i]):.3f} | {kl[i]:.3f} | {self.global_rank} |" for i in range(min(n, len(rollout)))]
-        rows = self.gather_rows(mine)
-        writers = [lg.experiment for lg in self.loggers if hasattr(getattr(lg, "experiment", None), "add_text")]
-        if not self.trainer.is_global_zero:
-            return
-        table = "\n".join(["| prompt | response | score | KL | rank |", "|---|---|---:|---:|---:|", *rows])
-        for writer in writers:
-            writer.add_text("samples", table, global_step=iteration)
+        rows = [(rollout.prompts[i], rollout.completions[i], float(rollout.scores[i]), kl[i]) for i in range(n)]
+        self.log_text_table("samples", ("prompt", "response", "score", "KL"), rows, iteration)
 
     # ----------------------------------------------------------------- test: answers + scores
     def on_test_epoch_start(self) -> None:
@@ -412,7 +356,7 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
         B = responses.size(0)
         self.log("test/response_length", mask.sum(1).float().mean(), batch_size=B, sync_dist=True)
         if self.reward_fn is not None:
-            scores, _, completions = self.score(batch, sampled.prompt_ids, sampled.prompt_mask, responses, mask)
+            scores, _, completions = self.score(batch, sampled)
             self.log("test/scores", scores.mean(), batch_size=B, sync_dist=True)
             scores = scores.tolist()
         else:
@@ -445,12 +389,6 @@ class PPOTask(ResponseGenerationMixin, ReferenceMixin, GPTTask):
 # ----------------------------------------------------------------------------- helpers
 def _minibatch_size(n: int, num_mini_batches: int) -> int:
     return max(1, -(-n // num_mini_batches))
-
-
-def _cell(text: str, limit: int = 300) -> str:
-    """``text`` as one markdown table cell: pipes escaped, newlines shown as ↵, cut at ``limit``."""
-    text = text if len(text) <= limit else text[:limit] + " …"
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", " ↵ ")
 
 
 __all__ = ["PPOTask", "REFERENCES"]

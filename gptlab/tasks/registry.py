@@ -13,6 +13,7 @@ import torch
 from gptlab.tasks.base import GPTTask
 from gptlab.tasks.classify import ClassificationTask
 from gptlab.tasks.dpo import DPOTask
+from gptlab.tasks.grpo import GRPOTask
 from gptlab.tasks.instruct import InstructionTask
 from gptlab.tasks.ppo import PPOTask
 from gptlab.tasks.pretrain import PretrainTask
@@ -20,7 +21,7 @@ from gptlab.tasks.reward import RewardModelTask
 from gptlab.weights.checkpoint import checkpoint_tokenizer, read_checkpoint, task_name
 
 TASKS: dict[str, type[GPTTask]] = {cls.task_name: cls for cls in (PretrainTask, ClassificationTask, InstructionTask,
-                                                                  DPOTask, RewardModelTask, PPOTask)}
+                                                                  DPOTask, RewardModelTask, PPOTask, GRPOTask)}
 """Registry name -> task class."""
 
 
