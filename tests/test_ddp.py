@@ -53,7 +53,10 @@ TASKS: dict[str, list[str]] = {
     "reward_model": ["task=reward_model", "data=preference", *RECORDS],
     "ppo": ["task=ppo", "data=prompts", *RECORDS, "task/reward=token_count", "task.reward.token=' the'",
             "task.max_new_tokens=3", "task.ppo_epochs=1", "task.log_samples_every_n=1", "task.log_samples=2"],
+    "grpo": ["task=grpo", "data=problems", "data.num_train=24", "data.num_test=5", "data.batch_size=2",
+             "task.num_generations=2", "task.max_new_tokens=3", "task.log_samples_every_n=1", "task.log_samples=2"],
 }
+SAMPLED = ("ppo", "grpo")  # rollouts are sampled (each rank its own seed): run on 2 processes only
 DETERMINISTIC = ("pretrain", "classify", "instruct", "dpo", "reward_model")
 
 
@@ -137,12 +140,12 @@ def run(name: str, devices: int, folder: Path, extra: list[str] = (), global_bat
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every task on 1 and 2 processes (PPO on 2 only: its rollouts are sampled), run once."""
+    """Every task on 1 and 2 processes (PPO and GRPO on 2 only: their rollouts are sampled), run once."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("ddp")
     out = {}
     for name in TASKS:
-        for devices in ((2,) if name == "ppo" else (1, 2)):
+        for devices in ((2,) if name in SAMPLED else (1, 2)):
             out[name, devices] = run(name, devices, tmp / f"{name}-{devices}")
     return out
 
@@ -212,6 +215,19 @@ def test_ppo_under_ddp_logs_every_ranks_samples_and_answers(runs):
     assert [r["instruction"] for r in written] == [e["instruction"] for e in datamodule.test_set.entries]
     # every file but rank 0's logger record was written once: by rank 0
     assert not list(two["folder"].glob("*rank1*.json"))
+
+
+@pytest.mark.slow
+def test_grpo_under_ddp_logs_every_ranks_samples_and_answers(runs):
+    two = runs["grpo", 2]
+    assert two["ranks"] == [0, 1]
+    assert "reward" in two["metrics"] and "test/reward" in two["metrics"]
+    tables = [t["value"] for t in two["texts"] if t["text"] == "samples"]
+    assert tables, [t["text"] for t in two["texts"]]
+    ranks = [r.rsplit("|", 2)[1].strip() for r in tables[0].splitlines()[2:]]
+    assert "0" in ranks and "1" in ranks and ranks == sorted(ranks)  # every rank's rows, rank 0's first
+    written = json.loads((two["folder"] / "responses.json").read_text())
+    assert len(written) == 5 and len({r["prompt"] for r in written}) == 5  # each test problem once
 
 
 def sample_rows(result: dict[str, Any], iteration: int) -> list[tuple[str, str, int]]:

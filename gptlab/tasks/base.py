@@ -275,7 +275,8 @@ class GPTTask(ConfigRules, L.LightningModule):
         # metrics at step k - 1 (the book's global_step), a validation inside fit after k updates at k - 1
         # too, but a standalone one (validate_before_fit, the final one) at k; "step" sets it to k - 1
         # for all of them (-1: before the first update)
-        self.log("step", float(validation_step_number(self.global_step)), on_step=False, on_epoch=True, batch_size=1)
+        self.log("step", float(validation_step_number(self.global_step)), on_step=False, on_epoch=True, batch_size=1,
+                 sync_dist=True)  # the same on every rank: reducing it keeps Lightning quiet under DDP
 
     def on_validation_end(self) -> None:
         # after the loggers and the best-checkpoint callback used it: a checkpoint saved later by step
