@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -254,3 +255,22 @@ def test_ppo_rule_configs_plug_into_the_rewards_of_grpo(tmp_path):
     validate_train_config(cfg)
     task = build_task(cfg)
     assert list(task.reward_fns) == ["please"] and isinstance(task.reward_fns["please"], RegexCountReward)
+
+
+@pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
+def test_the_lr_schedule_spans_the_runs_optimizer_steps_and_is_stepped_at_each(limit, tmp_path):
+    """2 batches x num_iterations=2 optimizer steps, linear decay 1e-2 -> 0 over the 4 steps: the LR
+    after the first batch is 5e-3 and 0 after the last (it was once stepped per batch over a length
+    counted in optimizer steps, ending halfway)."""
+    task = policy(num_iterations=2, lr=1e-2, lr_schedule={"name": "linear", "warmup_steps": 0, "min_lr": 0.0})
+    lrs = []
+
+    class LearningRates(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[LearningRates()], default_root_dir=str(tmp_path),
+                        **{"max_steps": dict(max_epochs=-1, max_steps=4), "max_epochs": dict(max_epochs=1)}[limit])
+    trainer.fit(task, train_dataloaders=prompt_loader(16, 8, vocab=V))  # 16 prompts, batches of 8: 2 batches
+    assert task.schedule_steps() == 4 and lrs == pytest.approx([5e-3, 0.0], abs=1e-9)

@@ -223,7 +223,7 @@ class GRPOTask(OnlineRLMixin, ResponseGenerationMixin, ReferenceMixin, GPTTask):
                old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """``num_iterations`` optimizer steps on the GRPO loss; the means of their statistics."""
         hp = self.hparams
-        optimizer = self.optimizers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(hp.num_iterations):
             out = self.policy_forward(sampled, with_entropy=True)
@@ -236,11 +236,10 @@ class GRPOTask(OnlineRLMixin, ResponseGenerationMixin, ReferenceMixin, GPTTask):
             if hp.grad_clip:  # GPTTask's clipping: its norm is the one NonFiniteGuard then reuses
                 self.configure_gradient_clipping(optimizer, hp.grad_clip)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()  # per optimizer step: the unit schedule_steps() sizes it in
             for name, value in {**metrics, "entropy": masked_mean(out.entropy, mask), "loss": loss}.items():
                 stats.setdefault(name, []).append(value.detach().float())
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()  # once per batch of prompts
         return {name: torch.stack(values).mean() for name, values in stats.items()}
 
     @staticmethod

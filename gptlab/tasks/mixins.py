@@ -7,6 +7,7 @@ table. Mix them in before the task's base class."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -177,6 +178,24 @@ class OnlineRLMixin:
 
     reward_fns: dict[str, Callable[..., Any]]
     _warned_crop = False
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimizer steps per batch of prompts (PPO: epochs × minibatches; GRPO: ``num_iterations``)."""
+        raise NotImplementedError
+
+    def schedule_steps(self) -> int:
+        """The run's optimizer steps, the unit ``trainer.max_steps`` and the LR schedule count in:
+        iterations (prompt batches × epochs) × :attr:`steps_per_iteration`, at most ``max_steps``.
+        (Lightning's estimate mixes units under manual optimisation: batches, capped by max_steps.)
+        The task steps its scheduler after every optimizer step, the unit this sizes it in."""
+        trainer = self.trainer
+        estimate = trainer.estimated_stepping_batches  # also loads the training data, so its length is known
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs
+        if epochs == -1 or math.isinf(batches):
+            return int(estimate)  # no epoch limit: max_steps alone (optimizer steps)
+        steps = int(batches) * max(epochs, 1) * self.steps_per_iteration
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("reward_fn", "reward_fns"):  # a reward model must not become a submodule (nor be saved)

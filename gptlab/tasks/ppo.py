@@ -54,7 +54,6 @@ Metrics, per iteration, with TRL's names: ``objective/kl`` (Σ_t KL_t per respon
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Mapping
 
@@ -182,19 +181,8 @@ class PPOTask(OnlineRLMixin, ResponseGenerationMixin, ReferenceMixin, GPTTask):
 
     @property
     def steps_per_iteration(self) -> int:
+        """Optimizer steps per rollout: ``ppo_epochs`` × ``num_mini_batches``."""
         return self.hparams.ppo_epochs * self.hparams.num_mini_batches
-
-    def schedule_steps(self) -> int:
-        """The run's optimizer steps, the unit ``trainer.max_steps`` and the LR schedule count in:
-        iterations (prompt batches × epochs) × :attr:`steps_per_iteration`, at most ``max_steps``.
-        (Lightning's estimate mixes units under manual optimisation: batches, capped by max_steps.)"""
-        trainer = self.trainer
-        estimate = trainer.estimated_stepping_batches  # also loads the training data, so its length is known
-        batches, epochs = trainer.num_training_batches, trainer.max_epochs
-        if epochs == -1 or math.isinf(batches):
-            return int(estimate)  # no epoch limit: max_steps alone (optimizer steps)
-        steps = int(batches) * max(epochs, 1) * self.steps_per_iteration
-        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
