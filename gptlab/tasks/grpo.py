@@ -231,13 +231,7 @@ class GRPOTask(OnlineRLMixin, ResponseGenerationMixin, ReferenceMixin, GPTTask):
             loss, metrics = grpo_loss(out.logprobs, old, advantages, mask, ref_logps, hp.beta, hp.epsilon,
                                       hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon, hp.loss_type,
                                       hp.max_new_tokens, hp.importance_sampling_level)
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if hp.grad_clip:  # GPTTask's clipping: its norm is the one NonFiniteGuard then reuses
-                self.configure_gradient_clipping(optimizer, hp.grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()  # per optimizer step: the unit schedule_steps() sizes it in
+            self.optimizer_step(loss, optimizer, scheduler)
             for name, value in {**metrics, "entropy": masked_mean(out.entropy, mask), "loss": loss}.items():
                 stats.setdefault(name, []).append(value.detach().float())
         return {name: torch.stack(values).mean() for name, values in stats.items()}

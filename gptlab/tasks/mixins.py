@@ -215,6 +215,18 @@ class OnlineRLMixin:
     def on_test_start(self) -> None:
         self.move_rewards()
 
+    def optimizer_step(self, loss: torch.Tensor, optimizer: Any, scheduler: Any) -> None:
+        """One manual optimizer step on ``loss``: backward, GPTTask's clipping (its norm is the one
+        NonFiniteGuard reuses), the step, and the scheduler (stepped per optimizer step: the unit
+        :meth:`schedule_steps` sizes it in)."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.configure_gradient_clipping(optimizer, self.hparams.grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
     def crop_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the last ``context_length − max_new_tokens`` prompt positions, so prompt + completion fit."""
         keep = self.model.config.context_length - self.hparams.max_new_tokens

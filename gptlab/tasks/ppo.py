@@ -278,13 +278,7 @@ class PPOTask(OnlineRLMixin, ResponseGenerationMixin, ReferenceMixin, GPTTask):
                 loss = pg_loss + hp.vf_coef * vf_loss
                 if hp.entropy_coef:
                     loss = loss - hp.entropy_coef * entropy
-                optimizer.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
-                if hp.grad_clip:  # GPTTask's clipping: its norm is the one NonFiniteGuard then reuses
-                    self.configure_gradient_clipping(optimizer, hp.grad_clip)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()  # per optimizer step: the unit schedule_steps() sizes it in
+                self.optimizer_step(loss, optimizer, scheduler)
                 for name, value in (("policy/approxkl", pg.approxkl), ("policy/clipfrac", pg.clipfrac),
                                     ("policy/entropy", entropy), ("loss/policy", pg_loss), ("val/value_loss", vf_loss),
                                     ("val/clipfrac", vf_clipfrac), ("val/ratio", pg.ratio), ("loss/total", loss)):
