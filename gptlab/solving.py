@@ -21,7 +21,7 @@ from gptlab.alignment.rollout import response_forward, sample_completions
 from gptlab.data.answers import extract_answer, get_grader, normalize_answer
 from gptlab.data.prompt_styles import extract_response, left_pad
 from gptlab.rewards import call_reward
-from gptlab.tokenizer import EOT_ID, get_tokenizer
+from gptlab.tokenizer import get_tokenizer
 
 SOLVE_METHODS = ("greedy", "self_consistency", "best_of_n")
 """``greedy``: one completion at temperature 0; ``self_consistency``: majority vote over N samples;
@@ -55,15 +55,15 @@ class Sampled:
 @torch.no_grad()
 def sample_solutions(model: nn.Module, prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: int,
                      temperature: float, top_k: int | None = None, top_p: float | None = None,
-                     prompt_style: str = "alpaca", with_logprob: bool = False) -> Sampled:
+                     prompt_style: str = "alpaca", with_logprob: bool = False, tokenizer: Any = None) -> Sampled:
     """``n`` completions of every prompt (token id lists), generated together (B·n rows), stopped at
-    ``<|endoftext|>``; with ``with_logprob`` also each completion's mean token log-prob at ``temperature``
+    ``<|endoftext|>`` (``tokenizer``'s: the model's own, GPT-2's by default); with ``with_logprob`` also each completion's mean token log-prob at ``temperature``
     (one forward pass over the packed rows)."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompt_ids, EOT_ID)
+    tok = tokenizer or get_tokenizer()
+    ids, mask = left_pad(prompt_ids, tok.eot_token)
     sampled = sample_completions(model, ids.to(device), mask.to(device), max_new_tokens, temperature, top_k, top_p,
-                                 EOT_ID, num_generations=n)
-    tok = get_tokenizer()
+                                 tok.eot_token, num_generations=n)
     flat = [extract_response(tok.decode(c), prompt_style) for c in sampled.completion_ids()]
     texts = [flat[b * n:(b + 1) * n] for b in range(len(prompt_ids))]
     logprob = None
@@ -84,7 +84,7 @@ def solve_problems(model: nn.Module, entries: Sequence[Mapping[str, Any]], promp
                    max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = None,
                    top_p: float | None = None, prompt_style: str = "alpaca", batch_size: int = 8,
                    scorer: str = "logprob", reward_fn: Callable[..., Any] | None = None,
-                   progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+                   progress: Callable[[int], None] | None = None, tokenizer: Any = None) -> list[dict[str, Any]]:
     """One row per problem: its entry's ``prompt`` and ``answer``, the ``prediction`` (the chosen
     answer, None when there is none), ``correct`` (by ``grader``), and every sample's ``completions`` /
     ``answers`` (and best-of-N's ``scores``).
@@ -93,6 +93,7 @@ def solve_problems(model: nn.Module, entries: Sequence[Mapping[str, Any]], promp
     in the model's style. ``greedy`` ignores ``n`` and ``temperature``. ``best_of_n`` ranks by
     ``scorer`` (:data:`BEST_OF_N_SCORERS`); ``reward`` calls ``reward_fn`` as GRPO does
     (:func:`gptlab.rewards.call_reward`). ``progress(k)`` is called after each batch of k problems.
+    ``tokenizer`` is the model's (pads, stops and decodes with it); None = GPT-2's.
     """
     if method not in SOLVE_METHODS:
         raise ValueError(f"unknown method {method!r}; valid choices: {list(SOLVE_METHODS)}")
@@ -102,11 +103,11 @@ def solve_problems(model: nn.Module, entries: Sequence[Mapping[str, Any]], promp
     greedy = method == "greedy"
     n, temperature = (1, 0.0) if greedy else (n, temperature)
     rows: list[dict[str, Any]] = []
-    tok = get_tokenizer()
+    tok = tokenizer or get_tokenizer()
     for start in range(0, len(entries), batch_size):
         part = slice(start, start + batch_size)
         sampled = sample_solutions(model, prompt_ids[part], n, max_new_tokens, temperature, top_k, top_p, prompt_style,
-                                   with_logprob=method == "best_of_n" and scorer == "logprob")
+                                   with_logprob=method == "best_of_n" and scorer == "logprob", tokenizer=tok)
         for b, entry in enumerate(entries[part]):
             texts = sampled.texts[b]
             answers = [extract_answer(t) for t in texts]

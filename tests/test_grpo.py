@@ -211,8 +211,10 @@ def test_samples_table_and_checkpoint_without_rewards(tmp_path):
 # ----------------------------------------------------------------------------- the config path
 def test_the_grpo_config_trains_on_problems_and_writes_graded_test_answers(tmp_path):
     """``gptlab-train task=grpo data=problems ...`` composed and run in-process: the rewards dict is
-    built by Hydra, the test stage logs held-out accuracy and writes answers with their rewards."""
+    built by Hydra, the validation stage (data.num_val problems) logs greedy accuracy during training,
+    the test stage logs held-out accuracy and writes answers with their rewards."""
     overrides = ["task=grpo", "data=problems", "model=gpt2-tiny", "data.num_train=16", "data.num_test=4",
+                 "data.num_val=3",
                  "data.prompt_style=raw", "data.batch_size=2", "data.val_batch_size=4", "task.num_generations=2",
                  "task.max_new_tokens=4", "task.log_samples_every_n=1", "task.beta=0.1", "trainer.max_epochs=1",
                  "trainer.limit_train_batches=2", "test=true", "logger=tensorboard", "callbacks=none",
@@ -223,6 +225,7 @@ def test_the_grpo_config_trains_on_problems_and_writes_graded_test_answers(tmp_p
     metrics = train(cfg)
     assert math.isfinite(metrics["reward"]) and math.isfinite(metrics["kl"])
     assert 0.0 <= metrics["test/rewards/answer/mean"] <= 1.0 and "test/rewards/format/mean" in metrics
+    assert 0.0 <= metrics["val/rewards/answer/mean"] <= 1.0 and metrics["val/completion_length"] > 0
     answers = json.loads((tmp_path / "responses.json").read_text())
     assert len(answers) == 4 and all(set(a["rewards"]) == {"answer", "format"} and "answer" in a for a in answers)
 

@@ -5,6 +5,7 @@ is refused naming both hashes, by the inference tools and by a run that would st
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -44,6 +45,30 @@ def moved_checkpoint(tmp_path_factory):
     ckpt = shutil.move(str(root / "run" / "checkpoints" / "last.ckpt"), elsewhere / "moved.ckpt")
     shutil.rmtree(tok_dir)
     return elsewhere / "moved.ckpt", get_tokenizer(kept)
+
+
+@pytest.mark.slow
+def test_solve_pads_stops_and_decodes_with_the_checkpoints_tokenizer(moved_checkpoint, tmp_path):
+    """gptlab-solve on the moved checkpoint: prompts left-padded with the trained tokenizer's
+    <|endoftext|> (GPT-2's id 50256 is past its 320 rows), answers decoded with it: each greedy answer
+    of a batch of two is what generate() gives for the prompt alone, decoded by the trained tokenizer."""
+    ckpt, trained = moved_checkpoint
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in (
+        {"prompt": "I had always thought", "answer": "1"}, {"prompt": "He was", "answer": "2"},
+        {"prompt": "It was a dark", "answer": "3"}, {"prompt": "The picture", "answer": "4"})))
+    res = run_cli(["gptlab.cli.solve", f"ckpt_path={ckpt}", f"data.path={problems}", "data.train_ratio=0.5",
+                   "data.test_ratio=0.5", "prompt_style=raw", "max_new_tokens=6", "batch_size=2",
+                   "output=g.jsonl", "progress=false"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    model = load_model(ckpt_path=ckpt).model.eval()
+    assert len(rows) == 2
+    for row in rows:
+        prompt = trained.encode(row["prompt"])
+        new = generate(model, torch.tensor(prompt), 6, eos_id=trained.eot_token).tolist()[len(prompt):]
+        new = new[:new.index(trained.eot_token)] if trained.eot_token in new else new
+        assert row["completions"] == [trained.decode(new).strip()]
 
 
 @pytest.mark.slow

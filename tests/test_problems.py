@@ -44,10 +44,15 @@ def _value(problem):
 
 def test_generated_problems_are_seeded_correct_and_never_shared_between_train_and_test():
     settings = dict(min_digits=1, max_digits=2, operators=("+", "-", "*"), word_problems=0.5)
-    train, test = split_problems(300, 100, seed=7, **settings)
-    assert (train, test) == split_problems(300, 100, seed=7, **settings)
-    assert split_problems(300, 100, seed=8, **settings)[1] != test
-    assert split_problems(50, 100, seed=7, **settings)[1] == test           # the test set ignores num_train
+    train, val, test = split_problems(300, 100, seed=7, **settings)
+    assert val == []
+    assert (train, val, test) == split_problems(300, 100, seed=7, **settings)
+    assert split_problems(300, 100, seed=8, **settings)[2] != test
+    assert split_problems(50, 100, seed=7, **settings)[2] == test           # the test set ignores num_train ...
+    train3, val3, test3 = split_problems(300, 100, seed=7, num_val=40, **settings)
+    assert test3 == test and len(val3) == 40                                 # ... and num_val
+    prompts = [{p["prompt"] for p in part} for part in (train3, val3, test3)]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
     prompts_train, prompts_test = {p["prompt"] for p in train}, {p["prompt"] for p in test}
     assert len(prompts_train) == 300 and len(prompts_test) == 100 and not prompts_train & prompts_test
     for p in train + test:

@@ -33,7 +33,7 @@ def test_majority_vote_counts_normalised_answers_and_ignores_missing_ones():
 def canned(monkeypatch):
     calls = []
 
-    def fake(model, prompt_ids, n, max_new_tokens, temperature, top_k, top_p, style, with_logprob=False):
+    def fake(model, prompt_ids, n, max_new_tokens, temperature, top_k, top_p, style, with_logprob=False, tokenizer=None):
         calls.append((n, temperature, with_logprob))
         return Sampled([CANNED[i][:n] for i in range(len(prompt_ids))],
                        [LOGPROBS[i][:n] for i in range(len(prompt_ids))] if with_logprob else None)

@@ -1,7 +1,9 @@
 """Write the problem files of experiment=rlvr_arith_scratch: sft.json (worked examples for the SFT base,
 experiment=rlvr_arith_sft_scratch) and train.jsonl / test.jsonl, generated with the GRPO preset's own
 data settings (conf/experiment/rlvr_arith_scratch.yaml), so the held-out problems GRPO and gptlab-solve
-grade are never among the SFT examples.
+grade are never among the SFT examples; and corpus.txt, the SFT examples as the model reads them (in the
+presets' prompt style, one per line): the text the pipeline's tokenizer is trained on
+(gptlab-tokenizer train data.path=corpus.txt).
 
     python experiments/rlvr_arith_scratch/make_data.py --out data/arith [--num-sft 3000] [--seed 0]
 """
@@ -9,11 +11,13 @@ grade are never among the SFT examples.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from gptlab.data.problems import write_problem_files
+from gptlab.data.prompt_styles import get_prompt_style
 
 PRESET = Path(__file__).resolve().parents[2] / "conf" / "experiment" / "rlvr_arith_scratch.yaml"
 SETTINGS = ("min_digits", "max_digits", "operators", "word_problems", "spaced_digits")
@@ -29,7 +33,12 @@ def main() -> None:
     settings = {k: data[k] for k in SETTINGS if k in data}
     seed = data["seed"] if args.seed is None else args.seed
     paths = write_problem_files(args.out, data["num_train"], data["num_test"], seed=seed, num_sft=args.num_sft,
+                                num_val=data.get("num_val", 0),
                                 **settings)
+    style = get_prompt_style(data.get("prompt_style", "alpaca"))
+    examples = json.loads(paths["sft"].read_text(encoding="utf-8"))
+    paths["corpus"] = Path(args.out) / "corpus.txt"
+    paths["corpus"].write_text("".join(style.full_text(e) + "\n" for e in examples), encoding="utf-8")
     print(" ".join(f"{name}={path}" for name, path in paths.items()))
 
 

@@ -41,6 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     style = cfg.prompt_style or lm.prompt_style or data.get("prompt_style") or "alpaca"
     data["prompt_style"] = style
+    data["drop_last"] = False  # nothing trains here: a small file's training split need not fill a batch
     dm = instantiate(data, tokenizer=lm.tokenizer, _convert_="all")
     dm.setup()
     dataset = getattr(dm, f"{cfg.split}_set")
@@ -55,7 +56,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with lm.autocast(), tqdm(total=count, unit="problem", desc=cfg.method, disable=not cfg.progress) as bar:
         rows = solve_problems(model, entries, prompts, prompt_ids, cfg.method, n, grader, cfg.max_new_tokens,
                               cfg.temperature, cfg.top_k, cfg.top_p, style, cfg.batch_size, cfg.scorer, reward,
-                              progress=bar.update)
+                              progress=bar.update, tokenizer=lm.tokenizer)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -256,7 +256,10 @@ def needs_final_validation(trainer: L.Trainer, task: L.LightningModule) -> bool:
 
     validated = any(k.startswith("val/") for k in trainer.callback_metrics)
     allowed = trainer.limit_val_batches != 0 and not trainer.fast_dev_run
-    return not validated and allowed and trainer.global_step > 0 and is_overridden("validation_step", task)
+    # no validation data (GRPO on generated problems with data.num_val=0): nothing to validate on
+    has_data = sum(trainer.num_val_batches or [0]) > 0
+    return (not validated and allowed and has_data and trainer.global_step > 0
+            and is_overridden("validation_step", task))
 
 
 def run_job(cfg: DictConfig) -> float | None:

@@ -93,13 +93,17 @@ def generate_problems(n: int, seed: int = 0, exclude: Iterable[str] = (), **sett
     return out
 
 
-def split_problems(num_train: int, num_test: int, seed: int = 0, **settings: Any
-                   ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(train, test) generated problems that share none: the test set from seed ``seed`` alone, the
-    training set from another stream with the test prompts excluded."""
+def split_problems(num_train: int, num_test: int, seed: int = 0, num_val: int = 0, **settings: Any
+                   ) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+    """(train, val, test) generated problems that share none: the test set from seed ``seed`` alone
+    (the same for any ``num_train`` / ``num_val``), the validation set from a second stream without
+    the test prompts, the training set from a third without either."""
     test = generate_problems(num_test, seed=seed, **settings)
-    train = generate_problems(num_train, seed=seed + 1_000_003, exclude={p["prompt"] for p in test}, **settings)
-    return train, test
+    seen = {p["prompt"] for p in test}
+    val = generate_problems(num_val, seed=seed + 2_000_003, exclude=seen, **settings) if num_val else []
+    seen |= {p["prompt"] for p in val}
+    train = generate_problems(num_train, seed=seed + 1_000_003, exclude=seen, **settings)
+    return train, val, test
 
 
 def load_problems(path: str | Path) -> list[dict[str, Any]]:
@@ -130,15 +134,16 @@ def sft_examples(problems: Sequence[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def write_problem_files(out_dir: str | Path, num_train: int, num_test: int, seed: int = 0,
-                        num_sft: int | None = None, **settings: Any) -> dict[str, Path]:
-    """Generate and write ``train.jsonl`` / ``test.jsonl`` (``{"prompt", "answer", "solution"}``) and
-    ``sft.json`` (the first ``num_sft`` training problems as instruction data) into ``out_dir``."""
-    train, test = split_problems(num_train, num_test, seed, **settings)
+                        num_sft: int | None = None, num_val: int = 0, **settings: Any) -> dict[str, Path]:
+    """Generate and write ``train.jsonl`` / ``test.jsonl`` (and ``val.jsonl`` when ``num_val``;
+    ``{"prompt", "answer", "solution"}``) and ``sft.json`` (the first ``num_sft`` training problems as
+    instruction data) into ``out_dir``."""
+    train, val, test = split_problems(num_train, num_test, seed, num_val, **settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "sft": out / "sft.json"}
-    for name in ("train", "test"):
-        rows = train if name == "train" else test
+    parts = {"train": train, "test": test, **({"val": val} if num_val else {})}
+    paths = {name: out / f"{name}.jsonl" for name in parts} | {"sft": out / "sft.json"}
+    for name, rows in parts.items():
         paths[name].write_text("".join(json.dumps(p) + "\n" for p in rows), encoding="utf-8")
     paths["sft"].write_text(json.dumps(sft_examples(train[:num_sft]), indent=1) + "\n", encoding="utf-8")
     return paths
@@ -151,7 +156,8 @@ class ProblemDataModule(PromptDataModule):
     Args:
         path: a JSON / JSON-lines file of ``{"prompt", "answer"}`` (split by ``train_ratio`` /
             ``test_ratio`` like any record file); None = generated problems:
-        num_train, num_test: how many generated training and test problems (they share none);
+        num_train, num_val, num_test: how many generated training, validation and test problems (they
+            share none; the validation ones are graded greedily during training, ``val/...``);
         seed: the generator's seed (the same seed gives the same problems);
         min_digits, max_digits, operators, word_problems, spaced_digits: what the problems look like
             (:func:`make_problem`).
@@ -160,7 +166,7 @@ class ProblemDataModule(PromptDataModule):
     """
 
     what, unit, default_path = "problems", "problems", None
-    RULES = {"num_train": integer(ge=1), "num_test": integer(ge=0), "seed": integer(), "min_digits": integer(ge=1),
+    RULES = {"num_train": integer(ge=1), "num_val": integer(ge=0), "num_test": integer(ge=0), "seed": integer(), "min_digits": integer(ge=1),
              "max_digits": integer(ge=1), "operators": strings(OPERATORS, nonempty=True),
              "word_problems": number(ge=0, le=1), "spaced_digits": boolean(),
              "grader": Predicate(lambda v: v in GRADERS, f"one of {sorted(GRADERS)}")}
@@ -174,7 +180,7 @@ class ProblemDataModule(PromptDataModule):
                                  f"max_digits={hi} must be >= min_digits={lo}"))
         return found
 
-    def __init__(self, num_train: int = 2000, num_test: int = 200, seed: int = 0, min_digits: int = 1,
+    def __init__(self, num_train: int = 2000, num_test: int = 200, num_val: int = 0, seed: int = 0, min_digits: int = 1,
                  max_digits: int = 2, operators: Sequence[str] = ("+", "-"), word_problems: float = 0.0,
                  spaced_digits: bool = True, grader: str = "numeric", **kwargs: Any):
         super().__init__(**kwargs)
@@ -193,10 +199,9 @@ class ProblemDataModule(PromptDataModule):
         if self.train_set is not None or self.path is not None:
             return super().setup(stage)
         hp = self.hparams
-        train, test = split_problems(hp.num_train, hp.num_test, hp.seed, **self.generator_settings)
-        train = [{**p, "instruction": p["prompt"], "input": ""} for p in train]
-        test = [{**p, "instruction": p["prompt"], "input": ""} for p in test]
-        self.train_set, self.val_set, self.test_set = (self.make_dataset(part) for part in (train, [], test))
+        parts = split_problems(hp.num_train, hp.num_test, hp.seed, hp.num_val, **self.generator_settings)
+        self.train_set, self.val_set, self.test_set = (
+            self.make_dataset([{**p, "instruction": p["prompt"], "input": ""} for p in part]) for part in parts)
         self.after_split(f", seed {hp.seed}")
 
 

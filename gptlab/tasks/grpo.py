@@ -251,24 +251,32 @@ class GRPOTask(OnlineRLMixin, ResponseGenerationMixin, ReferenceMixin, GPTTask):
             metrics[f"rewards/{name}/std"] = s.std() if s.numel() > 1 else torch.zeros(())
         return metrics
 
-    # ----------------------------------------------------------------- test: answers + rewards
+    # ----------------------------------------------------------------- validation / test: answers + rewards
+    @torch.no_grad()
+    def answer_and_grade(self, batch: dict[str, Any], stage: str) -> tuple[dict[str, list[str]], list[Any]]:
+        """Answers at ``test_temperature`` (greedy by default), logged as ``<stage>/completion_length``,
+        ``<stage>/reward`` and ``<stage>/rewards/<name>/mean``; returns the texts and per-row rewards."""
+        sampled = self.sample(batch, self.hparams.test_temperature)
+        B = len(sampled)
+        self.log(f"{stage}/completion_length", sampled.mask.sum(1).float().mean(), batch_size=B, sync_dist=True)
+        if not self.reward_fns:
+            return self.decoded(batch, sampled), [None] * B
+        total, scores, texts = self.rewards_of(batch, sampled, 1)
+        self.log(f"{stage}/reward", total.mean(), batch_size=B, sync_dist=True)
+        for name, s in scores.items():
+            self.log(f"{stage}/rewards/{name}/mean", s.mean(), batch_size=B, sync_dist=True)
+        return texts, [{name: float(s[i]) for name, s in scores.items()} for i in range(B)]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Held-out accuracy during training (``data.num_val`` generated problems, or a file's validation
+        split): ``val/rewards/<name>/mean`` every ``trainer.val_check_interval`` steps."""
+        self.answer_and_grade(batch, "val")
+
     def on_test_epoch_start(self) -> None:
         self.reset_responses()
 
-    @torch.no_grad()
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        sampled = self.sample(batch, self.hparams.test_temperature)
-        B = len(sampled)
-        self.log("test/completion_length", sampled.mask.sum(1).float().mean(), batch_size=B, sync_dist=True)
-        if self.reward_fns:
-            total, scores, texts = self.rewards_of(batch, sampled, 1)
-            self.log("test/reward", total.mean(), batch_size=B, sync_dist=True)
-            for name, s in scores.items():
-                self.log(f"test/rewards/{name}/mean", s.mean(), batch_size=B, sync_dist=True)
-            per_row = [{name: float(s[i]) for name, s in scores.items()} for i in range(B)]
-        else:
-            texts = self.decoded(batch, sampled)
-            per_row = [None] * B
+        texts, per_row = self.answer_and_grade(batch, "test")
         if self.hparams.generate_on_test and "entries" in batch:
             for i, entry, text, r in zip(batch["index"].tolist(), batch["entries"], texts["completions"], per_row):
                 answer = extract_response(text, self.hparams.prompt_style)
