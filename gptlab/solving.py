@@ -55,7 +55,8 @@ class Sampled:
 @torch.no_grad()
 def sample_solutions(model: nn.Module, prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: int,
                      temperature: float, top_k: int | None = None, top_p: float | None = None,
-                     prompt_style: str = "alpaca", with_logprob: bool = False, tokenizer: Any = None) -> Sampled:
+                     prompt_style: str = "alpaca", with_logprob: bool = False, tokenizer: Any = None
+                     ) -> Sampled:
     """``n`` completions of every prompt (token id lists), generated together (B·n rows), stopped at
     ``<|endoftext|>`` (``tokenizer``'s: the model's own, GPT-2's by default); with ``with_logprob`` also each completion's mean token log-prob at ``temperature``
     (one forward pass over the packed rows)."""

@@ -19,28 +19,33 @@ from pathlib import Path
 from typing import Any
 
 
-def read_curves(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
-    """metric -> [(step, value)] from a Lightning CSV log."""
-    curves: dict[str, list[tuple[int, float]]] = {}
-    with open(csv_path) as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for k, v in row.items():
-                if k != "step" and v not in ("", None):
-                    curves.setdefault(k, []).append((step, float(v)))
-    return curves
+def read_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """metric -> [(step, value)] from every Lightning CSV log under ``folder`` (a resumed run writes
+    one more); a step logged twice keeps its last value."""
+    curves: dict[str, dict[int, float]] = {}
+    for csv_path in sorted(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime):
+        with open(csv_path) as f:
+            for row in csv.DictReader(f):
+                step = int(float(row.get("step") or 0))
+                for k, v in row.items():
+                    if k != "step" and v not in ("", None):
+                        curves.setdefault(k, {})[step] = float(v)
+    return {k: sorted(v.items()) for k, v in curves.items()}
 
 
 def read_run(folder: Path) -> dict[str, Any]:
     acc = {}
     for name in ("sft", "grpo"):
-        summary = json.loads((folder / f"solve_{name}.jsonl.summary.json").read_text())
-        acc[name] = summary["accuracy"]
-    metrics = json.loads((folder / "grpo" / "metrics.json").read_text())
-    curves = read_curves(next((folder / "grpo").rglob("metrics.csv")))
+        acc[name] = json.loads((folder / f"solve_{name}.jsonl.summary.json").read_text())["accuracy"]
+        extra = folder / f"solve_{name}_extra.jsonl.summary.json"  # run.sh's 999 more held-out problems
+        acc[f"{name}_extra"] = json.loads(extra.read_text())["accuracy"] if extra.is_file() else None
+    # the run's wall time: metrics.json, plus metrics_*.json kept from the parts of a resumed run
+    seconds = sum(json.loads(p.read_text())["seconds"] for p in (folder / "grpo").glob("metrics*.json"))
+    curves = read_curves(folder / "grpo")
+    gain_extra = None if acc["sft_extra"] is None else acc["grpo_extra"] - acc["sft_extra"]
     return {"folder": str(folder), "sft": acc["sft"], "grpo": acc["grpo"], "gain": acc["grpo"] - acc["sft"],
-            "seconds": metrics.get("seconds"), "steps": max(s for s, _ in curves.get("reward", [(0, 0)])) + 1,
-            "curves": curves}
+            "sft_extra": acc["sft_extra"], "grpo_extra": acc["grpo_extra"], "gain_extra": gain_extra,
+            "seconds": seconds, "steps": max(s for s, _ in curves.get("reward", [(0, 0)])) + 1, "curves": curves}
 
 
 def smooth(points: list[tuple[int, float]], window: int) -> tuple[list[int], list[float]]:
@@ -77,6 +82,11 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path, window: int) -> No
     fig.savefig(path, dpi=110)
 
 
+def extra_mean(runs: list[dict[str, Any]]) -> str:
+    gains = [100 * r["gain_extra"] for r in runs if r["gain_extra"] is not None]
+    return f"**{statistics.fmean(gains):+.1f} +- {statistics.stdev(gains):.1f}**" if len(gains) > 1 else "-"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("groups", nargs="+", help="label=folder[,folder...]")
@@ -87,19 +97,26 @@ def main() -> None:
     for g in args.groups:
         label, _, folders = g.partition("=")
         groups[label] = [read_run(Path(f)) for f in folders.split(",") if f]
-    print("| setting | run | SFT greedy | GRPO greedy | gain (points) | GRPO steps | GRPO wall time |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    def extra(r: dict[str, Any]) -> str:
+        if r["gain_extra"] is None:
+            return "-"
+        return f"{100 * r['sft_extra']:.1f}% -> {100 * r['grpo_extra']:.1f}% ({100 * r['gain_extra']:+.1f})"
+
+    print("| setting | run | SFT greedy | GRPO greedy | gain (points) | 999 more held-out | GRPO steps "
+          "| GRPO wall time |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, runs in groups.items():
         for r in runs:
             print(f"| {label} | `{r['folder']}` | {100 * r['sft']:.1f}% | {100 * r['grpo']:.1f}% | "
-                  f"{100 * r['gain']:+.1f} | {r['steps']} | {r['seconds'] / 60:.1f} min |")
+                  f"{100 * r['gain']:+.1f} | {extra(r)} | {r['steps']} | {r['seconds'] / 60:.1f} min |")
         if len(runs) > 1:
             gains = [100 * r["gain"] for r in runs]
             grpo = [100 * r["grpo"] for r in runs]
             sft = [100 * r["sft"] for r in runs]
-            print(f"| **{label}** | mean +- std of {len(runs)} | {statistics.fmean(sft):.1f} +- {statistics.stdev(sft):.1f}% "
+            print(f"| **{label}** | mean +- std of {len(runs)} | "
+                  f"{statistics.fmean(sft):.1f} +- {statistics.stdev(sft):.1f}% "
                   f"| {statistics.fmean(grpo):.1f} +- {statistics.stdev(grpo):.1f}% | "
-                  f"**{statistics.fmean(gains):+.1f} +- {statistics.stdev(gains):.1f}** | | "
+                  f"**{statistics.fmean(gains):+.1f} +- {statistics.stdev(gains):.1f}** | {extra_mean(runs)} | | "
                   f"{statistics.fmean(r['seconds'] for r in runs) / 60:.1f} min |")
     if args.plot:
         plot(groups, args.plot, args.window)

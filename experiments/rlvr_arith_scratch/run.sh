@@ -22,7 +22,7 @@ mkdir -p "$out"
 best() { ls "$1"/checkpoints/best-*.ckpt | head -n 1; }
 
 if [ ! -f "$out/data/sft.json" ]; then
-  python experiments/rlvr_arith_scratch/make_data.py --out "$out/data"
+  python experiments/rlvr_arith_scratch/make_data.py --out "$out/data" --extra-test 1000
 fi
 tok="${TOKENIZER:-$out/tokenizer}"
 if [ ! -f "$tok/manifest.json" ]; then
@@ -44,6 +44,11 @@ for name in sft grpo; do
   ckpt="$sft"; [ "$name" = grpo ] && ckpt="$out/grpo/checkpoints/last.ckpt"
   if [ ! -f "$out/solve_$name.jsonl.summary.json" ]; then
     gptlab-solve ckpt_path="$ckpt" method=greedy max_new_tokens=24 output="$out/solve_$name.jsonl" progress=false
+  fi
+  # 999 more held-out problems (test_extra.jsonl: none in the training, validation or test set)
+  if [ -f "$out/data/test_extra.jsonl" ] && [ ! -f "$out/solve_${name}_extra.jsonl.summary.json" ]; then
+    gptlab-solve ckpt_path="$ckpt" data.path="$out/data/test_extra.jsonl" data.train_ratio=0.001 data.test_ratio=0.999 \
+      method=greedy max_new_tokens=24 batch_size=50 output="$out/solve_${name}_extra.jsonl" progress=false
   fi
 done
 python - "$out" <<'PY'

@@ -166,8 +166,8 @@ class ProblemDataModule(PromptDataModule):
     """
 
     what, unit, default_path = "problems", "problems", None
-    RULES = {"num_train": integer(ge=1), "num_val": integer(ge=0), "num_test": integer(ge=0), "seed": integer(), "min_digits": integer(ge=1),
-             "max_digits": integer(ge=1), "operators": strings(OPERATORS, nonempty=True),
+    RULES = {"num_train": integer(ge=1), "num_val": integer(ge=0), "num_test": integer(ge=0), "seed": integer(),
+             "min_digits": integer(ge=1), "max_digits": integer(ge=1), "operators": strings(OPERATORS, nonempty=True),
              "word_problems": number(ge=0, le=1), "spaced_digits": boolean(),
              "grader": Predicate(lambda v: v in GRADERS, f"one of {sorted(GRADERS)}")}
 
@@ -180,9 +180,9 @@ class ProblemDataModule(PromptDataModule):
                                  f"max_digits={hi} must be >= min_digits={lo}"))
         return found
 
-    def __init__(self, num_train: int = 2000, num_test: int = 200, num_val: int = 0, seed: int = 0, min_digits: int = 1,
-                 max_digits: int = 2, operators: Sequence[str] = ("+", "-"), word_problems: float = 0.0,
-                 spaced_digits: bool = True, grader: str = "numeric", **kwargs: Any):
+    def __init__(self, num_train: int = 2000, num_test: int = 200, num_val: int = 0, seed: int = 0,
+                 min_digits: int = 1, max_digits: int = 2, operators: Sequence[str] = ("+", "-"),
+                 word_problems: float = 0.0, spaced_digits: bool = True, grader: str = "numeric", **kwargs: Any):
         super().__init__(**kwargs)
         self.grader = grader
 
