@@ -58,8 +58,8 @@ def sample_solutions(model: nn.Module, prompt_ids: Sequence[Sequence[int]], n: i
                      prompt_style: str = "alpaca", with_logprob: bool = False, tokenizer: Any = None
                      ) -> Sampled:
     """``n`` completions of every prompt (token id lists), generated together (B·n rows), stopped at
-    ``<|endoftext|>`` (``tokenizer``'s: the model's own, GPT-2's by default); with ``with_logprob`` also each completion's mean token log-prob at ``temperature``
-    (one forward pass over the packed rows)."""
+    ``<|endoftext|>`` (``tokenizer``'s: the model's own, GPT-2's by default); with ``with_logprob`` also
+    each completion's mean token log-prob at ``temperature`` (one forward pass over the packed rows)."""
     device = next(model.parameters()).device
     tok = tokenizer or get_tokenizer()
     ids, mask = left_pad(prompt_ids, tok.eot_token)
